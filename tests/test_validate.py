@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.config import DataConfig
+from tasks.validate import DataValidationError, infer_labels, labels_as_strings, validate_data
+
+
+def config(path: Path, **kw) -> DataConfig:
+    return DataConfig(train=str(path), text_column="review", label_column="sentiment", **kw)
+
+
+def test_clean_data_passes_and_is_normalised(tiny_csv: Path, tmp_path: Path):
+    data = validate_data(config(tiny_csv), tmp_path / "work")
+    assert data.labels == ["negative", "neutral", "positive"]
+    frame = pd.read_parquet(data.train_path)
+    assert list(frame.columns) == ["text", "label"]
+    assert len(frame) == data.rows["train"] == 72
+    assert Path(data.report_path).is_file()
+
+
+def broken(tmp_path: Path, tiny_csv: Path, edit) -> Path:
+    frame = pd.read_csv(tiny_csv)
+    edit(frame)
+    path = tmp_path / "broken.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_missing_label_column_is_named(tiny_csv: Path, tmp_path: Path):
+    path = broken(tmp_path, tiny_csv, lambda f: f.rename(columns={"sentiment": "mood"}, inplace=True))
+    with pytest.raises(DataValidationError) as err:
+        validate_data(config(path), tmp_path / "work")
+    message = str(err.value)
+    assert "broken.csv" in message
+    assert "column 'sentiment'" in message
+    assert "required column" in message
+
+
+def test_empty_text_names_rule_count_and_example(tiny_csv: Path, tmp_path: Path):
+    def edit(frame: pd.DataFrame) -> None:
+        frame.loc[[3, 9], "review"] = "   "
+
+    path = broken(tmp_path, tiny_csv, edit)
+    with pytest.raises(DataValidationError) as err:
+        validate_data(config(path), tmp_path / "work")
+    message = str(err.value)
+    assert "column 'review': text is not empty after stripping" in message
+    assert "2 of 72 rows fail" in message
+    assert "row 3" in message
+
+
+def test_labels_outside_the_declared_set(tiny_csv: Path, tmp_path: Path):
+    path = broken(tmp_path, tiny_csv, lambda f: f.__setitem__("sentiment", f["sentiment"].replace("neutral", "meh")))
+    with pytest.raises(DataValidationError) as err:
+        validate_data(
+            config(path, labels=["negative", "neutral", "positive"]), tmp_path / "work"
+        )
+    [failure] = err.value.failures
+    assert failure["rule"] == "label in the declared label set"
+    assert failure["unexpected_count"] == 24
+    assert failure["examples"][0]["value"] == "meh"
+    # Nothing is written for training when the data is invalid.
+    assert not (tmp_path / "work" / "train.raw.parquet").exists()
+
+
+def test_text_length_bound(tiny_csv: Path, tmp_path: Path):
+    with pytest.raises(DataValidationError, match=r"text length in characters .*\n\s+72 of 72"):
+        validate_data(config(tiny_csv, max_chars=5), tmp_path / "work")
+
+
+def test_test_file_labels_must_fall_in_the_train_label_set(tiny_csv: Path, tmp_path: Path):
+    test = broken(tmp_path, tiny_csv, lambda f: f.__setitem__("sentiment", "surprised"))
+    with pytest.raises(DataValidationError, match="broken.csv, column 'sentiment'"):
+        validate_data(config(tiny_csv, test=str(test)), tmp_path / "work")
+
+
+def test_label_helpers():
+    assert infer_labels(pd.Series(["10", "2", "1", None, ""])) == ["1", "2", "10"]
+    assert infer_labels(pd.Series(["b", "a"])) == ["a", "b"]
+    assert labels_as_strings(pd.Series([1.0, None, 2.0])).tolist() == ["1", None, "2"]
