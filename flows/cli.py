@@ -52,8 +52,10 @@ def run(
     typer.echo("")
     typer.echo(f"MLflow run id:    {summary.mlflow_run_id}")
     typer.echo(f"Tracking URI:     {cfg.tracking_uri()}")
-    typer.echo(f"Registered model: {summary.model.name} version {summary.model.version} "
-               f"(alias @{summary.model.alias})")
+    typer.echo(
+        f"Registered model: {summary.model.name} version {summary.model.version} "
+        f"(alias @{summary.model.alias})"
+    )
     typer.echo(f"Data fingerprint: {summary.data_fingerprint}")
     typer.echo(metrics_table(summary.metrics, summary.baseline))
 

@@ -47,7 +47,9 @@ class RunSummary(BaseModel):
 # Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
 @task(name="validate_data", cache_policy=NONE)
-def validate_data_stage(cfg: DataConfig, task_type: str, workdir: Path, run_id: str) -> ValidatedData:
+def validate_data_stage(
+    cfg: DataConfig, task_type: str, workdir: Path, run_id: str
+) -> ValidatedData:
     """Run the data contract on every raw table; fail the flow with a readable report."""
     try:
         data = validate_data(cfg, workdir, task_type)
@@ -171,7 +173,7 @@ def metrics_table(metrics: dict[str, float], baseline: dict[str, float]) -> str:
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: RunConfig = RunConfig()) -> RunSummary:  # noqa: B008 - Prefect renders it
+def finetune(config: RunConfig = RunConfig()) -> RunSummary:
     """Validate, split, tokenize, fully fine-tune, evaluate and register one model."""
     cfg = config
     flow_run_id = flow_run.get_id()

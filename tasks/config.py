@@ -63,7 +63,9 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.min_chars > self.max_chars:
-            raise ValueError(f"data.min_chars ({self.min_chars}) > data.max_chars ({self.max_chars})")
+            raise ValueError(
+                f"data.min_chars ({self.min_chars}) > data.max_chars ({self.max_chars})"
+            )
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"data.labels has duplicates: {self.labels}")
         if self.labels is not None and len(self.labels) < 2:
@@ -149,11 +151,11 @@ class RunConfig(BaseModel):
         description="Folder (relative to the working directory) for the local MLflow store, "
         "artifacts and the run's working files.",
     )
-    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
-    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
-    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
-    eval: EvalConfig = Field(default_factory=EvalConfig)  # type: ignore[arg-type]
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     def home_dir(self) -> Path:
         return Path(self.home).expanduser().resolve()
@@ -172,7 +174,10 @@ class RunConfig(BaseModel):
 
     def flat(self) -> dict[str, str]:
         """The config as ``section.key -> value`` strings, for MLflow params."""
-        return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in _flatten(self.model_dump()).items()}
+        return {
+            k: json.dumps(v) if isinstance(v, list) else str(v)
+            for k, v in _flatten(self.model_dump()).items()
+        }
 
     def digest(self) -> str:
         """A stable hash of the resolved config."""

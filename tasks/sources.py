@@ -15,6 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -136,7 +137,7 @@ def read_table(name: str, split: str = "train") -> Table:
     )
 
 
-def _to_frame(dataset) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+def _to_frame(dataset: Any) -> pd.DataFrame:
     """A HF ``Dataset`` as a frame, with ``ClassLabel`` ids replaced by their names."""
     from datasets import ClassLabel
 
@@ -167,7 +168,9 @@ def _read_hub(name: str, split: str) -> pd.DataFrame:
     try:
         dataset = load_dataset(name, split=split)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
-        raise SourceError(f"{name}: not a local file and not loadable from the hub ({err})") from err
+        raise SourceError(
+            f"{name}: not a local file and not loadable from the hub ({err})"
+        ) from err
     return _to_frame(dataset)
 
 

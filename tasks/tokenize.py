@@ -51,9 +51,7 @@ def encode(
     return dataset.map(_encode, batched=True, remove_columns=dataset.column_names)
 
 
-def tokenize(
-    splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path
-) -> TokenizedData:
+def tokenize(splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path) -> TokenizedData:
     """Tokenize the three splits and save them under ``workdir/tokenized``."""
     tokenizer = load_tokenizer(cfg)
     paths = {

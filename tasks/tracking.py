@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.registry.experiment)
     if experiment is None:
-        local = cfg.tracking_uri().startswith(("sqlite:", "file:")) or "://" not in cfg.tracking_uri()
+        local = (
+            cfg.tracking_uri().startswith(("sqlite:", "file:")) or "://" not in cfg.tracking_uri()
+        )
         experiment_id = client.create_experiment(
             cfg.registry.experiment, artifact_location=cfg.artifact_location() if local else None
         )
@@ -60,7 +63,7 @@ def end_run(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status=status)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
     """Log finite metrics in one call (MLflow rejects NaN in some stores)."""
     now = int(time.time() * 1000)
     batch = [
@@ -98,7 +101,7 @@ class MlflowMetricsCallback(TrainerCallback):
     def __init__(self, run_id: str):
         self.run_id = run_id
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         renamed = {

@@ -52,7 +52,7 @@ class TrainResult(BaseModel):
 
 
 def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
-    """The pretrained encoder with a fresh classification head sized to ``labels``, all trainable."""
+    """The pretrained encoder plus a new head sized to ``labels``, every weight trainable."""
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(cfg.name_or_path),
         revision=cfg.revision,
@@ -149,7 +149,8 @@ def train(
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
-        metrics = classification_metrics(prediction.label_ids, np.argmax(logits, -1), labels)
+        y_true = np.asarray(prediction.label_ids)
+        metrics = classification_metrics(y_true, np.argmax(logits, -1), labels)
         return {k: metrics[k] for k in ("accuracy", "macro_f1")}
 
     trainer = Trainer(
@@ -170,13 +171,16 @@ def train(
     trainer.save_model(str(model_dir))  # saves the tokenizer too (processing_class)
     params_total, params_updated, tensors_total, tensors_updated = count_updated(model, before)
     if tensors_updated < tensors_total:
-        frozen = [n for n, p in model.named_parameters() if torch.equal(p.detach().cpu(), before[n])]
+        frozen = [
+            n for n, p in model.named_parameters() if torch.equal(p.detach().cpu(), before[n])
+        ]
         log.warning("%d parameter tensors were not updated: %s", len(frozen), frozen[:10])
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evals = [entry for entry in trainer.state.log_history if "eval_macro_f1" in entry]
     validation = {
-        k.removeprefix("eval_"): float(v) for k, v in (evals[-1] if evals else {}).items()
+        k.removeprefix("eval_"): float(v)
+        for k, v in (evals[-1] if evals else {}).items()
         if k.startswith("eval_")
     }
     samples = len(data["train"])

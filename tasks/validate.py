@@ -58,7 +58,9 @@ def load_suite(task: str, text_column: str, label_column: str) -> Any:
         # Column names go into JSON strings: escape them as JSON would.
         text = text.replace("{{" + key + "}}", json.dumps(name)[1:-1])
     spec = json.loads(text)
-    return gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec["meta"])
+    return gx.ExpectationSuite(
+        name=spec["name"], expectations=spec["expectations"], meta=spec["meta"]
+    )
 
 
 def infer_labels(values: pd.Series) -> list[str]:
@@ -169,7 +171,9 @@ def _normalise(table: Table, cfg: DataConfig) -> pd.DataFrame:
     )
 
 
-def validate_data(cfg: DataConfig, workdir: Path, task: str = "text-classification") -> ValidatedData:
+def validate_data(
+    cfg: DataConfig, workdir: Path, task: str = "text-classification"
+) -> ValidatedData:
     """Read every configured source, validate each with the task's GE suite, write clean tables.
 
     The label set is ``cfg.labels`` when declared, else inferred from the training table and then

@@ -36,8 +36,15 @@ def test_run_has_config_metrics_and_artifacts(finished_run):
     assert run.data.params["train.batch_size"] == "8"
     assert run.data.tags["prefect.flow_run_id"] == summary.flow_run_id
     assert run.data.tags["data.fingerprint"] == summary.data_fingerprint
-    for key in ("test/accuracy", "test/macro_f1", "test/macro_precision", "test/macro_recall",
-                "baseline/macro_f1", "test/f1/positive", "train/params_updated_fraction"):
+    for key in (
+        "test/accuracy",
+        "test/macro_f1",
+        "test/macro_precision",
+        "test/macro_recall",
+        "baseline/macro_f1",
+        "test/f1/positive",
+        "train/params_updated_fraction",
+    ):
         assert key in run.data.metrics, key
     assert run.data.metrics["train/tensors_updated_fraction"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id)}
@@ -57,7 +64,7 @@ def test_training_loss_went_down(finished_run):
 
 
 def test_every_parameter_tensor_changed(finished_run, tiny_model_dir: Path):
-    cfg, summary = finished_run
+    _cfg, summary = finished_run
     initial = load_file(tiny_model_dir / "model.safetensors")
     trained = load_file(Path(summary.workdir) / "model" / "model.safetensors")
     encoder = {k: v for k, v in initial.items() if not k.startswith("classifier")}

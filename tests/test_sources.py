@@ -50,7 +50,7 @@ def test_saved_datasets_folder_with_class_label_names(tmp_path: Path):
 
 
 def test_missing_and_empty_and_unsupported_files_are_named(tmp_path: Path):
-    with pytest.raises(SourceError, match="missing.csv: file not found"):
+    with pytest.raises(SourceError, match=r"missing\.csv: file not found"):
         read_table(str(tmp_path / "missing.csv"))
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SourceError, match=r"empty\.csv: the file is empty"):

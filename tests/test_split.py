@@ -9,16 +9,23 @@ from tasks.validate import validate_data
 
 
 def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path: Path):
-    cfg = DataConfig(train=str(tiny_csv), text_column="review", label_column="sentiment",
-                     validation_fraction=0.125, test_fraction=0.125)
+    cfg = DataConfig(
+        train=str(tiny_csv),
+        text_column="review",
+        label_column="sentiment",
+        validation_fraction=0.125,
+        test_fraction=0.125,
+    )
     data = validate_data(cfg, tmp_path / "a")
     first = split_data(data, cfg, tmp_path / "a")
     second = split_data(data, cfg, tmp_path / "a")
     assert first == second
     assert first.rows == {"train": 54, "validation": 9, "test": 9}
     assert first.label_counts["test"] == {"negative": 3, "neutral": 3, "positive": 3}
-    texts = {name: set(pd.read_parquet(getattr(first, f"{name}_path"))["text"])
-             for name in ("train", "validation", "test")}
+    texts = {
+        name: set(pd.read_parquet(getattr(first, f"{name}_path"))["text"])
+        for name in ("train", "validation", "test")
+    }
     assert not texts["train"] & texts["test"]
     assert not texts["train"] & texts["validation"]
     assert not texts["validation"] & texts["test"]
@@ -26,8 +33,9 @@ def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path
 
 
 def test_given_test_file_is_used_as_is(tiny_csv: Path, tmp_path: Path):
-    cfg = DataConfig(train=str(tiny_csv), test=str(tiny_csv), text_column="review",
-                     label_column="sentiment")
+    cfg = DataConfig(
+        train=str(tiny_csv), test=str(tiny_csv), text_column="review", label_column="sentiment"
+    )
     splits = split_data(validate_data(cfg, tmp_path), cfg, tmp_path)
     assert splits.rows["test"] == 72
     assert splits.rows["train"] + splits.rows["validation"] == 72

@@ -29,7 +29,9 @@ def broken(tmp_path: Path, tiny_csv: Path, edit) -> Path:
 
 
 def test_missing_label_column_is_named(tiny_csv: Path, tmp_path: Path):
-    path = broken(tmp_path, tiny_csv, lambda f: f.rename(columns={"sentiment": "mood"}, inplace=True))
+    path = broken(
+        tmp_path, tiny_csv, lambda f: f.rename(columns={"sentiment": "mood"}, inplace=True)
+    )
     with pytest.raises(DataValidationError) as err:
         validate_data(config(path), tmp_path / "work")
     message = str(err.value)
@@ -52,11 +54,13 @@ def test_empty_text_names_rule_count_and_example(tiny_csv: Path, tmp_path: Path)
 
 
 def test_labels_outside_the_declared_set(tiny_csv: Path, tmp_path: Path):
-    path = broken(tmp_path, tiny_csv, lambda f: f.__setitem__("sentiment", f["sentiment"].replace("neutral", "meh")))
+    path = broken(
+        tmp_path,
+        tiny_csv,
+        lambda f: f.__setitem__("sentiment", f["sentiment"].replace("neutral", "meh")),
+    )
     with pytest.raises(DataValidationError) as err:
-        validate_data(
-            config(path, labels=["negative", "neutral", "positive"]), tmp_path / "work"
-        )
+        validate_data(config(path, labels=["negative", "neutral", "positive"]), tmp_path / "work")
     [failure] = err.value.failures
     assert failure["rule"] == "label in the declared label set"
     assert failure["unexpected_count"] == 24
@@ -72,7 +76,7 @@ def test_text_length_bound(tiny_csv: Path, tmp_path: Path):
 
 def test_test_file_labels_must_fall_in_the_train_label_set(tiny_csv: Path, tmp_path: Path):
     test = broken(tmp_path, tiny_csv, lambda f: f.__setitem__("sentiment", "surprised"))
-    with pytest.raises(DataValidationError, match="broken.csv, column 'sentiment'"):
+    with pytest.raises(DataValidationError, match=r"broken\.csv, column 'sentiment'"):
         validate_data(config(tiny_csv, test=str(test)), tmp_path / "work")
 
 
