@@ -35,7 +35,9 @@ def run(
     """Run the finetune flow and print the run id, the registered version and the metrics."""
     from tasks.config import ConfigError, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     for noisy in ("httpx", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

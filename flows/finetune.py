@@ -24,10 +24,11 @@ from tasks import tracking
 from tasks.config import DataConfig, EvalConfig, ModelConfig, RegistryConfig, RunConfig, TrainConfig
 from tasks.evaluate import EvalResult, evaluate
 from tasks.register import RegisteredModel, register_model
+from tasks.sources import load_tokenizer
 from tasks.split import Splits, split_data
 from tasks.tokenize import TokenizedData, tokenize
 from tasks.train import TrainResult, train
-from tasks.validate import DataValidationError, ValidatedData, render_failures, validate_data
+from tasks.validate import DataValidationError, ValidatedData, render_markdown, validate_data
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +49,44 @@ class RunSummary(BaseModel):
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
 @task(name="validate_data", cache_policy=NONE)
 def validate_data_stage(
-    cfg: DataConfig, task_type: str, workdir: Path, run_id: str
+    cfg: DataConfig, model_cfg: ModelConfig, task_type: str, workdir: Path, run_id: str
 ) -> ValidatedData:
     """Run the data contract on every raw table; fail the flow with a readable report."""
+    tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
     try:
-        data = validate_data(cfg, workdir, task_type)
+        data = validate_data(cfg, workdir, task_type, tokenizer, model_cfg.max_length)
     except DataValidationError as err:
-        if err.report_path:
-            tracking.log_artifact(run_id, err.report_path, "validation")
+        for name in ("validation.json", "validation.html"):
+            if (workdir / name).exists():
+                tracking.log_artifact(run_id, workdir / name, "validation")
         create_markdown_artifact(
             key="data-validation",
-            markdown=f"# Data validation failed\n\n```\n{render_failures(err.failures)}\n```\n",
-            description="Failed expectations",
+            markdown="# Data validation failed\n\n" + render_markdown(err.failures) + "\n",
+            description="Failed expectations, with counts and example rows",
         )
         raise
-    tracking.log_artifact(run_id, data.report_path, "validation")
+    for path in (data.report_path, data.html_report_path, data.quarantine_path):
+        if path:
+            tracking.log_artifact(run_id, path, "validation")
     tracking.set_tags(run_id, {"data.fingerprint": data.fingerprint, "data.labels": data.labels})
     tracking.log_metrics(
         run_id,
         {f"data/rows_{k}": v for k, v in data.rows.items()}
-        | {"data/encoding_fallback_lines": data.encoding_fallback_lines},
+        | {f"data/dropped/{rule}": n for rule, n in data.dropped.items()}
+        | {f"data/truncated_fraction_{k}": v for k, v in data.truncated_fraction.items()}
+        | {
+            "data/encoding_fallback_lines": data.encoding_fallback_lines,
+            "data/validation_s": data.seconds,
+        },
     )
+    if data.dropped:
+        create_markdown_artifact(
+            key="data-quarantine",
+            markdown="# Rows quarantined\n\n| rule | rows |\n|---|---|\n"
+            + "\n".join(f"| {rule} | {n} |" for rule, n in data.dropped.items())
+            + "\n",
+            description="Rows removed by on_invalid: drop",
+        )
     return data
 
 
@@ -192,7 +210,7 @@ def finetune(config: RunConfig = RunConfig()) -> RunSummary:
     )
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
     try:
-        data = validate_data_stage(cfg.data, cfg.task, workdir, run_id)
+        data = validate_data_stage(cfg.data, cfg.model, cfg.task, workdir, run_id)
         splits = split_data_stage(data, cfg.data, workdir, run_id)
         tokenized = tokenize_stage(splits, data.labels, cfg.model, workdir, run_id)
         trained = train_stage(tokenized, data.labels, cfg.model, cfg.train, workdir, run_id)

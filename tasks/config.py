@@ -56,6 +56,27 @@ class DataConfig(_Section):
     )
     min_chars: int = Field(1, ge=1, description="Shortest text accepted, after stripping.")
     max_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
+    max_truncated_fraction: float = Field(
+        0.5, ge=0, le=1, description="Largest share of texts longer than model.max_length tokens."
+    )
+    min_rows_per_class: int = Field(10, ge=1, description="Fewest training rows of any class.")
+    max_imbalance_ratio: float = Field(
+        50.0, ge=1, description="Largest allowed ratio of the biggest to the smallest class."
+    )
+    max_duplicate_rate: float = Field(
+        0.1, ge=0, le=1, description="Largest share of rows repeating an earlier text exactly."
+    )
+    max_encoding_problem_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Largest share of texts with control characters, U+FFFD or mojibake.",
+    )
+    on_invalid: Literal["fail", "drop"] = Field(
+        "fail",
+        description="`fail`: stop before tokenization. `drop`: quarantine rows that break a "
+        "row-level rule (logged as an artifact with counts per rule), then re-validate.",
+    )
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     split_seed: int = Field(42, description="Seed of the stratified train/validation/test split.")

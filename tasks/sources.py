@@ -180,6 +180,18 @@ def resolve_model(name_or_path: str) -> str:
     return str(path) if path is not None else name_or_path
 
 
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
+    """The model's fast tokenizer, from the hub or a local folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(name_or_path), revision=revision, use_fast=True
+    )
+    if not tokenizer.is_fast:
+        raise SourceError(f"{name_or_path}: no fast tokenizer available")
+    return tokenizer
+
+
 def fingerprint(frame: pd.DataFrame) -> str:
     """A content hash of a table: equal rows in equal order give an equal fingerprint."""
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()

@@ -29,10 +29,15 @@ class Splits(BaseModel):
 def stratified_split(
     frame: pd.DataFrame, fraction: float, seed: int, what: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split off ``fraction`` of the rows, keeping each label's share, reproducibly."""
+    """Split off ``fraction`` of the rows, keeping each label's share, reproducibly.
+
+    Identical texts always land on the same side, so a repeated text can never leak from the
+    training split into a held-out one.
+    """
+    unique = frame.drop_duplicates("text")
     try:
-        rest, held = train_test_split(
-            frame, test_size=fraction, random_state=seed, stratify=frame["label"], shuffle=True
+        _, held_texts = train_test_split(
+            unique["text"], test_size=fraction, random_state=seed, stratify=unique["label"]
         )
     except ValueError as err:
         counts = frame["label"].value_counts().to_dict()
@@ -40,6 +45,8 @@ def stratified_split(
             f"cannot carve a stratified {what} split of {fraction:.0%} from {len(frame)} rows "
             f"with label counts {counts}: {err}. Add rows, or give data.{what} explicitly."
         ) from err
+    is_held = frame["text"].isin(set(held_texts))
+    rest, held = frame[~is_held], frame[is_held]
     return rest.reset_index(drop=True), held.reset_index(drop=True)
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 from pydantic import BaseModel
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tasks.config import ModelConfig
-from tasks.sources import resolve_model
+from tasks.sources import load_tokenizer
 from tasks.split import Splits
 
 
@@ -25,16 +25,6 @@ class TokenizedData(BaseModel):
     rows: dict[str, int]
     mean_tokens: dict[str, float]
     truncated_fraction: dict[str, float]
-
-
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's fast tokenizer, from the hub or a local folder."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(cfg.name_or_path), revision=cfg.revision, use_fast=True
-    )
-    if not tokenizer.is_fast:
-        raise ValueError(f"{cfg.name_or_path}: no fast tokenizer available")
-    return tokenizer
 
 
 def encode(
@@ -53,7 +43,7 @@ def encode(
 
 def tokenize(splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path) -> TokenizedData:
     """Tokenize the three splits and save them under ``workdir/tokenized``."""
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision)
     paths = {
         "train": splits.train_path,
         "validation": splits.validation_path,

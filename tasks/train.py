@@ -27,8 +27,8 @@ from transformers import (
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.metrics import classification_metrics
-from tasks.sources import resolve_model
-from tasks.tokenize import TokenizedData, load_tokenizer
+from tasks.sources import load_tokenizer, resolve_model
+from tasks.tokenize import TokenizedData
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def train(
     """
     set_seed(cfg.seed)  # before the head is initialised, so runs are reproducible
     data = setup_data(tokenized, cfg)
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
     model = setup_model(model_cfg, labels)
     before = snapshot(model)
 

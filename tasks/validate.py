@@ -1,15 +1,18 @@
 """The data contract: a Great Expectations suite run on every raw table before anything is trained.
 
 The suites are reviewable JSON files in ``data/expectations/`` (one per task type). Column names are
-filled in from the config, and thresholds and the label set are GE suite parameters, so the same
-file serves every data set.
+filled in from the config; thresholds and the label set are GE suite parameters. A few columns are
+derived first (token counts, duplicate and leakage flags, class counts) so that every rule, the
+table-level ones included, is an ordinary GE expectation with GE's own counts and examples.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "data" / "expectations"
 EXAMPLES_SHOWN = 3
+DERIVED = ("_n_tokens", "_duplicate", "_in_train", "_label_count", "_imbalance_ratio")
 
 
 class DataValidationError(ValueError):
@@ -44,7 +48,12 @@ class ValidatedData(BaseModel):
     fingerprint: str
     rows: dict[str, int]
     report_path: str
+    html_report_path: str
+    quarantine_path: str | None
+    dropped: dict[str, int]
     encoding_fallback_lines: int
+    truncated_fraction: dict[str, float]
+    seconds: float
 
 
 def load_suite(task: str, text_column: str, label_column: str) -> Any:
@@ -52,9 +61,8 @@ def load_suite(task: str, text_column: str, label_column: str) -> Any:
     import great_expectations as gx
 
     path = SUITES_DIR / f"{task}.json"
-    columns = {"text_column": text_column, "label_column": label_column}
     text = path.read_text(encoding="utf-8")
-    for key, name in columns.items():
+    for key, name in {"text_column": text_column, "label_column": label_column}.items():
         # Column names go into JSON strings: escape them as JSON would.
         text = text.replace("{{" + key + "}}", json.dumps(name)[1:-1])
     spec = json.loads(text)
@@ -85,10 +93,63 @@ def labels_as_strings(values: pd.Series) -> pd.Series:
     return pd.Series([convert(v) for v in values], index=values.index, dtype=object)
 
 
+def derive_columns(
+    frame: pd.DataFrame,
+    cfg: DataConfig,
+    train_texts: set[str] | None,
+    tokenizer: Any | None,
+) -> pd.DataFrame:
+    """The raw table plus the ``_``-prefixed columns the suite checks.
+
+    Args:
+        train_texts: texts of the training table, when ``frame`` is a validation or test table.
+        tokenizer: counts tokens per text; without it every text counts as untruncated.
+    """
+    out = frame.copy()
+    has_text = cfg.text_column in out
+    texts = out[cfg.text_column] if has_text else pd.Series([None] * len(out), index=out.index)
+    strings = [t if isinstance(t, str) else "" for t in texts]
+    if tokenizer is not None and has_text:
+        # Count without truncating: the contract reports how much truncation will cut.
+        out["_n_tokens"] = [len(ids) for ids in tokenizer(strings, truncation=False)["input_ids"]]
+    else:
+        out["_n_tokens"] = 0
+    out["_duplicate"] = texts.duplicated(keep="first") & texts.notna() if has_text else False
+    out["_in_train"] = texts.isin(train_texts) if has_text and train_texts else False
+    if cfg.label_column in out:
+        counts = out[cfg.label_column].value_counts()
+        out["_label_count"] = out[cfg.label_column].map(counts).fillna(0).astype(int)
+        out["_imbalance_ratio"] = float(counts.max() / counts.min()) if len(counts) else 1.0
+    else:
+        out["_label_count"] = 0
+        out["_imbalance_ratio"] = 1.0
+    return out
+
+
+def suite_parameters(cfg: DataConfig, labels: list[str], max_length: int, is_train: bool) -> dict:
+    """The suite's ``$PARAMETER`` values. Class-balance rules bind the training table only."""
+    return {
+        "labels": labels,
+        "min_chars": cfg.min_chars,
+        "max_chars": cfg.max_chars,
+        "max_length": max_length,
+        "max_length_mostly": 1 - cfg.max_truncated_fraction,
+        "encoding_mostly": 1 - cfg.max_encoding_problem_rate,
+        "duplicate_mostly": 1 - cfg.max_duplicate_rate,
+        "required_labels": labels if is_train else [],
+        "min_classes": 2 if is_train else 1,
+        "min_rows_per_class": cfg.min_rows_per_class if is_train else 1,
+        "max_imbalance_ratio": cfg.max_imbalance_ratio if is_train else None,
+    }
+
+
 def run_suite(
-    frame: pd.DataFrame, name: str, suite: Any, parameters: dict[str, Any]
+    frame: pd.DataFrame, name: str, suite: Any, parameters: dict[str, Any], complete: bool = False
 ) -> dict[str, Any]:
-    """Validate one table with GE and return the JSON-able validation result."""
+    """Validate one table with GE and return the JSON-able validation result.
+
+    ``complete`` asks GE for every offending row index (needed to quarantine rows), not a sample.
+    """
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -99,13 +160,18 @@ def run_suite(
     )
     result = batch.validate(
         suite,
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES_SHOWN},
+        result_format={
+            "result_format": "COMPLETE" if complete else "SUMMARY",
+            "partial_unexpected_count": EXAMPLES_SHOWN,
+        },
         expectation_parameters=parameters,
     )
     return result.to_json_dict()
 
 
-def summarize_failures(result: dict[str, Any], origin: str) -> list[dict[str, Any]]:
+def summarize_failures(
+    result: dict[str, Any], origin: str, columns: list[str]
+) -> list[dict[str, Any]]:
     """One row per failed expectation: which file, column, rule, how many rows, examples."""
     failures = []
     for item in result["results"]:
@@ -113,25 +179,30 @@ def summarize_failures(result: dict[str, Any], origin: str) -> list[dict[str, An
             continue
         config = item["expectation_config"]
         outcome = item.get("result") or {}
-        exception = (item.get("exception_info") or {}).get("exception_message")
+        column = config["kwargs"].get("column")
+        raised = (item.get("exception_info") or {}).get("raised_exception")
+        if raised and column is not None and column.startswith("_"):
+            continue  # a derived rule cannot run because a required column is missing
+        missing = column is not None and column not in columns
+        indices = outcome.get("partial_unexpected_index_list") or outcome.get(
+            "unexpected_index_list", []
+        )
+        values = outcome.get("partial_unexpected_list") or outcome.get("unexpected_list", [])
         failures.append(
             {
                 "source": origin,
-                "column": config["kwargs"].get("column"),
+                "column": column,
                 "rule": (config.get("meta") or {}).get("rule", config["type"]),
                 "expectation": config["type"],
                 "unexpected_count": outcome.get("unexpected_count"),
                 "element_count": outcome.get("element_count"),
                 "examples": [
                     {"row": i, "value": v}
-                    for i, v in zip(
-                        outcome.get("partial_unexpected_index_list") or [],
-                        outcome.get("partial_unexpected_list") or [],
-                        strict=False,
-                    )
+                    for i, v in list(zip(indices, values, strict=False))[:EXAMPLES_SHOWN]
                 ],
-                "observed": outcome.get("observed_value"),
-                "error": exception,
+                "observed": (
+                    f"columns found: {columns}" if missing else outcome.get("observed_value")
+                ),
             }
         )
     return failures
@@ -144,25 +215,101 @@ def render_failures(failures: list[dict[str, Any]], report_path: Path | None = N
         where = f"{f['source']}" + (f", column {f['column']!r}" if f["column"] else "")
         lines.append(f"- {where}: {f['rule']} [{f['expectation']}]")
         if f["unexpected_count"] is not None:
-            lines.append(f"    {f['unexpected_count']} of {f['element_count']} rows fail")
+            share = f["unexpected_count"] / max(f["element_count"] or 1, 1)
+            lines.append(
+                f"    {f['unexpected_count']} of {f['element_count']} rows fail ({share:.1%})"
+            )
         for ex in f["examples"]:
-            value = ex["value"] if not isinstance(ex["value"], str) else _clip(ex["value"])
-            lines.append(f"    e.g. row {ex['row']} (0-based, header excluded): {value!r}")
+            lines.append(
+                f"    e.g. row {ex['row']} (0-based, header excluded): {_clip(ex['value'])!r}"
+            )
         if f["observed"] is not None:
-            lines.append(f"    observed: {f['observed']}")
-        if f["error"] and f["column"]:
-            lines.append("    the column is missing or could not be checked")
+            lines.append(f"    observed: {_clip(f['observed'], 200)}")
     if report_path is not None:
         lines.append(f"full Great Expectations result: {report_path}")
     return "\n".join(lines)
 
 
-def _clip(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def render_markdown(failures: list[dict[str, Any]]) -> str:
+    """The failed expectations as a Markdown table (for the Prefect artifact)."""
+    rows = ["| source | column | rule | failing rows | examples |", "|---|---|---|---|---|"]
+    for f in failures:
+        count = (
+            ""
+            if f["unexpected_count"] is None
+            else f"{f['unexpected_count']} / {f['element_count']}"
+        )
+        examples = "; ".join(f"row {e['row']}: `{_clip(e['value'], 40)!r}`" for e in f["examples"])
+        examples = examples or _clip(f["observed"] or "", 80)
+        cells = [Path(f["source"]).name, f["column"] or "", f["rule"], count, examples]
+        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
 
 
-def _normalise(table: Table, cfg: DataConfig) -> pd.DataFrame:
-    frame = table.frame
+def render_html(results: dict[str, dict[str, Any]], dropped: dict[str, int]) -> str:
+    """A self-contained HTML page listing every expectation of every table with its outcome."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>fulltune data validation</title>",
+        "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+        ".ok{color:#1a7f37}.bad{color:#cf222e;font-weight:bold}</style>",
+        "<h1>Data validation</h1>",
+    ]
+    if dropped:
+        parts.append(
+            "<h2>Rows quarantined (on_invalid: drop)</h2><table><tr><th>rule</th><th>rows</th></tr>"
+        )
+        parts += [f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in dropped.items()]
+        parts.append("</table>")
+    for split, result in results.items():
+        stats = result["statistics"]
+        parts.append(
+            f"<h2>{html.escape(split)}: {stats['successful_expectations']} of "
+            f"{stats['evaluated_expectations']} expectations met</h2>"
+            "<table><tr><th>status</th><th>rule</th><th>expectation</th><th>column</th>"
+            "<th>failing rows</th><th>examples</th></tr>"
+        )
+        for item in result["results"]:
+            config, outcome = item["expectation_config"], item.get("result") or {}
+            count = outcome.get("unexpected_count")
+            examples = outcome.get("partial_unexpected_list") or []
+            cells = [
+                "<span class='ok'>pass</span>"
+                if item["success"]
+                else "<span class='bad'>FAIL</span>",
+                html.escape(str((config.get("meta") or {}).get("rule", ""))),
+                config["type"],
+                html.escape(str(config["kwargs"].get("column", ""))),
+                "" if count is None else f"{count} of {outcome.get('element_count')}",
+                html.escape(", ".join(repr(_clip(e, 60)) for e in examples[:EXAMPLES_SHOWN])),
+            ]
+            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _clip(value: Any, limit: int = 80) -> Any:
+    if not isinstance(value, str):
+        return value
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def offending_rows(result: dict[str, Any]) -> dict[str, list[int]]:
+    """Row indices to quarantine, by rule: every row-level rule marked droppable in the suite.
+
+    Rows are taken whether or not the rule's ``mostly`` tolerance was met: in drop mode the
+    tolerance is for the data that stays, and a known-bad row has no reason to stay.
+    """
+    rows: dict[str, list[int]] = {}
+    for item in result["results"]:
+        meta = item["expectation_config"].get("meta") or {}
+        indices = (item.get("result") or {}).get("unexpected_index_list") or []
+        if meta.get("drop") and indices:
+            rows.setdefault(meta["rule"], []).extend(int(i) for i in indices)
+    return rows
+
+
+def _normalise(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "text": frame[cfg.text_column].astype(str).to_numpy(),
@@ -172,76 +319,125 @@ def _normalise(table: Table, cfg: DataConfig) -> pd.DataFrame:
 
 
 def validate_data(
-    cfg: DataConfig, workdir: Path, task: str = "text-classification"
+    cfg: DataConfig,
+    workdir: Path,
+    task: str = "text-classification",
+    tokenizer: Any | None = None,
+    max_length: int = 512,
 ) -> ValidatedData:
     """Read every configured source, validate each with the task's GE suite, write clean tables.
 
     The label set is ``cfg.labels`` when declared, else inferred from the training table and then
-    frozen: validation and test labels must fall inside it.
+    frozen: validation and test labels must fall inside it. With ``cfg.on_invalid == "drop"``,
+    rows breaking a row-level rule go to ``quarantine.csv`` and the rest is validated again.
 
     Raises:
         SourceError: a source cannot be read.
-        DataValidationError: any expectation fails on any table; nothing is written for training.
+        DataValidationError: an expectation fails on any table; nothing is written for training.
     """
+    started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     sources = {"train": (cfg.train, cfg.train_split)}
     if cfg.validation:
         sources["validation"] = (cfg.validation, cfg.validation_split)
     if cfg.test:
         sources["test"] = (cfg.test, cfg.test_split)
-    tables = {split: read_table(name, hub_split) for split, (name, hub_split) in sources.items()}
-    for table in tables.values():
-        if cfg.label_column in table.frame.columns:
-            table.frame[cfg.label_column] = labels_as_strings(table.frame[cfg.label_column])
-
-    train_frame = tables["train"].frame
+    tables: dict[str, Table] = {
+        split: read_table(name, hub_split) for split, (name, hub_split) in sources.items()
+    }
+    frames = {split: table.frame for split, table in tables.items()}
+    for frame in frames.values():
+        if cfg.label_column in frame.columns:
+            frame[cfg.label_column] = labels_as_strings(frame[cfg.label_column])
+    train_frame = frames["train"]
     labels = cfg.labels or (
         infer_labels(train_frame[cfg.label_column]) if cfg.label_column in train_frame else []
     )
-    parameters = {"labels": labels, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars}
     suite = load_suite(task, cfg.text_column, cfg.label_column)
 
-    results, failures = {}, []
-    for split, table in tables.items():
-        results[split] = run_suite(table.frame, split, suite, parameters)
-        failures += summarize_failures(results[split], table.origin)
-    if not cfg.labels and len(labels) < 2 and cfg.label_column in train_frame:
-        failures.append(
-            {
-                "source": tables["train"].origin,
-                "column": cfg.label_column,
-                "rule": "at least two classes",
-                "expectation": "label set",
-                "unexpected_count": None,
-                "element_count": len(train_frame),
-                "examples": [],
-                "observed": f"labels found: {labels}",
-                "error": None,
-            }
+    def check(frames: dict[str, pd.DataFrame], complete: bool) -> dict[str, Any]:
+        train_texts = (
+            set(frames["train"][cfg.text_column].dropna())
+            if cfg.text_column in frames["train"]
+            else None
         )
+        results = {}
+        for split, frame in frames.items():
+            derived = derive_columns(
+                frame, cfg, None if split == "train" else train_texts, tokenizer
+            )
+            params = suite_parameters(cfg, labels, max_length, split == "train")
+            results[split] = run_suite(derived, split, suite, params, complete)
+        return results
 
+    results = check(frames, complete=cfg.on_invalid == "drop")
+    dropped: dict[str, int] = {}
+    quarantine_path = None
+    if cfg.on_invalid == "drop":
+        quarantined = []
+        for split, frame in frames.items():
+            by_rule = offending_rows(results[split])
+            first_rule: dict[int, str] = {}
+            for rule, indices in by_rule.items():
+                for i in indices:
+                    first_rule.setdefault(i, rule)
+            if not first_rule:
+                continue
+            bad = frame.loc[sorted(first_rule)].assign(
+                _split=split, _rule=[first_rule[i] for i in sorted(first_rule)]
+            )
+            quarantined.append(bad)
+            for rule in bad["_rule"]:
+                dropped[rule] = dropped.get(rule, 0) + 1
+            frames[split] = frame.drop(index=sorted(first_rule)).reset_index(drop=True)
+        if quarantined:
+            quarantine_path = str(workdir / "quarantine.csv")
+            pd.concat(quarantined).to_csv(quarantine_path, index_label="_row")
+            log.warning("quarantined rows by rule: %s (see %s)", dropped, quarantine_path)
+        results = check(frames, complete=False)
+
+    failures = []
+    for split, result in results.items():
+        failures += summarize_failures(result, tables[split].origin, list(frames[split].columns))
     report_path = workdir / "validation.json"
-    report = {"success": not failures, "labels": labels, "results": results, "failures": failures}
+    report = {
+        "success": not failures,
+        "labels": labels,
+        "dropped": dropped,
+        "results": results,
+        "failures": failures,
+    }
     report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    html_path = workdir / "validation.html"
+    html_path.write_text(render_html(results, dropped), encoding="utf-8")
     if failures:
         raise DataValidationError(failures, report_path)
 
-    frames = {split: _normalise(table, cfg) for split, table in tables.items()}
+    clean = {split: _normalise(frame, cfg) for split, frame in frames.items()}
     paths: dict[str, str | None] = {"validation": None, "test": None}
-    for split, frame in frames.items():
+    for split, frame in clean.items():
         path = workdir / f"{split}.raw.parquet"
         frame.to_parquet(path, index=False)
         paths[split] = str(path)
-    rows = {split: len(frame) for split, frame in frames.items()}
-    fallbacks = sum(t.fallback_decoded_lines for t in tables.values())
+    truncated = {}
+    for split, result in results.items():
+        for item in result["results"]:
+            if item["expectation_config"]["kwargs"].get("column") == "_n_tokens":
+                truncated[split] = (item["result"].get("unexpected_percent") or 0.0) / 100
+    rows = {split: len(frame) for split, frame in clean.items()}
     log.info("data valid: %s rows, %d labels %s", rows, len(labels), labels)
     return ValidatedData(
         train_path=str(paths.pop("train")),
         validation_path=paths["validation"],
         test_path=paths["test"],
         labels=labels,
-        fingerprint=combined_fingerprint({s: fingerprint(f) for s, f in frames.items()}),
+        fingerprint=combined_fingerprint({s: fingerprint(f) for s, f in clean.items()}),
         rows=rows,
         report_path=str(report_path),
-        encoding_fallback_lines=fallbacks,
+        html_report_path=str(html_path),
+        quarantine_path=quarantine_path,
+        dropped=dropped,
+        encoding_fallback_lines=sum(t.fallback_decoded_lines for t in tables.values()),
+        truncated_fraction=truncated,
+        seconds=time.perf_counter() - started,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -86,3 +87,13 @@ def tiny_overrides(tiny_model_dir: Path, data: Path, home: Path) -> list[str]:
         "train.logging_steps=1",
         "registry.model_name=tiny-sentiment",
     ]
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """The CLI binds a root log handler to the stream of the run; CliRunner closes that stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -30,7 +30,7 @@ def finished_run(prefect_harness, tiny_model_dir, tmp_path_factory):
 
 def test_run_has_config_metrics_and_artifacts(finished_run):
     cfg, summary = finished_run
-    client = MlflowClient(cfg.tracking_uri())
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.batch_size"] == "8"
@@ -55,7 +55,7 @@ def test_run_has_config_metrics_and_artifacts(finished_run):
 
 def test_training_loss_went_down(finished_run):
     cfg, summary = finished_run
-    history = MlflowClient(cfg.tracking_uri()).get_metric_history(
+    history = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri()).get_metric_history(
         summary.mlflow_run_id, "train/loss"
     )
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
@@ -77,7 +77,7 @@ def test_every_parameter_tensor_changed(finished_run, tiny_model_dir: Path):
 
 def test_registered_version_loads_back_and_predicts_declared_labels(finished_run):
     cfg, summary = finished_run
-    client = MlflowClient(cfg.tracking_uri())
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     version = client.get_model_version_by_alias("tiny-sentiment", "challenger")
     assert str(version.version) == summary.model.version
     assert version.tags["mlflow.run_id"] == summary.mlflow_run_id

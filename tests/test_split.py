@@ -7,6 +7,8 @@ from tasks.config import DataConfig
 from tasks.split import SplitError, split_data, stratified_split
 from tasks.validate import validate_data
 
+from .conftest import make_rows
+
 
 def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path: Path):
     cfg = DataConfig(
@@ -33,12 +35,23 @@ def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path
 
 
 def test_given_test_file_is_used_as_is(tiny_csv: Path, tmp_path: Path):
+    test = tmp_path / "test.csv"
+    held = make_rows(36, seed=5)
+    held["review"] += " held out"
+    held.to_csv(test, index=False)
     cfg = DataConfig(
-        train=str(tiny_csv), test=str(tiny_csv), text_column="review", label_column="sentiment"
+        train=str(tiny_csv), test=str(test), text_column="review", label_column="sentiment"
     )
     splits = split_data(validate_data(cfg, tmp_path), cfg, tmp_path)
-    assert splits.rows["test"] == 72
+    assert splits.rows["test"] == 36
     assert splits.rows["train"] + splits.rows["validation"] == 72
+
+
+def test_repeated_texts_stay_on_one_side_of_the_split():
+    frame = pd.DataFrame({"text": [f"t{i % 20}" for i in range(60)], "label": ["a", "b"] * 30})
+    rest, held = stratified_split(frame, 0.25, 0, "test")
+    assert not set(rest["text"]) & set(held["text"])
+    assert len(rest) + len(held) == 60
 
 
 def test_too_few_rows_per_class_is_explained():

@@ -61,8 +61,12 @@ def test_labels_outside_the_declared_set(tiny_csv: Path, tmp_path: Path):
     )
     with pytest.raises(DataValidationError) as err:
         validate_data(config(path, labels=["negative", "neutral", "positive"]), tmp_path / "work")
-    [failure] = err.value.failures
-    assert failure["rule"] == "label in the declared label set"
+    rules = {f["rule"]: f for f in err.value.failures}
+    assert set(rules) == {
+        "label in the declared label set",
+        "every declared label occurs in the training data",
+    }
+    failure = rules["label in the declared label set"]
     assert failure["unexpected_count"] == 24
     assert failure["examples"][0]["value"] == "meh"
     # Nothing is written for training when the data is invalid.
@@ -84,3 +88,45 @@ def test_label_helpers():
     assert infer_labels(pd.Series(["10", "2", "1", None, ""])) == ["1", "2", "10"]
     assert infer_labels(pd.Series(["b", "a"])) == ["a", "b"]
     assert labels_as_strings(pd.Series([1.0, None, 2.0])).tolist() == ["1", None, "2"]
+
+
+def test_drop_quarantines_offending_rows_and_revalidates(tiny_csv: Path, tmp_path: Path):
+    def edit(frame: pd.DataFrame) -> None:
+        frame.loc[[1, 2], "review"] = " "
+        frame.loc[5, "review"] = frame.loc[4, "review"]  # a duplicate text
+
+    path = broken(tmp_path, tiny_csv, edit)
+    data = validate_data(config(path, on_invalid="drop"), tmp_path / "work")
+    assert data.dropped == {
+        "text is not empty after stripping": 2,
+        "duplicate texts at most data.max_duplicate_rate": 1,
+    }
+    assert data.rows["train"] == 69
+    quarantine = pd.read_csv(data.quarantine_path)
+    assert sorted(quarantine["_row"]) == [1, 2, 5]
+    assert set(quarantine["_rule"]) == set(data.dropped)
+
+
+def test_leakage_between_train_and_test(tiny_csv: Path, tmp_path: Path):
+    test = tmp_path / "test.csv"
+    pd.read_csv(tiny_csv).head(6).to_csv(test, index=False)
+    with pytest.raises(DataValidationError, match="leakage") as err:
+        validate_data(config(tiny_csv, test=str(test)), tmp_path / "work")
+    assert err.value.failures[0]["unexpected_count"] == 6
+
+
+def test_token_truncation_share_is_reported(tiny_csv: Path, tiny_model_dir: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = validate_data(config(tiny_csv), tmp_path / "a", tokenizer=tokenizer, max_length=64)
+    assert data.truncated_fraction == {"train": 0.0}
+    data = validate_data(
+        config(tiny_csv, max_truncated_fraction=1.0),
+        tmp_path / "b",
+        tokenizer=tokenizer,
+        max_length=4,
+    )
+    assert data.truncated_fraction == {"train": 1.0}
+    with pytest.raises(DataValidationError, match="truncated"):
+        validate_data(config(tiny_csv), tmp_path / "c", tokenizer=tokenizer, max_length=4)
