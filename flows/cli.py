@@ -1,13 +1,17 @@
-"""The ``fulltune`` command line."""
+"""The ``fulltune`` command line: run, predict, lineage, reproduce."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from tasks.config import RunConfig
 
 app = typer.Typer(
     help="Full-parameter fine-tuning of Hugging Face models as a Prefect + MLflow pipeline.",
@@ -15,10 +19,65 @@ app = typer.Typer(
     add_completion=False,
 )
 
+TrackingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .fulltune/mlflow.db).",
+    ),
+]
+
 
 @app.callback()
 def main() -> None:
     """fulltune: validate, tokenize, fully fine-tune, evaluate and register a model."""
+
+
+def _setup_logging() -> None:
+    # force: each invocation writes to the current stderr (tests call the app repeatedly).
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("httpx", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"fulltune: error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _use_tracking(uri: str | None) -> str:
+    """Point MLflow at ``uri``, the environment's store, or the default local store."""
+    import mlflow
+
+    from tasks.config import RunConfig
+
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or RunConfig().tracking_uri()
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
+    return resolved
+
+
+def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
+    from flows.finetune import finetune, metrics_table
+
+    try:
+        summary = finetune(config=cfg, extra_tags=extra_tags or {})
+    except Exception as err:  # every failure ends here: say what it was, exit non-zero
+        _fail(f"{type(err).__name__}: {err}")
+    typer.echo("")
+    typer.echo(f"MLflow run id:    {summary.mlflow_run_id}")
+    typer.echo(f"Tracking URI:     {cfg.tracking_uri()}")
+    typer.echo(
+        f"Registered model: {summary.model.name} version {summary.model.version} "
+        f"(alias @{summary.model.alias})"
+    )
+    typer.echo(f"Data fingerprint: {summary.data_fingerprint}")
+    if summary.decision is not None:
+        verdict = "PROMOTED to @champion" if summary.decision.promoted else "kept as challenger"
+        typer.echo(f"Promotion:        {verdict}: {summary.decision.reason}")
+    typer.echo(metrics_table(summary.metrics, summary.baseline, summary.classical))
 
 
 @app.command()
@@ -35,36 +94,136 @@ def run(
     """Run the finetune flow and print the run id, the registered version and the metrics."""
     from tasks.config import ConfigError, load_config
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    for noisy in ("httpx", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _setup_logging()
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as err:
         _fail(str(err))
+    _run_flow(cfg)
 
-    from flows.finetune import finetune, metrics_table
 
+@app.command()
+def predict(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="models:/NAME@ALIAS or models:/NAME/V")
+    ],
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="A text to classify (repeatable).")
+    ] = None,
+    input_path: Annotated[
+        Path | None, typer.Option("--input", "-i", help="CSV, TSV, JSONL or Parquet file of texts.")
+    ] = None,
+    output_path: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write predictions here (.csv/.jsonl).")
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Text column of --input.")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per model call.")] = 64,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Predict labels (with scores) for texts given inline or in a file."""
+    import pandas as pd
+
+    from tasks.register import resolve_model_uri
+    from tasks.sources import SourceError, read_table
+
+    if bool(text) == bool(input_path):
+        _fail("give either --text (one or more) or --input FILE")
+    _use_tracking(tracking_uri)
     try:
-        summary = finetune(config=cfg)
-    except Exception as err:  # every failure ends here: say what it was, exit non-zero
-        _fail(f"{type(err).__name__}: {err}")
-    typer.echo("")
-    typer.echo(f"MLflow run id:    {summary.mlflow_run_id}")
-    typer.echo(f"Tracking URI:     {cfg.tracking_uri()}")
-    typer.echo(
-        f"Registered model: {summary.model.name} version {summary.model.version} "
-        f"(alias @{summary.model.alias})"
+        name, version = resolve_model_uri(model)
+    except ValueError as err:
+        _fail(str(err))
+    if input_path is not None:
+        try:
+            frame = read_table(str(input_path)).frame
+        except SourceError as err:
+            _fail(str(err))
+        if text_column not in frame.columns:
+            _fail(f"{input_path}: no column {text_column!r} (columns: {list(frame.columns)})")
+        if frame.empty:
+            _fail(f"{input_path}: no rows")
+        texts = frame[text_column].astype(str).tolist()
+    else:
+        frame, texts = pd.DataFrame({"text": text}), list(text or [])
+
+    import mlflow.pyfunc
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    parts = [loaded.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    predictions = pd.concat(parts, ignore_index=True)
+    out = frame.reset_index(drop=True).assign(
+        label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
     )
-    typer.echo(f"Data fingerprint: {summary.data_fingerprint}")
-    typer.echo(metrics_table(summary.metrics, summary.baseline))
+    if output_path is None:
+        for row_text, label, score in zip(texts, out["label"], out["score"], strict=True):
+            typer.echo(f"{label}\t{score:.4f}\t{row_text}")
+        return
+    if output_path.suffix == ".jsonl":
+        out.to_json(output_path, orient="records", lines=True, force_ascii=False)
+    else:
+        out.to_csv(output_path, index=False)
+    typer.echo(f"wrote {len(out)} predictions of {name} v{version} to {output_path}")
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"fulltune: error: {message}", err=True)
-    raise typer.Exit(code=1)
+@app.command()
+def lineage(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Print what produced a model version: run, flow run, data, validation, code, config."""
+    from tasks.register import describe_lineage
+
+    _use_tracking(tracking_uri)
+    try:
+        rows = describe_lineage(model)
+    except ValueError as err:
+        _fail(str(err))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@app.command()
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="The MLflow run to run again.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Run even if the data no longer matches.")
+    ] = False,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Re-run a past run from its logged config, if its data is still the same."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.config import RunConfig
+    from tasks.sources import SourceError, load_tokenizer
+    from tasks.validate import DataValidationError, validate_data
+
+    _setup_logging()
+    _use_tracking(tracking_uri)
+    client = MlflowClient()
+    try:
+        run_info = client.get_run(run_id)
+        logged = client.download_artifacts(run_id, "config/config.json")
+    except MlflowException as err:
+        _fail(f"run {run_id}: {err.message}")
+    cfg = RunConfig.model_validate_json(Path(logged).read_text())
+    expected = run_info.data.tags.get("data.fingerprint")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+            data = validate_data(cfg.data, Path(tmp), cfg.task, tokenizer, cfg.model.max_length)
+            found = data.fingerprint
+        except (SourceError, DataValidationError) as err:
+            found = f"unreadable ({str(err).splitlines()[0]})"
+    if found != expected:
+        message = f"data fingerprint changed since run {run_id}: was {expected}, now {found}"
+        if not force:
+            _fail(message + " (use --force to run anyway)")
+        typer.echo(f"warning: {message}; running anyway (--force)", err=True)
+    _run_flow(cfg, {"fulltune.reproduces": run_id})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The ``finetune`` flow: raw labelled text in, a fully fine-tuned, registered MLflow model out.
 
-validate_data -> split_data -> tokenize -> train -> evaluate -> register_model
+validate_data -> split_data -> tokenize -> train -> evaluate -> register_model -> promote
 
 Each stage is a plain function in ``tasks/`` wrapped here as a Prefect task; the wrapper adds what
 belongs to orchestration (retries, the MLflow logging of the stage's result). Stages hand each other
@@ -21,9 +21,18 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from tasks import tracking
-from tasks.config import DataConfig, EvalConfig, ModelConfig, RegistryConfig, RunConfig, TrainConfig
+from tasks.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PromoteConfig,
+    RegistryConfig,
+    RunConfig,
+    TrainConfig,
+)
 from tasks.evaluate import EvalResult, evaluate
-from tasks.register import RegisteredModel, register_model
+from tasks.promote import Decision, promote
+from tasks.register import RegisteredModel, lineage_tags, register_model
 from tasks.sources import load_tokenizer
 from tasks.split import Splits, split_data
 from tasks.tokenize import TokenizedData, tokenize
@@ -41,6 +50,8 @@ class RunSummary(BaseModel):
     model: RegisteredModel
     metrics: dict[str, float]
     baseline: dict[str, float]
+    classical: dict[str, float]
+    decision: Decision | None
     data_fingerprint: str
     workdir: str
 
@@ -158,14 +169,19 @@ def evaluate_stage(
     workdir: Path,
     run_id: str,
 ) -> EvalResult:
-    """Score the model and the majority baseline on the test split."""
-    result = evaluate(model_dir, tokenized, labels, splits.label_counts["train"], cfg, workdir)
+    """Score the model, the majority baseline and TF-IDF + logistic regression on the test split."""
+    result = evaluate(
+        model_dir, tokenized, labels, splits.train_path, splits.test_path, cfg, workdir
+    )
     tracking.log_metrics(
         run_id,
         {f"test/{k}": v for k, v in result.metrics.items()}
-        | {f"baseline/{k}": v for k, v in result.baseline.items()},
+        | {f"baseline/{k}": v for k, v in result.baseline.items()}
+        | {f"classical/{k}": v for k, v in result.classical.items()},
     )
+    tracking.set_tags(run_id, {"test.fingerprint": result.test_fingerprint})
     tracking.log_artifact(run_id, result.confusion_matrix_png, "evaluation")
+    tracking.log_artifact(run_id, result.predictions_path, "evaluation")
     tracking.log_json(run_id, result.model_dump(), "evaluation/test_metrics.json")
     return result
 
@@ -182,17 +198,52 @@ def register_model_stage(
     return registered
 
 
-def metrics_table(metrics: dict[str, float], baseline: dict[str, float]) -> str:
-    """A Markdown table of the headline test metrics next to the majority baseline."""
-    rows = ["| metric | model | majority baseline |", "|---|---|---|"]
+@task(name="promote", cache_policy=NONE)
+def promote_stage(
+    registered: RegisteredModel,
+    evaluation: EvalResult,
+    labels: list[str],
+    test_path: str,
+    cfg: PromoteConfig,
+    run_id: str,
+) -> Decision:
+    """Move the champion alias to the new version only if the evidence says it is better."""
+    decision = promote(registered, evaluation, labels, test_path, cfg)
+    tracking.set_tags(run_id, decision.tags())
+    metrics = {"promotion/promoted": float(decision.promoted)}
+    if decision.delta is not None:
+        metrics |= {
+            "promotion/delta": decision.delta,
+            "promotion/ci_low": decision.ci_low or 0.0,
+            "promotion/ci_high": decision.ci_high or 0.0,
+        }
+    tracking.log_metrics(run_id, metrics)
+    create_markdown_artifact(
+        key="promotion",
+        markdown=f"# Promotion of {registered.name} v{registered.version}\n\n"
+        f"**{'promoted to @' + cfg.alias if decision.promoted else 'kept as challenger'}**\n\n"
+        f"{decision.reason}\n",
+        description="The champion/challenger gate's decision",
+    )
+    return decision
+
+
+def metrics_table(
+    metrics: dict[str, float], baseline: dict[str, float], classical: dict[str, float]
+) -> str:
+    """A Markdown table of the headline test metrics next to both baselines."""
+    rows = ["| metric | fine-tuned | majority baseline | TF-IDF + LR |", "|---|---|---|---|"]
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
-        rows.append(f"| {key} | {metrics[key]:.4f} | {baseline[key]:.4f} |")
+        rows.append(f"| {key} | {metrics[key]:.4f} | {baseline[key]:.4f} | {classical[key]:.4f} |")
     return "\n".join(rows)
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: RunConfig = RunConfig()) -> RunSummary:
-    """Validate, split, tokenize, fully fine-tune, evaluate and register one model."""
+def finetune(
+    config: RunConfig = RunConfig(),
+    extra_tags: dict[str, str] | None = None,
+) -> RunSummary:
+    """Validate, split, tokenize, fully fine-tune, evaluate, register and gate one model."""
     cfg = config
     flow_run_id = flow_run.get_id()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -205,7 +256,8 @@ def finetune(config: RunConfig = RunConfig()) -> RunSummary:
             "prefect.flow_run_name": str(flow_run.get_name()),
             "fulltune.task": cfg.task,
             "fulltune.config_hash": cfg.digest(),
-        },
+        }
+        | (extra_tags or {}),
         run_name=flow_run.get_name(),
     )
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
@@ -223,27 +275,31 @@ def finetune(config: RunConfig = RunConfig()) -> RunSummary:
             cfg.registry,
             run_id,
             example,
-            {
-                "mlflow.run_id": run_id,
-                "prefect.flow_run_id": str(flow_run_id),
-                "data.fingerprint": data.fingerprint,
-                "config_hash": cfg.digest(),
+            lineage_tags(run_id, str(flow_run_id), data, cfg.digest())
+            | {
+                "test.fingerprint": evaluation.test_fingerprint,
                 "test.macro_f1": f"{evaluation.metrics['macro_f1']:.4f}",
             },
         )
+        decision = None
+        if cfg.promote.enabled:
+            decision = promote_stage(
+                registered, evaluation, data.labels, splits.test_path, cfg.promote, run_id
+            )
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id, "FINISHED")
 
-    table = metrics_table(evaluation.metrics, evaluation.baseline)
+    table = metrics_table(evaluation.metrics, evaluation.baseline, evaluation.classical)
     create_markdown_artifact(
         key="finetune-summary",
         markdown=(
             f"# fulltune run\n\n- MLflow run: `{run_id}`\n"
             f"- Registered model: `{registered.name}` version {registered.version} "
             f"(alias `{registered.alias}`)\n- Data fingerprint: `{data.fingerprint}`\n"
-            f"- Test rows: {evaluation.test_rows}\n\n{table}\n"
+            f"- Test rows: {evaluation.test_rows}\n"
+            f"- Promotion: {decision.reason if decision else 'gate disabled'}\n\n{table}\n"
         ),
         description="Test metrics of the fine-tuned model against the majority baseline",
     )
@@ -253,6 +309,8 @@ def finetune(config: RunConfig = RunConfig()) -> RunSummary:
         model=registered,
         metrics=evaluation.metrics,
         baseline=evaluation.baseline,
+        classical=evaluation.classical,
+        decision=decision,
         data_fingerprint=data.fingerprint,
         workdir=str(workdir),
     )

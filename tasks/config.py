@@ -161,6 +161,22 @@ class RegistryConfig(_Section):
     alias: str = Field("challenger", description="Alias set on the newly registered version.")
 
 
+class PromoteConfig(_Section):
+    """The gate that decides whether a new version becomes the champion."""
+
+    enabled: bool = Field(True, description="Run the promotion gate after registration.")
+    alias: str = Field("champion", description="The alias that production loads.")
+    metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="Primary metric.")
+    min_delta: float = Field(
+        0.005, ge=0, description="How much the challenger must beat the champion by."
+    )
+    require_significant: bool = Field(
+        False, description="Also require the bootstrap 95% CI of the difference to exclude 0."
+    )
+    bootstrap_samples: int = Field(1000, ge=100)
+    seed: int = 0
+
+
 class RunConfig(BaseModel):
     """A whole fine-tuning run: one section per stage."""
 
@@ -177,6 +193,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     def home_dir(self) -> Path:
         return Path(self.home).expanduser().resolve()

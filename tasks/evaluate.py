@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,9 +11,13 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from datasets import Dataset, load_from_disk
 from pydantic import BaseModel
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+from sklearn.pipeline import make_pipeline
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -23,18 +28,37 @@ from transformers import (
 
 from tasks.config import EvalConfig
 from tasks.metrics import classification_metrics
+from tasks.sources import fingerprint
 from tasks.tokenize import TokenizedData
 
 
 class EvalResult(BaseModel):
-    """Test-split metrics of the model and of the majority baseline, and the plot's path."""
+    """Test-split metrics of the model and of both baselines, and where the details are."""
 
     metrics: dict[str, float]
     baseline: dict[str, float]
+    classical: dict[str, float]
     majority_label: str
     test_rows: int
+    test_fingerprint: str
     confusion_matrix: list[list[int]]
     confusion_matrix_png: str
+    predictions_path: str
+
+
+def classical_baseline(
+    train_texts: list[str], train_labels: list[int], test_texts: list[str], seed: int = 42
+) -> np.ndarray:
+    """TF-IDF (word 1-2-grams) + logistic regression, fit on train, predicting test ids.
+
+    The yardstick a fine-tuned transformer has to beat to be worth its compute.
+    """
+    model = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=200_000),
+        LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
+    )
+    model.fit(train_texts, train_labels)
+    return model.predict(test_texts)
 
 
 def majority_label(train_label_counts: dict[str, int]) -> str:
@@ -79,29 +103,56 @@ def evaluate(
     model_dir: str,
     tokenized: TokenizedData,
     labels: list[str],
-    train_label_counts: dict[str, int],
+    train_path: str,
+    test_path: str,
     cfg: EvalConfig,
     workdir: Path,
     seed: int = 42,
 ) -> EvalResult:
-    """Accuracy, macro P/R/F1, per-class P/R/F1 and a confusion matrix on the test split."""
-    test = load_from_disk(tokenized.path)["test"]
+    """Accuracy, macro P/R/F1, per-class P/R/F1 and a confusion matrix on the test split.
+
+    The same rows are scored by the majority-class and the TF-IDF baselines, and the per-row
+    predictions are saved so that a later model can be compared with this one row by row.
+    """
+    test = load_from_disk(tokenized.path)["test"].add_column(
+        "row", list(range(tokenized.rows["test"]))
+    )
     if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
-        test = test.shuffle(seed=seed).select(range(cfg.max_test_samples))
-    # Sorted by length, batches hold texts of similar length and padding stays small.
-    test = test.sort("length")
+        test = test.shuffle(seed=seed).select(range(cfg.max_test_samples)).sort("row")
+    rows = np.asarray(test["row"])
     y_true = np.asarray(test["labels"])
-    y_pred = predict_ids(model_dir, test, cfg.batch_size, workdir)
+    # Sorted by length, batches hold texts of similar length and padding stays small.
+    by_length = np.argsort(np.asarray(test["length"]), kind="stable")
+    y_pred = np.empty_like(y_true)
+    y_pred[by_length] = predict_ids(model_dir, test.select(by_length), cfg.batch_size, workdir)
+
+    train_frame = pd.read_parquet(train_path)
+    test_frame = pd.read_parquet(test_path).iloc[rows]
+    label_ids = {label: i for i, label in enumerate(labels)}
+    classical_pred = classical_baseline(
+        train_frame["text"].tolist(),
+        [label_ids[v] for v in train_frame["label"]],
+        test_frame["text"].tolist(),
+        seed,
+    )
+    train_label_counts = train_frame["label"].value_counts().to_dict()
 
     majority = majority_label(train_label_counts)
     baseline_pred = np.full_like(y_true, labels.index(majority))
     matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
     png = plot_confusion(matrix, labels, workdir / "confusion_matrix.png")
+    predictions_path = workdir / "test_predictions.json"
+    predictions_path.write_text(
+        json.dumps({"labels": labels, "y_true": y_true.tolist(), "y_pred": y_pred.tolist()})
+    )
     return EvalResult(
         metrics=classification_metrics(y_true, y_pred, labels),
         baseline=classification_metrics(y_true, baseline_pred, labels),
+        classical=classification_metrics(y_true, classical_pred, labels),
         majority_label=majority,
         test_rows=len(y_true),
+        test_fingerprint=fingerprint(test_frame.reset_index(drop=True)),
         confusion_matrix=matrix.tolist(),
         confusion_matrix_png=str(png),
+        predictions_path=str(predictions_path),
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from pydantic import BaseModel
@@ -15,6 +19,7 @@ from tasks.config import RegistryConfig
 
 # Inferring requirements makes mlflow import torchvision, which is not a dependency; the model
 # needs exactly these packages to load and predict.
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "mlflow")
 
 SIGNATURE = ModelSignature(
@@ -35,6 +40,83 @@ class RegisteredModel(BaseModel):
 def pip_requirements() -> list[str]:
     """The installed versions of what the model needs (local build tags such as +cpu dropped)."""
     return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def git_commit(path: Path = PROJECT_DIR) -> str | None:
+    """The commit of the code that ran (with ``-dirty`` when the tree has changes), if in git."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def lineage_tags(run_id: str, flow_run_id: str, data: Any, config_hash: str) -> dict[str, str]:
+    """The tags that tie a model version to everything that produced it."""
+    tags = {
+        "lineage.mlflow_run_id": run_id,
+        "lineage.prefect_flow_run_id": flow_run_id,
+        "lineage.data_fingerprint": data.fingerprint,
+        "lineage.validation": f"runs:/{run_id}/validation/validation.json",
+        "lineage.validation_success": "true",
+        "lineage.config_hash": config_hash,
+        "lineage.config": f"runs:/{run_id}/config/config.json",
+    }
+    commit = git_commit()
+    if commit:
+        tags["lineage.git_commit"] = commit
+    return tags
+
+
+def describe_lineage(model_uri: str) -> list[tuple[str, str]]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the lineage chain, as rows."""
+    name, version = resolve_model_uri(model_uri)
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    if not mv.run_id:
+        raise ValueError(f"{model_uri}: the version has no MLflow run")
+    run = client.get_run(mv.run_id)
+    rows = [
+        ("model", f"{name} version {mv.version} (aliases: {', '.join(mv.aliases) or 'none'})"),
+        ("mlflow run", f"{mv.run_id} ({run.info.status}, experiment {run.info.experiment_id})"),
+    ]
+    for key in sorted(mv.tags):
+        if key.startswith(("lineage.", "promotion.", "test.")) and key != "lineage.mlflow_run_id":
+            rows.append((key, mv.tags[key]))
+    for key in ("test/macro_f1", "classical/macro_f1", "baseline/macro_f1"):
+        if key in run.data.metrics:
+            rows.append((f"metric {key}", f"{run.data.metrics[key]:.4f}"))
+    return rows
+
+
+def resolve_model_uri(model_uri: str) -> tuple[str, str]:
+    """(name, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Raises:
+        ValueError: the URI is malformed, or the alias or version does not exist.
+    """
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"{model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    ref = model_uri.removeprefix("models:/")
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = ref.partition("/")
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as err:
+        raise ValueError(f"{model_uri}: no such registered model version ({err.message})") from err
 
 
 def register_model(

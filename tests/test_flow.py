@@ -80,8 +80,10 @@ def test_registered_version_loads_back_and_predicts_declared_labels(finished_run
     client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     version = client.get_model_version_by_alias("tiny-sentiment", "challenger")
     assert str(version.version) == summary.model.version
-    assert version.tags["mlflow.run_id"] == summary.mlflow_run_id
-    assert version.tags["data.fingerprint"] == summary.data_fingerprint
+    assert version.tags["lineage.mlflow_run_id"] == summary.mlflow_run_id
+    assert version.tags["lineage.data_fingerprint"] == summary.data_fingerprint
+    assert version.tags["lineage.prefect_flow_run_id"] == summary.flow_run_id
+    assert "promotion.decision" in version.tags
     mlflow.set_tracking_uri(cfg.tracking_uri())
     model = mlflow.pyfunc.load_model("models:/tiny-sentiment@challenger")
     out = model.predict(pd.DataFrame({"text": ["love this great day", "awful broken thing"]}))

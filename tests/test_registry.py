@@ -1,0 +1,237 @@
+"""Champion/challenger, lineage, predict, reproduce and serve, on tiny models in one store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.finetune import finetune
+from tasks.config import load_config
+
+from .conftest import LABELS, make_rows, tiny_overrides
+
+MODEL = "tiny-sentiment"
+
+
+@pytest.fixture(scope="module")
+def store(prefect_harness, tiny_model_dir, tmp_path_factory):
+    """Three runs in one store: v1, v2 on the same test split, v3 on another split."""
+    home = tmp_path_factory.mktemp("registry")
+    data = home / "reviews.csv"
+    make_rows(90).to_csv(data, index=False)
+    overrides = tiny_overrides(tiny_model_dir, data, home)
+    cfg = load_config(None, overrides)
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    first = finetune(config=cfg)
+    if not first.decision.promoted:  # the tiny model may lose to TF-IDF: promote by hand
+        client.set_registered_model_alias(MODEL, "champion", first.model.version)
+    second = finetune(config=cfg)
+    third = finetune(config=load_config(None, [*overrides, "data.split_seed=7"]))
+    return cfg, client, data, (first, second, third)
+
+
+def cli(store, *args: str):
+    cfg = store[0]
+    return CliRunner().invoke(app, [*args, "--tracking-uri", cfg.tracking_uri()])
+
+
+def test_each_version_records_a_decision_and_lineage(store):
+    _, client, _, runs = store
+    for summary in runs:
+        tags = client.get_model_version(MODEL, summary.model.version).tags
+        assert tags["promotion.decision"] in {"promoted", "kept"}
+        assert tags["promotion.reason"] == summary.decision.reason
+        for key in (
+            "mlflow_run_id",
+            "prefect_flow_run_id",
+            "data_fingerprint",
+            "validation",
+            "config_hash",
+            "git_commit",
+        ):
+            assert tags[f"lineage.{key}"], key
+
+
+def test_first_model_is_judged_against_both_baselines(store):
+    first = store[3][0]
+    assert first.decision.champion_before is None
+    assert first.decision.reason.startswith("first model: macro_f1")
+    # On these toy rows TF-IDF is perfect, so the tiny model can't pass; the reason says so.
+    assert "TF-IDF + logistic regression" in first.decision.reason
+    assert first.decision.promoted == (
+        first.decision.challenger_score
+        > max(first.classical["macro_f1"], first.baseline["macro_f1"])
+    )
+
+
+def test_challenger_is_compared_on_the_same_rows_with_a_confidence_interval(store):
+    _, client, _, (first, second, _) = store
+    decision = second.decision
+    assert decision.champion_before == first.model.version
+    assert decision.reevaluated_champion is False  # same test fingerprint: logged predictions
+    assert decision.ci_low is not None and decision.ci_low <= decision.delta <= decision.ci_high
+    assert "95% CI" in decision.reason
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    expected = second.model.version if decision.promoted else first.model.version
+    assert str(champion.version) == expected
+
+
+def test_champion_is_rescored_when_the_test_split_changed(store):
+    third = store[3][2]
+    assert third.decision.champion_before is not None
+    assert third.decision.reevaluated_champion is True
+
+
+def test_lineage_prints_the_chain(store):
+    result = cli(store, "lineage", f"models:/{MODEL}@champion")
+    assert result.exit_code == 0, result.output
+    for key in (
+        "mlflow run",
+        "lineage.prefect_flow_run_id",
+        "lineage.data_fingerprint",
+        "lineage.git_commit",
+        "lineage.config_hash",
+        "lineage.validation",
+        "promotion.decision",
+    ):
+        assert key in result.output
+
+
+def test_predict_text_and_files(store, tmp_path: Path):
+    result = cli(
+        store,
+        "predict",
+        "--model",
+        f"models:/{MODEL}@champion",
+        "--text",
+        "great love",
+        "--text",
+        "awful broken",
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [row[0] in LABELS for row in lines] == [True, True]
+
+    src, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    pd.DataFrame({"body": ["happy best day", "worst terrible", "blue table"]}).to_csv(
+        src, index=False
+    )
+    result = cli(
+        store,
+        "predict",
+        "-m",
+        f"models:/{MODEL}@champion",
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "--text-column",
+        "body",
+        "--batch-size",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["body"] for r in rows] == ["happy best day", "worst terrible", "blue table"]
+    assert all(r["label"] in LABELS and 0 <= r["score"] <= 1 for r in rows)
+
+
+def test_predict_bad_input_is_explained(store, tmp_path: Path):
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"body": ["x"]}).to_csv(src, index=False)
+    missing = cli(store, "predict", "-m", f"models:/{MODEL}@champion", "-i", str(src))
+    assert missing.exit_code == 1 and "no column 'text'" in missing.output
+    (tmp_path / "empty.csv").write_text("")
+    empty = cli(
+        store, "predict", "-m", f"models:/{MODEL}@champion", "-i", str(tmp_path / "empty.csv")
+    )
+    assert empty.exit_code == 1 and "empty" in empty.output
+    alias = cli(store, "predict", "-m", f"models:/{MODEL}@nope", "--text", "hi")
+    assert (
+        alias.exit_code == 1 and f"models:/{MODEL}@nope: no such registered model" in alias.output
+    )
+
+
+def test_reproduce_refuses_when_the_data_changed(store):
+    _cfg, _, data, (first, _, _) = store
+    original = data.read_bytes()
+    try:
+        make_rows(90, seed=3).to_csv(data, index=False)
+        result = cli(store, "reproduce", first.mlflow_run_id)
+    finally:
+        data.write_bytes(original)
+    assert result.exit_code == 1
+    assert "data fingerprint changed" in result.output and "--force" in result.output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_invocations(store):
+    cfg = store[0]
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    # mlflow starts `uvicorn` by name: the virtual environment's bin must be on PATH.
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": cfg.tracking_uri(),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    mlflow_bin = bin_dir / "mlflow"
+    server = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "the server exited"
+                assert time.monotonic() < deadline, "the server did not come up in 120 s"
+                time.sleep(1)
+        body = json.dumps({"inputs": ["love this wonderful day", "awful broken mess"]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 2
+        assert {p["label"] for p in predictions} <= set(LABELS)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
