@@ -102,9 +102,16 @@ def validate_data_stage(
 
 
 @task(name="split_data", cache_policy=NONE)
-def split_data_stage(data: ValidatedData, cfg: DataConfig, workdir: Path, run_id: str) -> Splits:
-    """Carve the seeded, stratified validation and test splits."""
-    splits = split_data(data, cfg, workdir)
+def split_data_stage(
+    data: ValidatedData,
+    cfg: DataConfig,
+    max_train_samples: int | None,
+    seed: int,
+    workdir: Path,
+    run_id: str,
+) -> Splits:
+    """Carve the seeded, stratified validation and test splits (and the train subset)."""
+    splits = split_data(data, cfg, workdir, max_train_samples, seed)
     tracking.log_metrics(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
     tracking.log_json(run_id, splits.label_counts, "data/label_counts.json")
     return splits
@@ -143,12 +150,34 @@ def train_stage(
             "train/runtime_s": result.runtime_s,
             "train/samples_per_s": result.samples_per_s,
             "train/mean_loss": result.train_loss,
+            "train/epochs": result.epochs,
+            "train/peak_learning_rate": result.learning_rate,
+            "train/best_step": float(result.best_step or result.global_step),
+            "train/stopped_early": float(result.stopped_early),
             "train/params_total": result.params_total,
             "train/params_updated_fraction": result.params_updated / result.params_total,
             "train/tensors_updated_fraction": result.tensors_updated / result.tensors_total,
-        },
+            "val_selected/majority_macro_f1": result.majority_validation_macro_f1,
+        }
+        | {f"val_selected/{k}": v for k, v in result.validation.items()},
         step=result.global_step,
     )
+    tracking.log_json(run_id, result.validation_curve, "training/validation_curve.json")
+    tracking.set_tags(
+        run_id,
+        {
+            "train.class_weights": result.class_weights or "none",
+            "quality.collapse": result.collapse or "none",
+        },
+    )
+    if result.collapse:
+        get_run_logger().warning("COLLAPSE GUARD: %s", result.collapse)
+        create_markdown_artifact(
+            key="collapse-guard",
+            markdown=f"# Collapse guard fired\n\n{result.collapse}\n\n"
+            "The model is registered for inspection but will never become champion.\n",
+            description="The trained model is no better than guessing on validation",
+        )
     get_run_logger().info(
         "trained %d steps on %d samples: %d/%d parameter tensors updated",
         result.global_step,
@@ -206,9 +235,10 @@ def promote_stage(
     test_path: str,
     cfg: PromoteConfig,
     run_id: str,
+    collapse: str | None,
 ) -> Decision:
     """Move the champion alias to the new version only if the evidence says it is better."""
-    decision = promote(registered, evaluation, labels, test_path, cfg)
+    decision = promote(registered, evaluation, labels, test_path, cfg, blocked=collapse)
     tracking.set_tags(run_id, decision.tags())
     metrics = {"promotion/promoted": float(decision.promoted)}
     if decision.delta is not None:
@@ -263,7 +293,9 @@ def finetune(
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
     try:
         data = validate_data_stage(cfg.data, cfg.model, cfg.task, workdir, run_id)
-        splits = split_data_stage(data, cfg.data, workdir, run_id)
+        splits = split_data_stage(
+            data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
+        )
         tokenized = tokenize_stage(splits, data.labels, cfg.model, workdir, run_id)
         trained = train_stage(tokenized, data.labels, cfg.model, cfg.train, workdir, run_id)
         evaluation = evaluate_stage(
@@ -279,12 +311,19 @@ def finetune(
             | {
                 "test.fingerprint": evaluation.test_fingerprint,
                 "test.macro_f1": f"{evaluation.metrics['macro_f1']:.4f}",
+                "quality.collapse": trained.collapse or "none",
             },
         )
         decision = None
         if cfg.promote.enabled:
             decision = promote_stage(
-                registered, evaluation, data.labels, splits.test_path, cfg.promote, run_id
+                registered,
+                evaluation,
+                data.labels,
+                splits.test_path,
+                cfg.promote,
+                run_id,
+                trained.collapse,
             )
     except BaseException:
         tracking.end_run(run_id, "FAILED")

@@ -116,17 +116,24 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The full-parameter fine-tuning recipe."""
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float | Literal["auto"] = Field(
+        "auto", description="Epochs (fractions allowed), or `auto` to size them to the data."
+    )
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 uses epochs.")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    learning_rate: float | Literal["auto"] = Field(
+        "auto", description="Peak AdamW learning rate, or `auto` to size it to the model."
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up.")
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_samples: int | None = Field(
-        None, ge=1, description="Train on a seeded random subset of this size (debugging, demos)."
+        None,
+        ge=1,
+        description="Train on a seeded random subset of this size (debugging, demos); the "
+        "validation and test splits are unaffected.",
     )
     max_eval_samples: int | None = Field(
         None, ge=1, description="Evaluate on at most this many validation rows during training."
@@ -134,9 +141,35 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together so padding stays small."
     )
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validate every this many steps; None validates once per epoch."
+    )
+    select_best: bool = Field(
+        True, description="Keep the checkpoint with the best validation macro F1, not the last."
+    )
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Stop after this many validations without improvement (None: off)."
+    )
+    class_weights: Literal["auto", "none"] | list[float] = Field(
+        "auto",
+        description="Loss weight per class: `auto` (smoothed inverse frequency, 1 when "
+        "balanced), `none`, or one weight per label.",
+    )
     logging_steps: int = Field(10, ge=1)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.epochs != "auto" and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0 or auto, got {self.epochs}")
+        if self.learning_rate != "auto" and not 0 < self.learning_rate < 1:
+            raise ValueError(
+                f"train.learning_rate must be in (0, 1) or auto, got {self.learning_rate}"
+            )
+        if isinstance(self.class_weights, list) and min(self.class_weights) <= 0:
+            raise ValueError("train.class_weights must all be > 0")
+        return self
 
 
 class EvalConfig(_Section):

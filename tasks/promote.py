@@ -203,7 +203,12 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
 
 
 def promote(
-    registered: Any, evaluation: Any, labels: list[str], test_path: str, cfg: PromoteConfig
+    registered: Any,
+    evaluation: Any,
+    labels: list[str],
+    test_path: str,
+    cfg: PromoteConfig,
+    blocked: str | None = None,
 ) -> Decision:
     """Run the gate for a just-registered version; move the alias and tag the version.
 
@@ -211,6 +216,7 @@ def promote(
         registered: the new version (``RegisteredModel``).
         evaluation: its test evaluation (``EvalResult``), with per-row predictions on disk.
         test_path: the test split, to score a champion that saw another test set.
+        blocked: why this version may never be champion (the collapse guard's finding).
     """
     import pandas as pd
 
@@ -240,6 +246,7 @@ def promote(
         floors,
         str(champion.version) if champion is not None else None,
         champion_pred,
+        blocked,
     ).model_copy(update={"reevaluated_champion": reevaluated})
     for key, value in decision.tags().items():
         client.set_model_version_tag(registered.name, registered.version, key, value)

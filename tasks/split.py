@@ -50,11 +50,20 @@ def stratified_split(
     return rest.reset_index(drop=True), held.reset_index(drop=True)
 
 
-def split_data(data: ValidatedData, cfg: DataConfig, workdir: Path) -> Splits:
+def split_data(
+    data: ValidatedData,
+    cfg: DataConfig,
+    workdir: Path,
+    max_train_samples: int | None = None,
+    sample_seed: int = 42,
+) -> Splits:
     """Carve validation and test splits out of train unless they were given.
 
     The split depends only on the data and ``cfg.split_seed``: the same inputs give the same
     splits on every machine, so the test split never leaks into training or model selection.
+    With ``max_train_samples``, the train split is a seeded random subset *after* the held-out
+    splits are carved, so those stay the same, and every later stage (tokenization, training,
+    the TF-IDF baseline) sees the same training rows.
     """
     train = pd.read_parquet(data.train_path)
     test = pd.read_parquet(data.test_path) if data.test_path else None
@@ -65,6 +74,8 @@ def split_data(data: ValidatedData, cfg: DataConfig, workdir: Path) -> Splits:
         # Rescale so the validation split is validation_fraction of the original train table.
         share = cfg.validation_fraction / (1 - (0 if data.test_path else cfg.test_fraction))
         train, validation = stratified_split(train, share, cfg.split_seed, "validation")
+    if max_train_samples is not None and max_train_samples < len(train):
+        train = train.sample(n=max_train_samples, random_state=sample_seed).reset_index(drop=True)
     frames = {"train": train, "validation": validation, "test": test}
     paths = {}
     for name, frame in frames.items():

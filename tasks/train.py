@@ -1,22 +1,28 @@
 """The full-parameter fine-tuning recipe: every weight of the pretrained model is trained.
 
-Setup helpers build the model, the data and the training arguments; then one ``Trainer.train()``
-call runs the loop (AdamW, linear warmup and decay, weight decay, gradient clipping, seeded).
+Setup helpers build the model, the data, the loss and the training arguments; then one
+``Trainer.train()`` call runs the loop (AdamW, linear warmup and decay, weight decay, gradient
+clipping, seeded), validating as it goes and keeping the best checkpoint by validation macro F1.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import DatasetDict, load_from_disk
 from pydantic import BaseModel
 from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
+    EarlyStoppingCallback,
     EvalPrediction,
     PreTrainedModel,
     Trainer,
@@ -32,6 +38,13 @@ from tasks.tokenize import TokenizedData
 
 log = logging.getLogger(__name__)
 
+# The `auto` schedule: enough optimizer steps to adapt, few enough epochs not to memorise.
+TARGET_STEPS = 300
+MIN_EPOCHS, MAX_EPOCHS = 2, 10
+# The `auto` learning rate: 1e-4 for a ~25M-parameter encoder, scaled by 1/sqrt(size), so BERT-base
+# (110M) gets ~5e-5 and BERT-large (335M) ~3e-5, the usual values for those models.
+REFERENCE_PARAMS, REFERENCE_LR = 25e6, 1e-4
+
 
 class TrainResult(BaseModel):
     """Where the fine-tuned model was saved, and what training did."""
@@ -39,6 +52,11 @@ class TrainResult(BaseModel):
     model_dir: str
     global_step: int
     train_samples: int
+    epochs: float
+    learning_rate: float
+    best_step: int | None
+    stopped_early: bool
+    class_weights: list[float] | None
     train_loss: float
     first_logged_loss: float | None
     last_logged_loss: float | None
@@ -49,6 +67,64 @@ class TrainResult(BaseModel):
     tensors_total: int
     tensors_updated: int
     validation: dict[str, float]
+    validation_curve: list[dict[str, float]]
+    majority_validation_macro_f1: float
+    collapse: str | None
+
+
+def auto_schedule(cfg: TrainConfig, train_rows: int, n_params: int) -> tuple[float, float]:
+    """(epochs, learning rate), resolving ``auto`` from the data size and the model size.
+
+    Epochs: enough for about ``TARGET_STEPS`` optimizer steps, clamped to [2, 10]: 600 rows at
+    batch 32 get 10 epochs, 35,000 rows get 2. Early stopping and best-checkpoint selection make
+    the upper end safe. Learning rate: ``1e-4 * sqrt(25M / params)``, clamped to [1e-5, 2e-4].
+    """
+    epochs = cfg.epochs
+    if epochs == "auto":
+        steps_per_epoch = max(
+            1, math.ceil(train_rows / (cfg.batch_size * cfg.gradient_accumulation_steps))
+        )
+        epochs = float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
+    lr = cfg.learning_rate
+    if lr == "auto":
+        lr = float(np.clip(REFERENCE_LR * math.sqrt(REFERENCE_PARAMS / n_params), 1e-5, 2e-4))
+    return float(epochs), float(lr)
+
+
+def class_weights(cfg: TrainConfig, label_counts: list[int]) -> list[float] | None:
+    """Loss weights per class id. ``auto``: sqrt of inverse frequency, mean weight 1 per row.
+
+    The square root tempers the correction: a 65% majority class still counts, but it no longer
+    drowns out the rest. On balanced data every weight is 1, i.e. plain cross-entropy.
+    """
+    if cfg.class_weights == "none":
+        return None
+    if isinstance(cfg.class_weights, list):
+        if len(cfg.class_weights) != len(label_counts):
+            raise ValueError(
+                f"train.class_weights has {len(cfg.class_weights)} weights for "
+                f"{len(label_counts)} labels"
+            )
+        return list(cfg.class_weights)
+    counts = np.maximum(np.asarray(label_counts, dtype=float), 1.0)
+    raw = np.sqrt(counts.sum() / (len(counts) * counts))
+    raw /= (raw * counts).sum() / counts.sum()
+    return [round(float(w), 6) for w in raw]
+
+
+def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
+    """A ``Trainer`` ``compute_loss_func``: class-weighted cross-entropy."""
+    weight = torch.tensor(weights)
+
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        w = weight.to(logits.device)
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, labels, weight=w)
+        # Summed and divided by the batch's item count, so gradient accumulation stays exact.
+        return F.cross_entropy(logits, labels, weight=w, reduction="sum") / num_items_in_batch
+
+    return loss
 
 
 def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
@@ -68,28 +144,36 @@ def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
 
 
 def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
-    """The tokenized splits, with the train/validation subsets the config asks for."""
+    """The tokenized train and validation splits, with the subsets the config asks for.
+
+    The test split stays on disk: nothing in training or model selection sees it.
+    """
     data = load_from_disk(tokenized.path)
     assert isinstance(data, DatasetDict)
-    if cfg.max_train_samples is not None and cfg.max_train_samples < len(data["train"]):
-        data["train"] = data["train"].shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
+    # max_train_samples is applied when the splits are made, so every stage sees the same rows.
+    data = DatasetDict({"train": data["train"], "validation": data["validation"]})
     if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(data["validation"]):
         data["validation"] = (
             data["validation"].shuffle(seed=cfg.seed).select(range(cfg.max_eval_samples))
         )
+    # Sorted by length, validation batches hold texts of similar length: less padding.
+    data["validation"] = data["validation"].sort("length")
     return data
 
 
-def setup_args(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
+def setup_args(
+    cfg: TrainConfig, output_dir: Path, epochs: float, learning_rate: float
+) -> TrainingArguments:
     """Map our recipe onto ``TrainingArguments``."""
+    interval = "steps" if cfg.eval_steps else "epoch"
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
+        learning_rate=learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_fraction,  # a float in [0, 1) is a share of the total steps
         lr_scheduler_type="linear",
@@ -102,8 +186,16 @@ def setup_args(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy="epoch",
-        save_strategy="no",
+        eval_strategy=interval,
+        eval_steps=cfg.eval_steps,
+        # Checkpoints exist to pick the best validation model; weights only, the best and the last.
+        save_strategy=interval if cfg.select_best else "no",
+        save_steps=cfg.eval_steps or 500,  # used only with eval_steps
+        save_only_model=True,
+        save_total_limit=1,
+        load_best_model_at_end=cfg.select_best,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
         report_to="none",
         use_cpu=cfg.device == "cpu",
         disable_tqdm=False,
@@ -128,6 +220,27 @@ def count_updated(
     return params_total, params_updated, len(before), tensors_updated
 
 
+def collapse_check(
+    y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], majority: int
+) -> tuple[str | None, float]:
+    """Why the model is no better than guessing on validation, or None; and the majority's F1."""
+    majority_f1 = classification_metrics(y_true, np.full_like(y_true, majority), labels)["macro_f1"]
+    model_f1 = classification_metrics(y_true, y_pred, labels)["macro_f1"]
+    predicted = np.unique(y_pred)
+    if len(predicted) == 1:
+        return (
+            f"collapsed: every validation prediction is {labels[int(predicted[0])]!r}",
+            majority_f1,
+        )
+    if model_f1 <= majority_f1:
+        return (
+            f"no better than the majority baseline on validation "
+            f"(macro F1 {model_f1:.4f} <= {majority_f1:.4f})",
+            majority_f1,
+        )
+    return None, majority_f1
+
+
 def train(
     tokenized: TokenizedData,
     labels: list[str],
@@ -136,15 +249,21 @@ def train(
     workdir: Path,
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
-    """Fine-tune every parameter of the model on the train split and save it to ``workdir/model``.
+    """Fine-tune every parameter on the train split; save the selected model to ``workdir/model``.
 
-    The validation split is scored after each epoch; the test split is never loaded here.
+    The validation split is scored every epoch (or ``eval_steps``); with ``select_best`` the
+    checkpoint with the best validation macro F1 is the one saved. The test split is never loaded.
     """
     set_seed(cfg.seed)  # before the head is initialised, so runs are reproducible
     data = setup_data(tokenized, cfg)
     tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
     model = setup_model(model_cfg, labels)
     before = snapshot(model)
+    train_ids = np.asarray(data["train"]["labels"])
+    counts = np.bincount(train_ids, minlength=len(labels))
+    epochs, learning_rate = auto_schedule(cfg, len(data["train"]), model.num_parameters())
+    weights = class_weights(cfg, counts.tolist())
+    log.info("schedule: %.1f epochs at lr %.2e; class weights %s", epochs, learning_rate, weights)
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions
@@ -153,41 +272,72 @@ def train(
         metrics = classification_metrics(y_true, np.argmax(logits, -1), labels)
         return {k: metrics[k] for k in ("accuracy", "macro_f1")}
 
+    extra = (
+        [EarlyStoppingCallback(cfg.early_stopping_patience)]
+        if (cfg.early_stopping_patience and cfg.select_best)
+        else []
+    )
     trainer = Trainer(
         model=model,
-        args=setup_args(cfg, workdir / "trainer"),
+        args=setup_args(cfg, workdir / "trainer", epochs, learning_rate),
         train_dataset=data["train"],
-        eval_dataset=data["validation"].sort("length"),  # less padding per batch
+        eval_dataset=data["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        callbacks=callbacks,
+        compute_loss_func=weighted_loss(weights) if weights else None,
+        callbacks=[*(callbacks or []), *extra],
     )
     started = time.perf_counter()
     output = trainer.train()
     runtime = time.perf_counter() - started
 
     model_dir = workdir / "model"
-    trainer.save_model(str(model_dir))  # saves the tokenizer too (processing_class)
-    params_total, params_updated, tensors_total, tensors_updated = count_updated(model, before)
+    trainer.save_model(str(model_dir))  # the selected model, with its tokenizer
+    selected = trainer.model  # the best checkpoint's weights when select_best loaded them
+    assert isinstance(selected, torch.nn.Module)
+    params_total, params_updated, tensors_total, tensors_updated = count_updated(selected, before)
     if tensors_updated < tensors_total:
         frozen = [
-            n for n, p in model.named_parameters() if torch.equal(p.detach().cpu(), before[n])
+            n for n, p in selected.named_parameters() if torch.equal(p.detach().cpu(), before[n])
         ]
         log.warning("%d parameter tensors were not updated: %s", len(frozen), frozen[:10])
 
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    evals = [entry for entry in trainer.state.log_history if "eval_macro_f1" in entry]
-    validation = {
-        k.removeprefix("eval_"): float(v)
-        for k, v in (evals[-1] if evals else {}).items()
-        if k.startswith("eval_")
-    }
-    samples = len(data["train"])
+    # The selected model on validation: the numbers selection used, and the collapse guard.
+    prediction = trainer.predict(data["validation"])
+    logits = (
+        prediction.predictions[0]
+        if isinstance(prediction.predictions, tuple)
+        else prediction.predictions
+    )
+    y_val, p_val = np.asarray(prediction.label_ids), np.argmax(logits, -1)
+    validation = classification_metrics(y_val, p_val, labels)
+    collapse, majority_f1 = collapse_check(y_val, p_val, labels, int(np.argmax(counts)))
+    if collapse:
+        log.warning("COLLAPSE GUARD: %s; this model will not be promoted", collapse)
+
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    curve = [
+        {
+            "step": float(e["step"]),
+            "epoch": float(e.get("epoch", 0)),
+            "macro_f1": float(e["eval_macro_f1"]),
+            "accuracy": float(e["eval_accuracy"]),
+        }
+        for e in history
+        if "eval_macro_f1" in e
+    ]
+    best = trainer.state.best_global_step
     return TrainResult(
         model_dir=str(model_dir),
         global_step=output.global_step,
-        train_samples=samples,
+        train_samples=len(data["train"]),
+        epochs=epochs,
+        learning_rate=learning_rate,
+        best_step=int(best) if best else None,
+        stopped_early=output.global_step < trainer.state.max_steps,
+        class_weights=weights,
         train_loss=float(output.training_loss),
         first_logged_loss=losses[0] if losses else None,
         last_logged_loss=losses[-1] if losses else None,
@@ -198,4 +348,7 @@ def train(
         tensors_total=tensors_total,
         tensors_updated=tensors_updated,
         validation=validation,
+        validation_curve=curve,
+        majority_validation_macro_f1=majority_f1,
+        collapse=collapse,
     )
