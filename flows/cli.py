@@ -103,6 +103,46 @@ def run(
 
 
 @app.command()
+def sweep(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config; the embedded demo config if omitted."),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Optuna trials.")] = 5,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a config value: --set train.epochs=2"),
+    ] = None,
+) -> None:
+    """Search learning rate, epochs, batch size, warmup and weight decay; register the best."""
+    from tasks.config import ConfigError, load_config
+
+    _setup_logging()
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    from flows.finetune import metrics_table
+    from flows.sweep import sweep as sweep_flow
+
+    try:
+        summary = sweep_flow(config=cfg, trials=trials)
+    except Exception as err:
+        _fail(f"{type(err).__name__}: {err}")
+    typer.echo("")
+    typer.echo(f"Sweep parent run: {summary.parent_run_id}")
+    for t in summary.trials:
+        value = "pruned" if t.pruned else f"{t.value:.4f}"
+        typer.echo(f"  trial {t.number}: val macro F1 {value}  {t.params}")
+    final = summary.final
+    typer.echo(f"Best trial params: {summary.best_params} (val macro F1 {summary.best_value:.4f})")
+    typer.echo(f"Registered model: {final.model.name} version {final.model.version}")
+    if final.decision is not None:
+        typer.echo(f"Promotion:        {final.decision.reason}")
+    typer.echo(metrics_table(final.metrics, final.baseline, final.classical))
+
+
+@app.command()
 def predict(
     model: Annotated[
         str, typer.Option("--model", "-m", help="models:/NAME@ALIAS or models:/NAME/V")

@@ -183,7 +183,7 @@ def summarize_failures(
         raised = (item.get("exception_info") or {}).get("raised_exception")
         if raised and column is not None and column.startswith("_"):
             continue  # a derived rule cannot run because a required column is missing
-        missing = column is not None and column not in columns
+        missing = column is not None and not column.startswith("_") and column not in columns
         indices = outcome.get("partial_unexpected_index_list") or outcome.get(
             "unexpected_index_list", []
         )

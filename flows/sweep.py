@@ -1,0 +1,195 @@
+"""The ``sweep`` flow: Optuna searches the training recipe on validation, the best is registered.
+
+validate_data -> split_data -> tokenize (once) -> trial x N (nested MLflow runs, pruned on
+validation macro F1) -> finetune with the best settings (the normal test evaluation, registry and
+promotion gate).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+from transformers import TrainerCallback
+
+from flows.finetune import (
+    RunSummary,
+    finetune,
+    split_data_stage,
+    tokenize_stage,
+    validate_data_stage,
+)
+from tasks import tracking
+from tasks.config import ModelConfig, RunConfig, TrainConfig
+from tasks.tokenize import TokenizedData
+from tasks.train import train
+
+log = logging.getLogger(__name__)
+
+
+class TrialResult(BaseModel):
+    number: int
+    params: dict[str, Any]
+    value: float | None
+    pruned: bool
+    mlflow_run_id: str
+
+
+class SweepSummary(BaseModel):
+    parent_run_id: str
+    trials: list[TrialResult]
+    best_params: dict[str, Any]
+    best_value: float
+    final: RunSummary
+
+
+def suggest(trial: optuna.Trial) -> dict[str, Any]:
+    """The search space: the settings that matter most for full fine-tuning."""
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-5, 3e-4, log=True),
+        "epochs": trial.suggest_int("epochs", 1, 4),
+        "batch_size": trial.suggest_categorical("batch_size", [16, 32]),
+        "warmup_fraction": trial.suggest_float("warmup_fraction", 0.0, 0.2),
+        "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.1),
+    }
+
+
+class PruneOnValidation(TrainerCallback):
+    """Report each validation macro F1 to Optuna; stop the trial when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+        self.pruned = False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_macro_f1" not in metrics:
+            return
+        self.trial.report(metrics["eval_macro_f1"], step=state.global_step)
+        if self.trial.should_prune():
+            self.pruned = True
+            control.should_training_stop = True
+
+
+@task(name="trial", cache_policy=NONE)
+def trial_stage(
+    study: optuna.Study,
+    tokenized: TokenizedData,
+    labels: list[str],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    cfg: RunConfig,
+    parent_run_id: str,
+) -> TrialResult:
+    """Train one candidate (a nested MLflow run) and tell Optuna its best validation macro F1."""
+    trial = study.ask()
+    params = suggest(trial)
+    run_id = tracking.start_run(
+        cfg.model_copy(update={"train": train_cfg.model_copy(update=params)}),
+        tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial.number)},
+        run_name=f"trial-{trial.number}",
+    )
+    pruner = PruneOnValidation(trial)
+    workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
+    try:
+        result = train(
+            tokenized,
+            labels,
+            model_cfg,
+            train_cfg.model_copy(update=params | {"early_stopping_patience": None}),
+            workdir,
+            [tracking.MlflowMetricsCallback(run_id), pruner],
+        )
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        tracking.end_run(run_id, "FAILED")
+        raise
+    value = max((p["macro_f1"] for p in result.validation_curve), default=0.0)
+    tracking.log_metrics(run_id, {"sweep/best_val_macro_f1": value, "sweep/pruned": pruner.pruned})
+    tracking.end_run(run_id, "FINISHED")
+    if pruner.pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, value)
+    return TrialResult(
+        number=trial.number,
+        params=params,
+        value=None if pruner.pruned else value,
+        pruned=pruner.pruned,
+        mlflow_run_id=run_id,
+    )
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
+    """Search the recipe with Optuna on validation; register the best through `finetune`."""
+    cfg = config
+    flow_run_id = str(flow_run.get_id())
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir = cfg.home_dir() / "work" / f"{stamp}-sweep-{flow_run_id[:8]}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    parent = tracking.start_run(
+        cfg,
+        tags={"prefect.flow_run_id": flow_run_id, "sweep.trials": str(trials)},
+        run_name=f"sweep-{flow_run.get_name()}",
+    )
+    try:
+        data = validate_data_stage(cfg.data, cfg.model, cfg.task, workdir, parent)
+        splits = split_data_stage(
+            data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, parent
+        )
+        tokenized = tokenize_stage(splits, data.labels, cfg.model, workdir, parent)
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        )
+        results = [
+            trial_stage(study, tokenized, data.labels, cfg.model, cfg.train, cfg, parent)
+            for _ in range(trials)
+        ]
+        completed = [r for r in results if r.value is not None]
+        if not completed:
+            raise RuntimeError(f"all {trials} trials were pruned or failed")
+        best = max(completed, key=lambda r: r.value or 0.0)
+        tracking.log_metrics(parent, {"sweep/best_val_macro_f1": best.value or 0.0})
+        tracking.set_tags(parent, {"sweep.best_trial": str(best.number)})
+        tracking.log_json(parent, [r.model_dump() for r in results], "sweep/trials.json")
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent, "FINISHED")
+    rows = "\n".join(
+        f"| {r.number} | {'pruned' if r.pruned else f'{r.value:.4f}'} | "
+        + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()
+        )
+        + " |"
+        for r in results
+    )
+    create_markdown_artifact(
+        key="sweep",
+        markdown=f"# Sweep ({trials} trials)\n\n"
+        "| trial | best val macro F1 | params |\n|---|---|---|\n"
+        f"{rows}\n\nBest: trial {best.number}; retrained and registered through `finetune`.\n",
+        description="Optuna trials on validation macro F1",
+    )
+    # The best settings go through the normal path: test evaluation, registry, promotion gate.
+    final_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=best.params)})
+    final = finetune(
+        config=final_cfg,
+        extra_tags={"sweep.parent_run_id": parent, "sweep.best_trial": str(best.number)},
+    )
+    return SweepSummary(
+        parent_run_id=parent,
+        trials=results,
+        best_params=best.params,
+        best_value=best.value or 0.0,
+        final=final,
+    )
