@@ -9,9 +9,14 @@ small typed results (paths, ids, metrics), never models in memory.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -40,6 +45,25 @@ from tasks.train import TrainResult, train
 from tasks.validate import DataValidationError, ValidatedData, render_markdown, validate_data
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def timed(stage: Callable[P, R]) -> Callable[P, R]:
+    """Log the stage's wall time to the run as ``time/<stage>_s``, whether it passes or fails."""
+    signature = inspect.signature(stage)
+    name = stage.__name__.removesuffix("_stage")
+
+    @functools.wraps(stage)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        run_id = signature.bind(*args, **kwargs).arguments["run_id"]
+        started = time.perf_counter()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            tracking.log_metrics(run_id, {f"time/{name}_s": time.perf_counter() - started})
+
+    return wrapper
 
 
 class RunSummary(BaseModel):
@@ -59,6 +83,7 @@ class RunSummary(BaseModel):
 # Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
 @task(name="validate_data", cache_policy=NONE)
+@timed
 def validate_data_stage(
     cfg: DataConfig, model_cfg: ModelConfig, task_type: str, workdir: Path, run_id: str
 ) -> ValidatedData:
@@ -102,6 +127,7 @@ def validate_data_stage(
 
 
 @task(name="split_data", cache_policy=NONE)
+@timed
 def split_data_stage(
     data: ValidatedData,
     cfg: DataConfig,
@@ -118,6 +144,7 @@ def split_data_stage(
 
 
 @task(name="tokenize", cache_policy=NONE)
+@timed
 def tokenize_stage(
     splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path, run_id: str
 ) -> TokenizedData:
@@ -132,6 +159,7 @@ def tokenize_stage(
 
 
 @task(name="train", cache_policy=NONE)
+@timed
 def train_stage(
     tokenized: TokenizedData,
     labels: list[str],
@@ -158,6 +186,14 @@ def train_stage(
             "train/params_updated_fraction": result.params_updated / result.params_total,
             "train/tensors_updated_fraction": result.tensors_updated / result.tensors_total,
             "val_selected/majority_macro_f1": result.majority_validation_macro_f1,
+            "efficiency/step_time_s": result.step_time_s,
+            "efficiency/tokens_per_s": result.tokens_per_s,
+            "efficiency/samples_per_s": result.samples_per_s,
+            "efficiency/mfu": result.mfu,
+            "efficiency/matmul_peak_flops": result.matmul_peak_flops,
+            "efficiency/peak_rss_bytes": result.peak_rss_bytes,
+            "efficiency/preflight_estimate_bytes": result.preflight_estimate_bytes,
+            "efficiency/non_pad_tokens": result.non_pad_tokens,
         }
         | {f"val_selected/{k}": v for k, v in result.validation.items()},
         step=result.global_step,
@@ -189,6 +225,7 @@ def train_stage(
 
 
 @task(name="evaluate", cache_policy=NONE)
+@timed
 def evaluate_stage(
     model_dir: str,
     tokenized: TokenizedData,
@@ -216,6 +253,7 @@ def evaluate_stage(
 
 
 @task(name="register_model", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@timed
 def register_model_stage(
     model_dir: str, cfg: RegistryConfig, run_id: str, example: list[str], tags: dict[str, str]
 ) -> RegisteredModel:
@@ -228,6 +266,7 @@ def register_model_stage(
 
 
 @task(name="promote", cache_policy=NONE)
+@timed
 def promote_stage(
     registered: RegisteredModel,
     evaluation: EvalResult,
@@ -275,6 +314,7 @@ def finetune(
 ) -> RunSummary:
     """Validate, split, tokenize, fully fine-tune, evaluate, register and gate one model."""
     cfg = config
+    started = time.perf_counter()
     flow_run_id = flow_run.get_id()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
@@ -328,6 +368,15 @@ def finetune(
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
+    total = time.perf_counter() - started
+    tracking.log_metrics(
+        run_id,
+        {
+            "time/flow_s": total,
+            "efficiency/overhead_s": total - trained.step_time_s,
+            "efficiency/overhead_fraction": (total - trained.step_time_s) / total,
+        },
+    )
     tracking.end_run(run_id, "FINISHED")
 
     table = metrics_table(evaluation.metrics, evaluation.baseline, evaluation.classical)

@@ -158,6 +158,18 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, ge=1)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    check_memory: bool = Field(
+        True, description="Estimate training memory first; fail clearly if it cannot fit."
+    )
+    auto_batch: bool = Field(
+        False,
+        description="If the batch does not fit, halve it (raising gradient accumulation to keep "
+        "the effective batch) until it does.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, more time."
+    )
+    compile: bool = Field(False, description="torch.compile the model (CUDA only).")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -32,6 +32,17 @@ from transformers import (
 )
 
 from tasks.config import ModelConfig, TrainConfig
+from tasks.efficiency import (
+    GIB,
+    MemoryEstimate,
+    available_bytes,
+    current_rss_bytes,
+    estimate_training_memory,
+    matmul_peak_flops,
+    non_embedding_params,
+    peak_rss_bytes,
+    train_flops_per_token,
+)
 from tasks.metrics import classification_metrics
 from tasks.sources import load_tokenizer, resolve_model
 from tasks.tokenize import TokenizedData
@@ -44,6 +55,26 @@ MIN_EPOCHS, MAX_EPOCHS = 2, 10
 # The `auto` learning rate: 1e-4 for a ~25M-parameter encoder, scaled by 1/sqrt(size), so BERT-base
 # (110M) gets ~5e-5 and BERT-large (335M) ~3e-5, the usual values for those models.
 REFERENCE_PARAMS, REFERENCE_LR = 25e6, 1e-4
+
+
+class MemoryPreflightError(RuntimeError):
+    """Training would not fit in memory; the message has the numbers and what to change."""
+
+
+class StepTimer(TrainerCallback):
+    """Wall time spent in optimizer steps only (evaluation and checkpointing excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
 
 
 class TrainResult(BaseModel):
@@ -70,6 +101,15 @@ class TrainResult(BaseModel):
     validation_curve: list[dict[str, float]]
     majority_validation_macro_f1: float
     collapse: str | None
+    batch_size: int
+    gradient_accumulation_steps: int
+    step_time_s: float
+    non_pad_tokens: int
+    tokens_per_s: float
+    mfu: float
+    matmul_peak_flops: float
+    peak_rss_bytes: int
+    preflight_estimate_bytes: int
 
 
 def auto_schedule(cfg: TrainConfig, train_rows: int, n_params: int) -> tuple[float, float]:
@@ -127,6 +167,49 @@ def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
     return loss
 
 
+def preflight(
+    model: PreTrainedModel, cfg: TrainConfig, seq_len: int
+) -> tuple[TrainConfig, MemoryEstimate]:
+    """Check that training fits before it starts; with ``auto_batch``, shrink the batch to fit.
+
+    Raises:
+        MemoryPreflightError: the estimate exceeds the available memory (numbers and remedies).
+    """
+    baseline = current_rss_bytes()
+    free = available_bytes()
+    n_params = model.num_parameters()
+
+    def need(batch: int) -> MemoryEstimate:
+        return estimate_training_memory(model.config, n_params, batch, seq_len, baseline=baseline)
+
+    estimate = need(cfg.batch_size)
+    if not cfg.check_memory or estimate.total - baseline <= free:
+        return cfg, estimate
+    if cfg.auto_batch:
+        batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+        while batch > 1 and need(batch).total - baseline > free:
+            batch, accumulation = batch // 2, accumulation * 2
+        if need(batch).total - baseline <= free:
+            log.warning(
+                "auto_batch: batch %d -> %d, accumulation %d -> %d (same effective batch)",
+                cfg.batch_size,
+                batch,
+                cfg.gradient_accumulation_steps,
+                accumulation,
+            )
+            fitted = cfg.model_copy(
+                update={"batch_size": batch, "gradient_accumulation_steps": accumulation}
+            )
+            return fitted, need(batch)
+    raise MemoryPreflightError(
+        f"training needs about {estimate.describe()} at batch {cfg.batch_size} and sequence "
+        f"length {seq_len}, but only {free / GIB:.2f} GiB is available. Lower train.batch_size "
+        f"(raising train.gradient_accumulation_steps keeps the effective batch), set "
+        f"train.auto_batch: true, set train.gradient_checkpointing: true, or lower "
+        f"model.max_length."
+    )
+
+
 def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
     """The pretrained encoder plus a new head sized to ``labels``, every weight trainable."""
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -166,6 +249,7 @@ def setup_args(
 ) -> TrainingArguments:
     """Map our recipe onto ``TrainingArguments``."""
     interval = "steps" if cfg.eval_steps else "epoch"
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
@@ -178,7 +262,7 @@ def setup_args(
         warmup_steps=cfg.warmup_fraction,  # a float in [0, 1) is a share of the total steps
         lr_scheduler_type="linear",
         max_grad_norm=cfg.max_grad_norm,
-        optim="adamw_torch",
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -199,6 +283,13 @@ def setup_args(
         report_to="none",
         use_cpu=cfg.device == "cpu",
         disable_tqdm=False,
+        # The GPU path: bf16 autocast, fused AdamW, TF32 matmuls, pinned host memory. All off on
+        # the CPU, where bf16 autocast is slower than fp32.
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        tf32=on_gpu,
+        dataloader_pin_memory=on_gpu,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        torch_compile=cfg.compile and on_gpu,
     )
 
 
@@ -261,6 +352,9 @@ def train(
     before = snapshot(model)
     train_ids = np.asarray(data["train"]["labels"])
     counts = np.bincount(train_ids, minlength=len(labels))
+    lengths = np.asarray(data["train"]["length"])
+    cfg, estimate = preflight(model, cfg, int(lengths.max()))
+    log.info("memory preflight: %s", estimate.describe())
     epochs, learning_rate = auto_schedule(cfg, len(data["train"]), model.num_parameters())
     weights = class_weights(cfg, counts.tolist())
     log.info("schedule: %.1f epochs at lr %.2e; class weights %s", epochs, learning_rate, weights)
@@ -277,6 +371,7 @@ def train(
         if (cfg.early_stopping_patience and cfg.select_best)
         else []
     )
+    timer = StepTimer()
     trainer = Trainer(
         model=model,
         args=setup_args(cfg, workdir / "trainer", epochs, learning_rate),
@@ -286,7 +381,7 @@ def train(
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         compute_loss_func=weighted_loss(weights) if weights else None,
-        callbacks=[*(callbacks or []), *extra],
+        callbacks=[*(callbacks or []), *extra, timer],
     )
     started = time.perf_counter()
     output = trainer.train()
@@ -329,6 +424,21 @@ def train(
         if "eval_macro_f1" in e
     ]
     best = trainer.state.best_global_step
+    # Efficiency: non-pad tokens of the samples actually stepped through, over pure step time.
+    samples_seen = min(
+        output.global_step * cfg.batch_size * cfg.gradient_accumulation_steps,
+        math.ceil(epochs * len(lengths)),
+    )
+    tokens = int(samples_seen * lengths.mean())
+    config = model.config  # the architecture; selection only swaps the weights
+    flops = tokens * train_flops_per_token(
+        non_embedding_params(selected),
+        config.num_hidden_layers,
+        config.hidden_size,
+        float(lengths.mean()),
+    )
+    peak = matmul_peak_flops()
+    step_time = max(timer.seconds, 1e-9)
     return TrainResult(
         model_dir=str(model_dir),
         global_step=output.global_step,
@@ -351,4 +461,13 @@ def train(
         validation_curve=curve,
         majority_validation_macro_f1=majority_f1,
         collapse=collapse,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        step_time_s=timer.seconds,
+        non_pad_tokens=tokens,
+        tokens_per_s=tokens / step_time,
+        mfu=flops / step_time / peak,
+        matmul_peak_flops=peak,
+        peak_rss_bytes=peak_rss_bytes(),
+        preflight_estimate_bytes=estimate.total,
     )

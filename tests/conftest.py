@@ -85,6 +85,7 @@ def tiny_overrides(tiny_model_dir: Path, data: Path, home: Path) -> list[str]:
         "train.learning_rate=0.003",
         "train.warmup_fraction=0.0",
         "train.logging_steps=1",
+        "train.early_stopping_patience=null",  # a tiny model learns late: let it run
         "registry.model_name=tiny-sentiment",
     ]
 

@@ -15,8 +15,11 @@ def test_sweep_runs_nested_trials_and_registers_the_best(
 ):
     data = tmp_path / "rows.csv"
     make_rows(72).to_csv(data, index=False)
-    overrides = [*tiny_overrides(tiny_model_dir, data, tmp_path), "train.max_steps=12",
-                 "registry.model_name=tiny-sweep"]
+    overrides = [
+        *tiny_overrides(tiny_model_dir, data, tmp_path),
+        "train.max_steps=12",
+        "registry.model_name=tiny-sweep",
+    ]
     cfg = load_config(None, overrides)
     summary = sweep(config=cfg, trials=3)
 

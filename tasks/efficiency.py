@@ -1,0 +1,124 @@
+"""What training costs: FLOPs, model FLOPs utilisation (MFU), and a memory preflight.
+
+Shared by the train stage (per-run efficiency metrics, the preflight check) and ``bench/``.
+
+FLOPs of one training token (forward and backward): ``6 * N + 12 * L * d * s``, where ``N`` is the
+number of non-embedding parameters, ``L`` the layers, ``d`` the hidden size and ``s`` the padded
+sequence length the token attends over (the attention score and value products, which ``N`` does
+not count). Only non-pad tokens count: padding is waste, not work. MFU is achieved FLOP/s divided by
+the peak FLOP/s of a large fp32 matmul measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+GIB = 1024**3
+
+
+def embedding_params(model: torch.nn.Module) -> int:
+    """Parameters of the embedding tables (looked up, not multiplied)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) - embedding_params(model)
+
+
+def train_flops_per_token(n_non_embedding: int, layers: int, hidden: int, seq_len: float) -> float:
+    """Forward + backward FLOPs of one token: 6N for the weights, 12*L*d*s for attention."""
+    return 6.0 * n_non_embedding + 12.0 * layers * hidden * seq_len
+
+
+@functools.lru_cache(maxsize=4)
+def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Measured FLOP/s of a square matmul on this machine's default device (the MFU denominator)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    for _ in range(2):  # warm up kernels and caches
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_bytes() -> int:
+    """Memory this process may still take: free host RAM, or free GPU memory under CUDA."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes that training needs beyond what the process already holds, by part."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    baseline: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.baseline
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{name} {getattr(self, name) / GIB:.2f} GiB"
+            for name in ("baseline", "weights", "gradients", "optimizer", "activations")
+        )
+        return f"{self.total / GIB:.2f} GiB ({parts})"
+
+
+def estimate_training_memory(
+    config: Any,
+    n_params: int,
+    batch_size: int,
+    seq_len: int,
+    bytes_per_value: int = 4,
+    baseline: int = 0,
+) -> MemoryEstimate:
+    """Peak memory of one training step of an encoder, from its config.
+
+    Weights, gradients and AdamW's two moments take 4 values per parameter. Activations kept for
+    the backward pass follow Korthikanti et al. (2022) for a transformer layer, in values:
+    ``s*b*h*(17 + 2.5*a*s/h)`` per layer (34 + 5as/h bytes at 16 bits), plus the embeddings'
+    output and the classifier's. ``baseline`` is what the process holds already (libraries, data).
+    """
+    layers = config.num_hidden_layers
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    per_layer = seq_len * batch_size * hidden * (17 + 2.5 * heads * seq_len / hidden)
+    activations = (layers * per_layer + 2 * seq_len * batch_size * hidden) * bytes_per_value
+    return MemoryEstimate(
+        weights=n_params * bytes_per_value,
+        gradients=n_params * bytes_per_value,
+        optimizer=2 * n_params * 4,  # AdamW moments stay fp32
+        activations=int(activations),
+        baseline=baseline,
+    )
+
+
+def current_rss_bytes() -> int:
+    return int(psutil.Process(os.getpid()).memory_info().rss)
