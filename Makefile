@@ -38,5 +38,8 @@ format: setup
 ui: setup
 	bash infra/ui.sh
 
+bench: setup
+	$(BIN)/fulltune bench | tee bench/latest.txt
+
 clean:
 	rm -rf .fulltune .pytest_cache .mypy_cache .ruff_cache

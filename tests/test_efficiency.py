@@ -1,0 +1,64 @@
+"""FLOP and memory estimators against hand computations on the tiny model."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+import tasks.train
+from tasks.config import TrainConfig
+from tasks.efficiency import (
+    embedding_params,
+    estimate_training_memory,
+    non_embedding_params,
+    train_flops_per_token,
+)
+from tasks.train import MemoryPreflightError, preflight
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+
+
+def test_parameter_split(tiny):
+    c = tiny.config  # vocab 30522, hidden 32, 128 positions, 2 token types
+    assert embedding_params(tiny) == (c.vocab_size + 128 + 2) * 32
+    assert non_embedding_params(tiny) == tiny.num_parameters() - (c.vocab_size + 130) * 32
+    # By hand: 2 layers of (4 attention 32x32 + biases, FFN 32->64->32, 2 LayerNorms),
+    # the embedding LayerNorm, the pooler 32x32 and the 2-class head.
+    layer = 4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 2 * 32
+    assert non_embedding_params(tiny) == 2 * layer + 2 * 32 + (32 * 32 + 32) + (32 * 2 + 2)
+
+
+def test_flops_per_token_by_hand():
+    assert train_flops_per_token(1_000, layers=2, hidden=32, seq_len=10) == 6_000 + 12 * 2 * 32 * 10
+
+
+def test_memory_estimate_by_hand(tiny):
+    p = tiny.num_parameters()
+    est = estimate_training_memory(tiny.config, p, batch_size=4, seq_len=16, baseline=1000)
+    assert (est.weights, est.gradients, est.optimizer) == (4 * p, 4 * p, 8 * p)
+    per_layer = 16 * 4 * 32 * (17 + 2.5 * 2 * 16 / 32)
+    assert est.activations == int((2 * per_layer + 2 * 16 * 4 * 32) * 4)
+    assert est.total == 16 * p + est.activations + 1000
+
+
+def test_preflight_fails_with_numbers_and_remedies(tiny, monkeypatch):
+    monkeypatch.setattr(tasks.train, "available_bytes", lambda: 1000)
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(tiny, TrainConfig(batch_size=32), seq_len=128)
+    message = str(err.value)
+    assert "at batch 32 and sequence length 128" in message
+    assert "GiB is available" in message and "train.auto_batch" in message
+
+
+def test_auto_batch_halves_until_it_fits(tiny, monkeypatch):
+    need = {b: estimate_training_memory(tiny.config, tiny.num_parameters(), b, 128) for b in (8, 4)}
+    # Room for batch 4 but not 8, on top of what the process holds.
+    room = (need[8].total + need[4].total) // 2
+    monkeypatch.setattr(tasks.train, "available_bytes", lambda: room)
+    monkeypatch.setattr(tasks.train, "current_rss_bytes", lambda: 0)
+    cfg, est = preflight(tiny, TrainConfig(batch_size=32, auto_batch=True), seq_len=128)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (4, 8)
+    assert est.total <= room
