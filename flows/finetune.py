@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -25,7 +26,10 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from tasks import tracking
+from tasks import caching, tracking
+from tasks import sources as sources_module
+from tasks import tokenize as tokenize_module
+from tasks import validate as validate_module
 from tasks.config import (
     DataConfig,
     EvalConfig,
@@ -38,11 +42,17 @@ from tasks.config import (
 from tasks.evaluate import EvalResult, evaluate
 from tasks.promote import Decision, promote
 from tasks.register import RegisteredModel, lineage_tags, register_model
-from tasks.sources import load_tokenizer
+from tasks.sources import fingerprint, load_tokenizer
 from tasks.split import Splits, split_data
 from tasks.tokenize import TokenizedData, tokenize
 from tasks.train import TrainResult, train
-from tasks.validate import DataValidationError, ValidatedData, render_markdown, validate_data
+from tasks.validate import (
+    DataValidationError,
+    ValidatedData,
+    render_markdown,
+    suite_path,
+    validate_data,
+)
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -82,25 +92,83 @@ class RunSummary(BaseModel):
 
 # Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
-@task(name="validate_data", cache_policy=NONE)
+def validation_cache(
+    cfg: DataConfig, model_cfg: ModelConfig, task_type: str, cache_root: Path
+) -> tuple[Path, str]:
+    """Where validation results for these inputs live, and the key Prefect caches them under.
+
+    The key covers the bytes of every source, the data settings, the tokenizer (token lengths
+    are checked), ``max_length``, the suite file and the code of validation and reading.
+    """
+    tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
+    key = caching.digest(
+        task_type,
+        cfg.model_dump(mode="json"),
+        [caching.source_identity(name) for name in (cfg.train, cfg.validation, cfg.test)],
+        caching.tokenizer_identity(tokenizer),
+        model_cfg.max_length,
+        caching.code_version(validate_module, sources_module, extra=[suite_path(task_type)]),
+    )
+    return caching.entry(cache_root, "validate", key)
+
+
+def tokenization_cache(
+    splits: Splits, labels: list[str], cfg: ModelConfig, cache_root: Path
+) -> tuple[Path, str]:
+    """Where tokenized splits for these inputs live: split contents, tokenizer, settings, code."""
+    tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision)
+    key = caching.digest(
+        [
+            fingerprint(pd.read_parquet(p))
+            for p in (splits.train_path, splits.validation_path, splits.test_path)
+        ],
+        labels,
+        cfg.model_dump(mode="json"),
+        caching.tokenizer_identity(tokenizer),
+        caching.code_version(tokenize_module),
+    )
+    return caching.entry(cache_root, "tokenize", key)
+
+
+def _validate_key(context: Any, p: dict[str, Any]) -> str:
+    return validation_cache(p["cfg"], p["model_cfg"], p["task_type"], p["cache_root"])[1]
+
+
+def _tokenize_key(context: Any, p: dict[str, Any]) -> str:
+    return tokenization_cache(p["splits"], p["labels"], p["cfg"], p["cache_root"])[1]
+
+
+@task(name="validate_data", cache_key_fn=_validate_key, persist_result=True)
 @timed
 def validate_data_stage(
-    cfg: DataConfig, model_cfg: ModelConfig, task_type: str, workdir: Path, run_id: str
+    cfg: DataConfig, model_cfg: ModelConfig, task_type: str, cache_root: Path, run_id: str
 ) -> ValidatedData:
-    """Run the data contract on every raw table; fail the flow with a readable report."""
+    """Run the data contract on every raw table; fail the flow with a readable report.
+
+    Cached by content: the same data, settings, tokenizer and code give a Cached state and the
+    stored result, without reading the data again.
+    """
+    folder, _ = validation_cache(cfg, model_cfg, task_type, cache_root)
+    shutil.rmtree(folder, ignore_errors=True)  # whatever an interrupted run left there
     tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
     try:
-        data = validate_data(cfg, workdir, task_type, tokenizer, model_cfg.max_length)
+        data = validate_data(cfg, folder, task_type, tokenizer, model_cfg.max_length)
     except DataValidationError as err:
         for name in ("validation.json", "validation.html"):
-            if (workdir / name).exists():
-                tracking.log_artifact(run_id, workdir / name, "validation")
+            if (folder / name).exists():
+                tracking.log_artifact(run_id, folder / name, "validation")
         create_markdown_artifact(
             key="data-validation",
             markdown="# Data validation failed\n\n" + render_markdown(err.failures) + "\n",
             description="Failed expectations, with counts and example rows",
         )
         raise
+    caching.mark_done(folder)
+    return data
+
+
+def record_validation(data: ValidatedData, run_id: str) -> None:
+    """Attach the validation outcome to the run (also when the stage's result came from cache)."""
     for path in (data.report_path, data.html_report_path, data.quarantine_path):
         if path:
             tracking.log_artifact(run_id, path, "validation")
@@ -123,7 +191,6 @@ def validate_data_stage(
             + "\n",
             description="Rows removed by on_invalid: drop",
         )
-    return data
 
 
 @task(name="split_data", cache_policy=NONE)
@@ -143,19 +210,26 @@ def split_data_stage(
     return splits
 
 
-@task(name="tokenize", cache_policy=NONE)
+@task(name="tokenize", cache_key_fn=_tokenize_key, persist_result=True)
 @timed
 def tokenize_stage(
-    splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path, run_id: str
+    splits: Splits, labels: list[str], cfg: ModelConfig, cache_root: Path, run_id: str
 ) -> TokenizedData:
-    """Tokenize all splits (truncated, unpadded) and save them to disk."""
-    tokenized = tokenize(splits, labels, cfg, workdir)
+    """Tokenize all splits (truncated, unpadded) and save them to disk; cached by content."""
+    folder, _ = tokenization_cache(splits, labels, cfg, cache_root)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tokenized = tokenize(splits, labels, cfg, folder)
+    caching.mark_done(folder)
+    return tokenized
+
+
+def record_tokenization(tokenized: TokenizedData, run_id: str) -> None:
     tracking.log_metrics(
         run_id,
         {f"data/mean_tokens_{k}": v for k, v in tokenized.mean_tokens.items()}
         | {f"data/truncated_fraction_{k}": v for k, v in tokenized.truncated_fraction.items()},
     )
-    return tokenized
 
 
 @task(name="train", cache_policy=NONE)
@@ -332,11 +406,20 @@ def finetune(
     )
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
     try:
-        data = validate_data_stage(cfg.data, cfg.model, cfg.task, workdir, run_id)
+        cache_root = cfg.home_dir() / "cache"
+        folder, _ = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)
+        data = validate_data_stage.with_options(refresh_cache=not caching.is_complete(folder))(
+            cfg.data, cfg.model, cfg.task, cache_root, run_id
+        )
+        record_validation(data, run_id)
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
         )
-        tokenized = tokenize_stage(splits, data.labels, cfg.model, workdir, run_id)
+        folder, _ = tokenization_cache(splits, data.labels, cfg.model, cache_root)
+        tokenized = tokenize_stage.with_options(refresh_cache=not caching.is_complete(folder))(
+            splits, data.labels, cfg.model, cache_root, run_id
+        )
+        record_tokenization(tokenized, run_id)
         trained = train_stage(tokenized, data.labels, cfg.model, cfg.train, workdir, run_id)
         evaluation = evaluate_stage(
             trained.model_dir, tokenized, data.labels, splits, cfg.eval, workdir, run_id

@@ -140,11 +140,12 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         run_name=f"sweep-{flow_run.get_name()}",
     )
     try:
-        data = validate_data_stage(cfg.data, cfg.model, cfg.task, workdir, parent)
+        cache_root = cfg.home_dir() / "cache"
+        data = validate_data_stage(cfg.data, cfg.model, cfg.task, cache_root, parent)
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, parent
         )
-        tokenized = tokenize_stage(splits, data.labels, cfg.model, workdir, parent)
+        tokenized = tokenize_stage(splits, data.labels, cfg.model, cache_root, parent)
         study = optuna.create_study(
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),

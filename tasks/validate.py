@@ -56,12 +56,16 @@ class ValidatedData(BaseModel):
     seconds: float
 
 
+def suite_path(task: str) -> Path:
+    """The suite file of a task type."""
+    return SUITES_DIR / f"{task}.json"
+
+
 def load_suite(task: str, text_column: str, label_column: str) -> Any:
     """The GE ``ExpectationSuite`` for a task type, with the configured column names filled in."""
     import great_expectations as gx
 
-    path = SUITES_DIR / f"{task}.json"
-    text = path.read_text(encoding="utf-8")
+    text = suite_path(task).read_text(encoding="utf-8")
     for key, name in {"text_column": text_column, "label_column": label_column}.items():
         # Column names go into JSON strings: escape them as JSON would.
         text = text.replace("{{" + key + "}}", json.dumps(name)[1:-1])

@@ -198,7 +198,7 @@ def test_bad_input_fails_fast_and_registers_nothing(
     assert result.exit_code == 1, result.output
     for text in expected:
         assert text in result.output, f"{text!r} not in:\n{result.output}"
-    assert not list((tmp_path / "home").glob("work/*/tokenized")), "nothing is tokenized"
+    assert not list((tmp_path / "home").glob("cache/tokenize/*")), "nothing is tokenized"
     assert registered_versions(tmp_path / "home") == []
 
 
@@ -210,8 +210,8 @@ def test_drop_quarantines_and_still_registers(
     result = run(tiny_model_dir, tmp_path, setup, "data.on_invalid=drop", "train.max_steps=2")
     assert result.exit_code == 0, result.output
     [version] = registered_versions(tmp_path / "home")
-    [quarantine] = (tmp_path / "home").glob("work/*/quarantine.csv")
+    [quarantine] = (tmp_path / "home").glob("cache/validate/*/quarantine.csv")
     assert len(pd.read_csv(quarantine)) == DROPPABLE[case]
-    [report] = (tmp_path / "home").glob("work/*/validation.json")
+    [report] = (tmp_path / "home").glob("cache/validate/*/validation.json")
     assert sum(json.loads(report.read_text())["dropped"].values()) == DROPPABLE[case]
     assert version.version == 1 or str(version.version) == "1"

@@ -1,0 +1,57 @@
+"""Validation and tokenization are cached by content across runs, and only by content."""
+
+from pathlib import Path
+
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.finetune import finetune
+from tasks.config import load_config
+
+from .conftest import make_rows, tiny_overrides
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task name -> state name for one flow run, read back from the Prefect API."""
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {
+        run.task_key.split("-")[0] if False else run.name.rsplit("-", 1)[0]: run.state.name
+        for run in runs
+    }
+
+
+def test_same_inputs_hit_the_cache_and_any_change_misses(
+    prefect_harness, tiny_model_dir: Path, tmp_path: Path
+):
+    data = tmp_path / "rows.csv"
+    make_rows(72).to_csv(data, index=False)
+    base = [
+        *tiny_overrides(tiny_model_dir, data, tmp_path),
+        "train.max_steps=2",
+        "promote.enabled=false",
+    ]
+
+    def run(*extra: str) -> dict[str, str]:
+        state = finetune(config=load_config(None, [*base, *extra]), return_state=True)
+        assert state.is_completed(), state
+        return task_states(state)
+
+    first = run()
+    assert first["validate_data"] == first["tokenize"] == "Completed"
+    second = run()
+    assert second["validate_data"] == second["tokenize"] == "Cached"
+    assert second["train"] == "Completed"  # training is never skipped
+    longer = run("model.max_length=24")
+    assert longer["validate_data"] == longer["tokenize"] == "Completed"
+    make_rows(75).to_csv(data, index=False)
+    changed = run()
+    assert changed["validate_data"] == changed["tokenize"] == "Completed"
+    # A deleted cache entry is recomputed, not trusted.
+    for done in (tmp_path / "cache").glob("*/*/DONE"):
+        done.unlink()
+    again = run()
+    assert again["validate_data"] == again["tokenize"] == "Completed"
