@@ -261,6 +261,33 @@ def lineage(
 
 
 @app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The interrupted MLflow run.")],
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Resume an interrupted run from its latest complete checkpoint, in the same MLflow run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.config import RunConfig
+
+    _setup_logging()
+    _use_tracking(tracking_uri)
+    client = MlflowClient()
+    try:
+        run_info = client.get_run(run_id)
+        logged = client.download_artifacts(run_id, "config/config.json")
+    except MlflowException as err:
+        _fail(f"run {run_id}: {err.message}")
+    if run_info.info.status == "FINISHED":
+        _fail(f"run {run_id} finished: there is nothing to resume (use `fulltune reproduce`)")
+    cfg = RunConfig.model_validate_json(Path(logged).read_text())
+    if not cfg.train.checkpoint_steps:
+        _fail(f"run {run_id} kept no checkpoints (train.checkpoint_steps was not set)")
+    _run_flow(cfg)
+
+
+@app.command()
 def reproduce(
     run_id: Annotated[str, typer.Argument(help="The MLflow run to run again.")],
     force: Annotated[

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from tasks import caching, tracking
@@ -45,7 +46,7 @@ from tasks.register import RegisteredModel, lineage_tags, register_model
 from tasks.sources import fingerprint, load_tokenizer
 from tasks.split import Splits, split_data
 from tasks.tokenize import TokenizedData, tokenize
-from tasks.train import TrainResult, train
+from tasks.train import TrainResult, latest_checkpoint, train
 from tasks.validate import (
     DataValidationError,
     ValidatedData,
@@ -240,12 +241,21 @@ def train_stage(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     workdir: Path,
+    checkpoint_dir: Path | None,
     run_id: str,
 ) -> TrainResult:
-    """Full-parameter fine-tuning; loss and learning rate stream to MLflow per logging step."""
-    result = train(
-        tokenized, labels, model_cfg, cfg, workdir, [tracking.MlflowMetricsCallback(run_id)]
+    """Full-parameter fine-tuning; loss and learning rate stream to MLflow per logging step.
+
+    With ``train.checkpoint_steps`` it checkpoints into ``checkpoint_dir`` and resumes from the
+    latest complete checkpoint there: after a crash, and on each retry of this task.
+    """
+    resuming = latest_checkpoint(checkpoint_dir) is not None
+    logger = tracking.MlflowMetricsCallback(
+        run_id, tracking.last_logged_step(run_id) if resuming else -1
     )
+    result = train(tokenized, labels, model_cfg, cfg, workdir, [logger], checkpoint_dir)
+    if result.resumed_from_step:
+        tracking.set_tags(run_id, {"fulltune.resumed_from_step": result.resumed_from_step})
     tracking.log_metrics(
         run_id,
         {
@@ -393,17 +403,32 @@ def finetune(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
     workdir.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_run(
-        cfg,
-        tags={
-            "prefect.flow_run_id": str(flow_run_id),
-            "prefect.flow_run_name": str(flow_run.get_name()),
-            "fulltune.task": cfg.task,
-            "fulltune.config_hash": cfg.digest(),
-        }
-        | (extra_tags or {}),
-        run_name=flow_run.get_name(),
+    tags = {
+        "prefect.flow_run_id": str(flow_run_id),
+        "prefect.flow_run_name": str(flow_run.get_name()),
+        "fulltune.task": cfg.task,
+        "fulltune.config_hash": cfg.digest(),
+    } | (extra_tags or {})
+    # A run of the same config on the same data that died mid-training is picked up where its
+    # last complete checkpoint left it, in the same MLflow run.
+    resume_key = caching.digest(
+        cfg.digest(), [caching.source_identity(n) for n in (cfg.data.train, cfg.data.test)]
     )
+    checkpoint_dir = (
+        cfg.home_dir() / "checkpoints" / resume_key if cfg.train.checkpoint_steps else None
+    )
+    run_id = None
+    if latest_checkpoint(checkpoint_dir) is not None:
+        run_id = tracking.find_unfinished_run(cfg, resume_key)
+    if run_id is not None:
+        tracking.reattach_run(run_id, tags)
+        print(f"Resuming MLflow run {run_id} from {latest_checkpoint(checkpoint_dir)}")
+    else:
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        run_id = tracking.start_run(
+            cfg, tags=tags | {"fulltune.resume_key": resume_key}, run_name=flow_run.get_name()
+        )
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
     try:
         cache_root = cfg.home_dir() / "cache"
@@ -420,7 +445,11 @@ def finetune(
             splits, data.labels, cfg.model, cache_root, run_id
         )
         record_tokenization(tokenized, run_id)
-        trained = train_stage(tokenized, data.labels, cfg.model, cfg.train, workdir, run_id)
+        trained = train_stage.with_options(
+            retries=cfg.train.retries,
+            retry_delay_seconds=exponential_backoff(backoff_factor=10),
+            timeout_seconds=cfg.train.timeout_hours * 3600 if cfg.train.timeout_hours else None,
+        )(tokenized, data.labels, cfg.model, cfg.train, workdir, checkpoint_dir, run_id)
         evaluation = evaluate_stage(
             trained.model_dir, tokenized, data.labels, splits, cfg.eval, workdir, run_id
         )
@@ -461,6 +490,8 @@ def finetune(
         },
     )
     tracking.end_run(run_id, "FINISHED")
+    if checkpoint_dir is not None:  # the model is saved and registered: the checkpoints are done
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     table = metrics_table(evaluation.metrics, evaluation.baseline, evaluation.classical)
     create_markdown_artifact(

@@ -166,6 +166,19 @@ class TrainConfig(_Section):
         description="If the batch does not fit, halve it (raising gradient accumulation to keep "
         "the effective batch) until it does.",
     )
+    checkpoint_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Save a resumable checkpoint (model, optimizer, scheduler, RNG, data position) "
+        "every this many steps; a rerun of the same config and data resumes from the latest one.",
+    )
+    keep_checkpoints: int = Field(2, ge=2, description="How many checkpoints to keep (at least 2).")
+    timeout_hours: float | None = Field(
+        None, gt=0, description="Fail the train stage after this long (None: no limit)."
+    )
+    retries: int = Field(
+        1, ge=0, description="Retries of the train stage; each resumes from the latest checkpoint."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, more time."
     )
@@ -181,6 +194,11 @@ class TrainConfig(_Section):
             )
         if isinstance(self.class_weights, list) and min(self.class_weights) <= 0:
             raise ValueError("train.class_weights must all be > 0")
+        if self.checkpoint_steps and self.eval_steps and self.checkpoint_steps % self.eval_steps:
+            raise ValueError(
+                f"train.checkpoint_steps ({self.checkpoint_steps}) must be a multiple of "
+                f"train.eval_steps ({self.eval_steps}) so the best checkpoint can be kept"
+            )
         return self
 
 

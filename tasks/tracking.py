@@ -68,6 +68,35 @@ def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None)
     return run_id
 
 
+def find_unfinished_run(cfg: RunConfig, resume_key: str) -> str | None:
+    """The latest run of this config and data that did not finish (killed, failed), if any."""
+    configure(cfg)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`fulltune.resume_key` = '{resume_key}' and "
+        "attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def reattach_run(run_id: str, tags: dict[str, str]) -> None:
+    """Mark an interrupted run RUNNING again, under this flow run."""
+    client = MlflowClient()
+    client.update_run(run_id, status="RUNNING")
+    set_tags(run_id, tags)
+
+
+def last_logged_step(run_id: str, key: str = "train/loss") -> int:
+    history = MlflowClient().get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
 def end_run(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status=status)
 
@@ -107,11 +136,14 @@ class MlflowMetricsCallback(TrainerCallback):
     with ``logging_steps``.
     """
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, after_step: int = -1):
         self.run_id = run_id
+        # A resumed run replays the steps between its checkpoint and the crash: those metric
+        # steps are in MLflow already, and are not logged twice.
+        self.after_step = after_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs or state.global_step <= self.after_step:
             return
         renamed = {
             (f"val/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"): v

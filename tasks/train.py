@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,32 @@ class StepTimer(TrainerCallback):
             self._started = None
 
 
+COMPLETE = "COMPLETE"
+
+
+class CheckpointMarker(TrainerCallback):
+    """Mark a checkpoint complete once the Trainer has written all of it (trainer state last).
+
+    The marker is written atomically (a temporary file, then a rename); resume only ever uses a
+    checkpoint that has it, so one cut short by a kill is never loaded.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            tmp = folder / f".{COMPLETE}.tmp"
+            tmp.write_text(str(state.global_step))
+            os.replace(tmp, folder / COMPLETE)
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The newest complete checkpoint under ``folder``, or None."""
+    if folder is None or not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).exists()]
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
 class TrainResult(BaseModel):
     """Where the fine-tuned model was saved, and what training did."""
 
@@ -110,6 +137,7 @@ class TrainResult(BaseModel):
     matmul_peak_flops: float
     peak_rss_bytes: int
     preflight_estimate_bytes: int
+    resumed_from_step: int | None = None
 
 
 def auto_schedule(cfg: TrainConfig, train_rows: int, n_params: int) -> tuple[float, float]:
@@ -248,7 +276,10 @@ def setup_args(
     cfg: TrainConfig, output_dir: Path, epochs: float, learning_rate: float
 ) -> TrainingArguments:
     """Map our recipe onto ``TrainingArguments``."""
-    interval = "steps" if cfg.eval_steps else "epoch"
+    eval_steps = cfg.eval_steps or cfg.checkpoint_steps
+    interval = "steps" if eval_steps else "epoch"
+    # Resumable checkpoints carry the optimizer, scheduler and RNG; selection-only ones need not.
+    resumable = cfg.checkpoint_steps is not None
     on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -271,12 +302,12 @@ def setup_args(
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=interval,
-        eval_steps=cfg.eval_steps,
-        # Checkpoints exist to pick the best validation model; weights only, the best and the last.
-        save_strategy=interval if cfg.select_best else "no",
-        save_steps=cfg.eval_steps or 500,  # used only with eval_steps
-        save_only_model=True,
-        save_total_limit=1,
+        eval_steps=eval_steps,
+        # Checkpoints serve selection (the best validation model) and resume (the latest state).
+        save_strategy=interval if (cfg.select_best or resumable) else "no",
+        save_steps=cfg.checkpoint_steps or eval_steps or 500,  # used only with steps
+        save_only_model=not resumable,
+        save_total_limit=cfg.keep_checkpoints if resumable else 1,
         load_best_model_at_end=cfg.select_best,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
@@ -288,7 +319,7 @@ def setup_args(
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         tf32=on_gpu,
         dataloader_pin_memory=on_gpu,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.compile and on_gpu,
     )
 
@@ -339,11 +370,14 @@ def train(
     cfg: TrainConfig,
     workdir: Path,
     callbacks: list[TrainerCallback] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Fine-tune every parameter on the train split; save the selected model to ``workdir/model``.
 
     The validation split is scored every epoch (or ``eval_steps``); with ``select_best`` the
     checkpoint with the best validation macro F1 is the one saved. The test split is never loaded.
+    With ``checkpoint_dir``, checkpoints go there and training resumes from the latest complete
+    one found there (model, optimizer, scheduler, RNG states and position in the data order).
     """
     set_seed(cfg.seed)  # before the head is initialised, so runs are reproducible
     data = setup_data(tokenized, cfg)
@@ -374,17 +408,20 @@ def train(
     timer = StepTimer()
     trainer = Trainer(
         model=model,
-        args=setup_args(cfg, workdir / "trainer", epochs, learning_rate),
+        args=setup_args(cfg, checkpoint_dir or workdir / "trainer", epochs, learning_rate),
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         compute_loss_func=weighted_loss(weights) if weights else None,
-        callbacks=[*(callbacks or []), *extra, timer],
+        callbacks=[*(callbacks or []), *extra, timer, CheckpointMarker()],
     )
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:
+        log.warning("resuming from %s", resume)
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - started
 
     model_dir = workdir / "model"
@@ -425,8 +462,9 @@ def train(
     ]
     best = trainer.state.best_global_step
     # Efficiency: non-pad tokens of the samples actually stepped through, over pure step time.
+    resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     samples_seen = min(
-        output.global_step * cfg.batch_size * cfg.gradient_accumulation_steps,
+        (output.global_step - resumed_step) * cfg.batch_size * cfg.gradient_accumulation_steps,
         math.ceil(epochs * len(lengths)),
     )
     tokens = int(samples_seen * lengths.mean())
@@ -470,4 +508,5 @@ def train(
         matmul_peak_flops=peak,
         peak_rss_bytes=peak_rss_bytes(),
         preflight_estimate_bytes=estimate.total,
+        resumed_from_step=resumed_step or None,
     )

@@ -1,0 +1,102 @@
+"""Crash-safe training: kill -9 mid-training, run again, and it resumes in the same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from prefect.settings import PREFECT_API_URL
+
+from .conftest import make_rows, tiny_overrides
+
+STEPS, EVERY = 240, 20
+
+
+def command(tiny_model_dir: Path, data: Path, home: Path) -> list[str]:
+    args = [str(Path(sys.executable).parent / "fulltune"), "run"]
+    for item in [
+        *tiny_overrides(tiny_model_dir, data, home),
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_steps={EVERY}",
+        "train.learning_rate=0.001",
+        "promote.enabled=false",
+    ]:
+        args += ["--set", item]
+    return args
+
+
+def env() -> dict[str, str]:
+    # The subprocesses talk to the test session's Prefect API instead of starting their own.
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
+        "PREFECT_API_URL": str(PREFECT_API_URL.value())
+    }
+
+
+def store(home: Path) -> MlflowClient:
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def finished(home: Path):
+    client = store(home)
+    [run] = client.search_runs([client.get_experiment_by_name("fulltune").experiment_id])
+    return client, run
+
+
+@pytest.mark.integration
+def test_kill_9_mid_training_then_resume(prefect_harness, tiny_model_dir: Path, tmp_path: Path):
+    data = tmp_path / "rows.csv"
+    make_rows(90).to_csv(data, index=False)
+
+    # The reference: the same config, never interrupted.
+    reference_home = tmp_path / "reference"
+    subprocess.run(
+        command(tiny_model_dir, data, reference_home), env=env(), check=True, capture_output=True
+    )
+    _, reference = finished(reference_home)
+
+    home = tmp_path / "crash"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        command(tiny_model_dir, data, home),
+        env=env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not list(home.glob("checkpoints/*/checkpoint-*/COMPLETE")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = max(
+        int(p.parent.name.split("-")[1]) for p in home.glob("checkpoints/*/checkpoint-*/COMPLETE")
+    )
+    assert killed_at < STEPS
+
+    second = subprocess.run(
+        command(tiny_model_dir, data, home), env=env(), capture_output=True, text=True
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Resuming MLflow run" in second.stdout + second.stderr
+
+    client, run = finished(home)  # exactly one run: the interrupted one, re-attached
+    assert run.info.status == "FINISHED"
+    resumed_from = int(run.data.tags["fulltune.resumed_from_step"])
+    assert EVERY <= resumed_from < STEPS
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = [m.step for m in losses]
+    assert len(steps) == len(set(steps)), "no metric step logged twice"
+    assert max(steps) == STEPS
+    assert len(client.search_model_versions("name='tiny-sentiment'")) == 1
+    for key in ("test/accuracy", "test/macro_f1", "val_selected/macro_f1"):
+        assert run.data.metrics[key] == pytest.approx(reference.data.metrics[key], abs=1e-6), key
+    assert not list(home.glob("checkpoints/*")), "checkpoints are removed once the run finished"
