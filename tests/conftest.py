@@ -35,6 +35,7 @@ def make_rows(n: int, seed: int = 0) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BERT with random weights and the shipped model's WordPiece tokenizer."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(SHIPPED_MODEL))
@@ -48,6 +49,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_labels=2,
     )
     path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)  # the same random weights in every session: tests don't depend on luck
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
