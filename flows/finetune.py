@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -46,7 +46,7 @@ from tasks.register import RegisteredModel, lineage_tags, register_model
 from tasks.sources import fingerprint, load_tokenizer
 from tasks.split import Splits, split_data
 from tasks.tokenize import TokenizedData, tokenize
-from tasks.train import TrainResult, latest_checkpoint, train
+from tasks.train import TrainResult, latest_checkpoint, lock_folder, train
 from tasks.validate import (
     DataValidationError,
     ValidatedData,
@@ -391,6 +391,35 @@ def metrics_table(
     return "\n".join(rows)
 
 
+def claim_run(
+    cfg: RunConfig, tags: dict[str, str], run_name: str
+) -> tuple[str, Path | None, IO[str] | None]:
+    """The MLflow run this flow run writes to, its checkpoint folder and the folder's lock.
+
+    With ``train.checkpoint_steps``, a run of the same config on the same data that died
+    mid-training (its folder has a complete checkpoint and no live process holds its lock) is
+    re-attached and resumed. Otherwise a new run gets a folder of its own, so two concurrent runs of
+    one config never share checkpoints.
+    """
+    resume_key = caching.digest(
+        cfg.digest(), [caching.source_identity(n) for n in (cfg.data.train, cfg.data.test)]
+    )
+    root = cfg.home_dir() / "checkpoints" / resume_key
+    if cfg.train.checkpoint_steps:
+        for candidate in tracking.find_unfinished_runs(cfg, resume_key):
+            folder = root / candidate
+            if latest_checkpoint(folder) is not None and (lock := lock_folder(folder)):
+                tracking.reattach_run(candidate, tags)
+                print(f"Resuming MLflow run {candidate} from {latest_checkpoint(folder)}")
+                return candidate, folder, lock
+    run_id = tracking.start_run(
+        cfg, tags=tags | {"fulltune.resume_key": resume_key}, run_name=run_name
+    )
+    if not cfg.train.checkpoint_steps:
+        return run_id, None, None
+    return run_id, root / run_id, lock_folder(root / run_id)
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(
     config: RunConfig = RunConfig(),
@@ -409,26 +438,7 @@ def finetune(
         "fulltune.task": cfg.task,
         "fulltune.config_hash": cfg.digest(),
     } | (extra_tags or {})
-    # A run of the same config on the same data that died mid-training is picked up where its
-    # last complete checkpoint left it, in the same MLflow run.
-    resume_key = caching.digest(
-        cfg.digest(), [caching.source_identity(n) for n in (cfg.data.train, cfg.data.test)]
-    )
-    checkpoint_dir = (
-        cfg.home_dir() / "checkpoints" / resume_key if cfg.train.checkpoint_steps else None
-    )
-    run_id = None
-    if latest_checkpoint(checkpoint_dir) is not None:
-        run_id = tracking.find_unfinished_run(cfg, resume_key)
-    if run_id is not None:
-        tracking.reattach_run(run_id, tags)
-        print(f"Resuming MLflow run {run_id} from {latest_checkpoint(checkpoint_dir)}")
-    else:
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        run_id = tracking.start_run(
-            cfg, tags=tags | {"fulltune.resume_key": resume_key}, run_name=flow_run.get_name()
-        )
+    run_id, checkpoint_dir, lock = claim_run(cfg, tags, str(flow_run.get_name()))
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
     try:
         cache_root = cfg.home_dir() / "cache"
@@ -492,6 +502,8 @@ def finetune(
     tracking.end_run(run_id, "FINISHED")
     if checkpoint_dir is not None:  # the model is saved and registered: the checkpoints are done
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if lock is not None:
+        lock.close()
 
     table = metrics_table(evaluation.metrics, evaluation.baseline, evaluation.classical)
     create_markdown_artifact(

@@ -7,6 +7,7 @@ threads than the flow.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def configure(cfg: RunConfig) -> str:
     """Point MLflow at the configured store and return its URI."""
     uri = cfg.tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        create_sqlite_store(uri)
     user_value = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -43,6 +44,20 @@ def configure(cfg: RunConfig) -> str:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_value
     return uri
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create a local SQLite store once, under a file lock.
+
+    MLflow creates its tables on first use; two processes doing that at once (two runs started
+    together on a new store) race on the schema. The lock makes the first one create it.
+    """
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / f".{path.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri, registry_uri=uri).search_experiments(max_results=1)
+        MlflowClient(uri, registry_uri=uri).search_registered_models(max_results=1)
 
 
 def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None) -> str:
@@ -68,21 +83,21 @@ def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None)
     return run_id
 
 
-def find_unfinished_run(cfg: RunConfig, resume_key: str) -> str | None:
-    """The latest run of this config and data that did not finish (killed, failed), if any."""
+def find_unfinished_runs(cfg: RunConfig, resume_key: str) -> list[str]:
+    """Runs of this config and data that did not finish (killed, failed, or still going)."""
     configure(cfg)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.registry.experiment)
     if experiment is None:
-        return None
+        return []
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`fulltune.resume_key` = '{resume_key}' and "
         "attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=20,
     )
-    return runs[0].info.run_id if runs else None
+    return [run.info.run_id for run in runs]
 
 
 def reattach_run(run_id: str, tags: dict[str, str]) -> None:

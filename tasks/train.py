@@ -7,13 +7,14 @@ clipping, seeded), validating as it goes and keeping the best checkpoint by vali
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.efficiency import (
@@ -102,6 +104,57 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
         return None
     complete = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).exists()]
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """HF's length-grouped sampler with its shuffle drawn from ``seed + epoch``.
+
+    HF's draws from the global RNG when an epoch starts, so a run resumed mid-epoch would see
+    another order than the one it was interrupted in. Seeded per epoch, the order depends only on
+    the epoch, and a resumed run continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class FinetuneTrainer(Trainer):
+    """``Trainer`` with a resumable length-grouped sampler; nothing else differs."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return EpochSeededLengthGroupedSampler(
+                sampler.batch_size,
+                lengths=sampler.lengths,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            )
+        return sampler
+
+
+def lock_folder(folder: Path) -> IO[str] | None:
+    """Take an exclusive lock on a checkpoint folder, or None if a live process holds it.
+
+    The operating system drops the lock when its holder exits, SIGKILL included: a folder whose
+    lock can be taken belongs to a run that is no longer running.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 class TrainResult(BaseModel):
@@ -406,7 +459,7 @@ def train(
         else []
     )
     timer = StepTimer()
-    trainer = Trainer(
+    trainer = FinetuneTrainer(
         model=model,
         args=setup_args(cfg, checkpoint_dir or workdir / "trainer", epochs, learning_rate),
         train_dataset=data["train"],

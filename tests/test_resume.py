@@ -71,14 +71,14 @@ def test_kill_9_mid_training_then_resume(prefect_harness, tiny_model_dir: Path, 
         start_new_session=True,
     )
     deadline = time.monotonic() + 180
-    while not list(home.glob("checkpoints/*/checkpoint-*/COMPLETE")):
+    while not list(home.glob("checkpoints/*/*/checkpoint-*/COMPLETE")):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = max(
-        int(p.parent.name.split("-")[1]) for p in home.glob("checkpoints/*/checkpoint-*/COMPLETE")
+        int(p.parent.name.split("-")[1]) for p in home.glob("checkpoints/*/*/checkpoint-*/COMPLETE")
     )
     assert killed_at < STEPS
 
@@ -99,4 +99,35 @@ def test_kill_9_mid_training_then_resume(prefect_harness, tiny_model_dir: Path, 
     assert len(client.search_model_versions("name='tiny-sentiment'")) == 1
     for key in ("test/accuracy", "test/macro_f1", "val_selected/macro_f1"):
         assert run.data.metrics[key] == pytest.approx(reference.data.metrics[key], abs=1e-6), key
-    assert not list(home.glob("checkpoints/*")), "checkpoints are removed once the run finished"
+    assert not list(home.glob("checkpoints/*/*/checkpoint-*")), "removed once the run finished"
+
+
+@pytest.mark.integration
+def test_two_concurrent_runs_of_one_config_share_a_store_safely(
+    prefect_harness, tiny_model_dir: Path, tmp_path: Path
+):
+    data = tmp_path / "rows.csv"
+    make_rows(90).to_csv(data, index=False)
+    home = tmp_path / "shared"
+    args = command(tiny_model_dir, data, home)
+    args[args.index(f"train.max_steps={STEPS}")] = "train.max_steps=60"
+    runs = [
+        subprocess.Popen(
+            args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    for run, output in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, output[-3000:]
+        assert "database is locked" not in output
+        assert "Resuming" not in output  # a live run's checkpoints are never taken over
+    client = store(home)
+    found = client.search_runs([client.get_experiment_by_name("fulltune").experiment_id])
+    assert len(found) == 2 and all(r.info.status == "FINISHED" for r in found)
+    for r in found:  # every logged step is there exactly once, in each run
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+        assert sorted(steps) == sorted(set(steps)) and max(steps) == 60
+    versions = client.search_model_versions("name='tiny-sentiment'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == {r.info.run_id for r in found}
