@@ -155,6 +155,11 @@ class TrainConfig(_Section):
         description="Loss weight per class: `auto` (smoothed inverse frequency, 1 when "
         "balanced), `none`, or one weight per label.",
     )
+    balanced_sampling: bool = Field(
+        False,
+        description="Draw training batches with every class equally likely (sampling with "
+        "replacement); an alternative to class weights for heavily skewed data.",
+    )
     logging_steps: int = Field(10, ge=1)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"

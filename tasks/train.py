@@ -127,16 +127,42 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
+class EpochSeededBalancedSampler(torch.utils.data.Sampler[int]):
+    """Rows drawn with replacement so that every class is equally likely, seeded per epoch."""
+
+    def __init__(self, labels: np.ndarray, seed: int) -> None:
+        counts = np.bincount(labels)
+        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, len(self.weights), True, generator=generator)
+        return iter(drawn.tolist())
+
+
 class FinetuneTrainer(Trainer):
-    """``Trainer`` with a resumable length-grouped sampler; nothing else differs."""
+    """``Trainer`` with resumable (epoch-seeded) samplers; nothing else differs."""
+
+    def __init__(self, *args: Any, balanced_labels: np.ndarray | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.balanced_labels = balanced_labels
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.balanced_labels is not None:
+            return EpochSeededBalancedSampler(self.balanced_labels, seed)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             return EpochSeededLengthGroupedSampler(
-                sampler.batch_size,
-                lengths=sampler.lengths,
-                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                sampler.batch_size, lengths=sampler.lengths, seed=seed
             )
         return sampler
 
@@ -469,6 +495,7 @@ def train(
         compute_metrics=compute_metrics,
         compute_loss_func=weighted_loss(weights) if weights else None,
         callbacks=[*(callbacks or []), *extra, timer, CheckpointMarker()],
+        balanced_labels=train_ids if cfg.balanced_sampling else None,
     )
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
