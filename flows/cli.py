@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -260,12 +260,8 @@ def lineage(
         typer.echo(f"{key:<{width}}  {value}")
 
 
-@app.command()
-def resume(
-    run_id: Annotated[str, typer.Argument(help="The interrupted MLflow run.")],
-    tracking_uri: TrackingOption = None,
-) -> None:
-    """Resume an interrupted run from its latest complete checkpoint, in the same MLflow run."""
+def _logged_run(run_id: str, tracking_uri: str | None) -> tuple[Any, RunConfig]:
+    """A past run and the config it logged, or a clean exit naming what is missing."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -279,9 +275,18 @@ def resume(
         logged = client.download_artifacts(run_id, "config/config.json")
     except MlflowException as err:
         _fail(f"run {run_id}: {err.message}")
+    return run_info, RunConfig.model_validate_json(Path(logged).read_text())
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The interrupted MLflow run.")],
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Resume an interrupted run from its latest complete checkpoint, in the same MLflow run."""
+    run_info, cfg = _logged_run(run_id, tracking_uri)
     if run_info.info.status == "FINISHED":
         _fail(f"run {run_id} finished: there is nothing to resume (use `fulltune reproduce`)")
-    cfg = RunConfig.model_validate_json(Path(logged).read_text())
     if not cfg.train.checkpoint_steps:
         _fail(f"run {run_id} kept no checkpoints (train.checkpoint_steps was not set)")
     _run_flow(cfg)
@@ -298,22 +303,10 @@ def reproduce(
     """Re-run a past run from its logged config, if its data is still the same."""
     import tempfile
 
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from tasks.config import RunConfig
     from tasks.sources import SourceError, load_tokenizer
     from tasks.validate import DataValidationError, validate_data
 
-    _setup_logging()
-    _use_tracking(tracking_uri)
-    client = MlflowClient()
-    try:
-        run_info = client.get_run(run_id)
-        logged = client.download_artifacts(run_id, "config/config.json")
-    except MlflowException as err:
-        _fail(f"run {run_id}: {err.message}")
-    cfg = RunConfig.model_validate_json(Path(logged).read_text())
+    run_info, cfg = _logged_run(run_id, tracking_uri)
     expected = run_info.data.tags.get("data.fingerprint")
     with tempfile.TemporaryDirectory() as tmp:
         try:
