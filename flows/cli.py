@@ -28,6 +28,16 @@ TrackingOption = Annotated[
 ]
 
 
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config; the embedded demo config if omitted."),
+]
+OverridesOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: --set train.epochs=2"),
+]
+
+
 @app.callback()
 def main() -> None:
     """fulltune: validate, tokenize, fully fine-tune, evaluate and register a model."""
@@ -40,6 +50,17 @@ def _setup_logging() -> None:
     )
     for noisy in ("httpx", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_config(config: Path | None, overrides: list[str] | None) -> RunConfig:
+    """The validated config, or a clean exit naming the file and field at fault."""
+    from tasks.config import ConfigError, load_config
+
+    _setup_logging()
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
 
 
 def _fail(message: str) -> NoReturn:
@@ -82,46 +103,22 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
 
 @app.command()
 def run(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config; the embedded demo config if omitted."),
-    ] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-s", help="Override a config value: --set train.epochs=2"),
-    ] = None,
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
 ) -> None:
     """Run the finetune flow and print the run id, the registered version and the metrics."""
-    from tasks.config import ConfigError, load_config
-
-    _setup_logging()
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = _load_config(config, overrides)
     _run_flow(cfg)
 
 
 @app.command()
 def sweep(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config; the embedded demo config if omitted."),
-    ] = None,
+    config: ConfigOption = None,
     trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Optuna trials.")] = 5,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-s", help="Override a config value: --set train.epochs=2"),
-    ] = None,
+    overrides: OverridesOption = None,
 ) -> None:
     """Search learning rate, epochs, batch size, warmup and weight decay; register the best."""
-    from tasks.config import ConfigError, load_config
-
-    _setup_logging()
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = _load_config(config, overrides)
     from flows.finetune import metrics_table
     from flows.sweep import sweep as sweep_flow
 
