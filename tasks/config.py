@@ -189,6 +189,12 @@ class TrainConfig(_Section):
     )
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
 
+    @field_validator("epochs", "learning_rate", mode="before")
+    @classmethod
+    def _numbers_as_floats(cls, value: Any) -> Any:
+        # YAML reads `epochs: 1` as an int; keep numbers floats so the union stays unambiguous.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.epochs != "auto" and not self.epochs > 0:
