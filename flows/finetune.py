@@ -95,8 +95,8 @@ class RunSummary(BaseModel):
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
 def validation_cache(
     cfg: DataConfig, model_cfg: ModelConfig, task_type: str, cache_root: Path
-) -> tuple[Path, str]:
-    """Where validation results for these inputs live, and the key Prefect caches them under.
+) -> Path:
+    """The content-addressed folder for validation results of these inputs.
 
     The key covers the bytes of every source, the data settings, the tokenizer (token lengths
     are checked), ``max_length``, the suite file and the code of validation and reading.
@@ -115,8 +115,8 @@ def validation_cache(
 
 def tokenization_cache(
     splits: Splits, labels: list[str], cfg: ModelConfig, cache_root: Path
-) -> tuple[Path, str]:
-    """Where tokenized splits for these inputs live: split contents, tokenizer, settings, code."""
+) -> Path:
+    """The content-addressed folder for tokenized splits (contents, tokenizer, settings, code)."""
     tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision)
     key = caching.digest(
         [
@@ -131,25 +131,27 @@ def tokenization_cache(
     return caching.entry(cache_root, "tokenize", key)
 
 
-def _validate_key(context: Any, p: dict[str, Any]) -> str:
-    return validation_cache(p["cfg"], p["model_cfg"], p["task_type"], p["cache_root"])[1]
+def _folder_key(context: Any, parameters: dict[str, Any]) -> str:
+    """The Prefect cache key of a cached stage: its content-addressed output folder."""
+    folder = parameters["folder"]
+    return f"{folder.parent.name}-{folder.name}"
 
 
-def _tokenize_key(context: Any, p: dict[str, Any]) -> str:
-    return tokenization_cache(p["splits"], p["labels"], p["cfg"], p["cache_root"])[1]
+def cached(stage: Any, folder: Path) -> Any:
+    """The stage, told to recompute when its output folder is missing or half-written."""
+    return stage.with_options(refresh_cache=not caching.is_complete(folder))
 
 
-@task(name="validate_data", cache_key_fn=_validate_key, persist_result=True)
+@task(name="validate_data", cache_key_fn=_folder_key, persist_result=True)
 @timed
 def validate_data_stage(
-    cfg: DataConfig, model_cfg: ModelConfig, task_type: str, cache_root: Path, run_id: str
+    cfg: DataConfig, model_cfg: ModelConfig, task_type: str, folder: Path, run_id: str
 ) -> ValidatedData:
     """Run the data contract on every raw table; fail the flow with a readable report.
 
-    Cached by content: the same data, settings, tokenizer and code give a Cached state and the
-    stored result, without reading the data again.
+    Cached by content: ``folder`` comes from :func:`validation_cache`, so the same data, settings,
+    tokenizer and code give a Cached state and the stored result, without reading the data again.
     """
-    folder, _ = validation_cache(cfg, model_cfg, task_type, cache_root)
     shutil.rmtree(folder, ignore_errors=True)  # whatever an interrupted run left there
     tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
     try:
@@ -211,13 +213,12 @@ def split_data_stage(
     return splits
 
 
-@task(name="tokenize", cache_key_fn=_tokenize_key, persist_result=True)
+@task(name="tokenize", cache_key_fn=_folder_key, persist_result=True)
 @timed
 def tokenize_stage(
-    splits: Splits, labels: list[str], cfg: ModelConfig, cache_root: Path, run_id: str
+    splits: Splits, labels: list[str], cfg: ModelConfig, folder: Path, run_id: str
 ) -> TokenizedData:
-    """Tokenize all splits (truncated, unpadded) and save them to disk; cached by content."""
-    folder, _ = tokenization_cache(splits, labels, cfg, cache_root)
+    """Tokenize all splits (truncated, unpadded) into ``folder`` (see tokenization_cache)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     tokenized = tokenize(splits, labels, cfg, folder)
@@ -442,18 +443,14 @@ def finetune(
     print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
     try:
         cache_root = cfg.home_dir() / "cache"
-        folder, _ = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)
-        data = validate_data_stage.with_options(refresh_cache=not caching.is_complete(folder))(
-            cfg.data, cfg.model, cfg.task, cache_root, run_id
-        )
+        folder = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)
+        data = cached(validate_data_stage, folder)(cfg.data, cfg.model, cfg.task, folder, run_id)
         record_validation(data, run_id)
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
         )
-        folder, _ = tokenization_cache(splits, data.labels, cfg.model, cache_root)
-        tokenized = tokenize_stage.with_options(refresh_cache=not caching.is_complete(folder))(
-            splits, data.labels, cfg.model, cache_root, run_id
-        )
+        folder = tokenization_cache(splits, data.labels, cfg.model, cache_root)
+        tokenized = cached(tokenize_stage, folder)(splits, data.labels, cfg.model, folder, run_id)
         record_tokenization(tokenized, run_id)
         trained = train_stage.with_options(
             retries=cfg.train.retries,

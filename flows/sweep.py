@@ -21,10 +21,13 @@ from transformers import TrainerCallback
 
 from flows.finetune import (
     RunSummary,
+    cached,
     finetune,
     split_data_stage,
+    tokenization_cache,
     tokenize_stage,
     validate_data_stage,
+    validation_cache,
 )
 from tasks import tracking
 from tasks.config import ModelConfig, RunConfig, TrainConfig
@@ -141,11 +144,13 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     )
     try:
         cache_root = cfg.home_dir() / "cache"
-        data = validate_data_stage(cfg.data, cfg.model, cfg.task, cache_root, parent)
+        folder = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)
+        data = cached(validate_data_stage, folder)(cfg.data, cfg.model, cfg.task, folder, parent)
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, parent
         )
-        tokenized = tokenize_stage(splits, data.labels, cfg.model, cache_root, parent)
+        folder = tokenization_cache(splits, data.labels, cfg.model, cache_root)
+        tokenized = cached(tokenize_stage, folder)(splits, data.labels, cfg.model, folder, parent)
         study = optuna.create_study(
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),

@@ -65,9 +65,9 @@ def tokenizer_identity(tokenizer: Any) -> str:
     return f"{tokenizer.name_or_path}:{digest(vocab)}"
 
 
-def entry(cache_root: Path, stage: str, key: str) -> tuple[Path, str]:
-    """The folder for a key, and the key Prefect caches the stage's result under."""
-    return cache_root / stage / key, f"{stage}-{key}"
+def entry(cache_root: Path, stage: str, key: str) -> Path:
+    """The output folder of a stage for a content key; its name is the key Prefect caches on."""
+    return cache_root / stage / key
 
 
 def is_complete(folder: Path) -> bool:
