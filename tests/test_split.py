@@ -3,21 +3,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.config import DataConfig
 from tasks.split import SplitError, split_data, stratified_split
 from tasks.validate import validate_data
 
-from .conftest import make_rows
+from .conftest import data_config, make_rows
 
 
 def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path: Path):
-    cfg = DataConfig(
-        train=str(tiny_csv),
-        text_column="review",
-        label_column="sentiment",
-        validation_fraction=0.125,
-        test_fraction=0.125,
-    )
+    cfg = data_config(tiny_csv, validation_fraction=0.125, test_fraction=0.125)
     data = validate_data(cfg, tmp_path / "a")
     first = split_data(data, cfg, tmp_path / "a")
     second = split_data(data, cfg, tmp_path / "a")
@@ -39,9 +32,7 @@ def test_given_test_file_is_used_as_is(tiny_csv: Path, tmp_path: Path):
     held = make_rows(36, seed=5)
     held["review"] += " held out"
     held.to_csv(test, index=False)
-    cfg = DataConfig(
-        train=str(tiny_csv), test=str(test), text_column="review", label_column="sentiment"
-    )
+    cfg = data_config(tiny_csv, test=str(test))
     splits = split_data(validate_data(cfg, tmp_path), cfg, tmp_path)
     assert splits.rows["test"] == 36
     assert splits.rows["train"] + splits.rows["validation"] == 72

@@ -3,10 +3,10 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from tasks.config import DataConfig, ModelConfig
-from tasks.split import split_data
-from tasks.tokenize import encode, tokenize
-from tasks.validate import validate_data
+from tasks.config import ModelConfig
+from tasks.tokenize import encode
+
+from .conftest import data_config, prepare
 
 
 def test_encode_truncates_without_padding(tiny_model_dir: Path):
@@ -21,18 +21,9 @@ def test_encode_truncates_without_padding(tiny_model_dir: Path):
 
 
 def test_tokenize_saves_every_split(tiny_csv: Path, tiny_model_dir: Path, tmp_path: Path):
-    cfg = DataConfig(
-        train=str(tiny_csv),
-        text_column="review",
-        label_column="sentiment",
-        validation_fraction=0.125,
-        test_fraction=0.125,
-    )
-    data = validate_data(cfg, tmp_path)
-    splits = split_data(data, cfg, tmp_path)
-    result = tokenize(
-        splits, data.labels, ModelConfig(name_or_path=str(tiny_model_dir), max_length=8), tmp_path
-    )
+    cfg = data_config(tiny_csv, validation_fraction=0.125, test_fraction=0.125)
+    model_cfg = ModelConfig(name_or_path=str(tiny_model_dir), max_length=8)
+    _, splits, result = prepare(cfg, model_cfg, tmp_path)
     assert result.rows == splits.rows
     assert result.truncated_fraction["train"] == 1.0  # every row has more than 8 tokens
     assert 0 < result.mean_tokens["test"] <= 8

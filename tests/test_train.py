@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from tasks.config import DataConfig, ModelConfig, TrainConfig
-from tasks.split import split_data
-from tasks.tokenize import tokenize
 from tasks.train import auto_schedule, class_weights, collapse_check, train, weighted_loss
-from tasks.validate import validate_data
 
-from .conftest import LABELS, make_rows
+from .conftest import LABELS, data_config, make_rows, prepare
 
 
 def test_auto_schedule_scales_with_data_and_model():
@@ -64,18 +61,8 @@ def tokenized(tiny_model_dir: Path, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
     path = work / "rows.csv"
     make_rows(90).to_csv(path, index=False)
-    cfg = DataConfig(
-        train=str(path),
-        text_column="review",
-        label_column="sentiment",
-        validation_fraction=0.2,
-        test_fraction=0.1,
-    )
-    data = validate_data(cfg, work)
-    splits = split_data(data, cfg, work)
-    return tokenize(
-        splits, data.labels, ModelConfig(name_or_path=str(tiny_model_dir), max_length=32), work
-    )
+    cfg = data_config(path, validation_fraction=0.2, test_fraction=0.1)
+    return prepare(cfg, ModelConfig(name_or_path=str(tiny_model_dir), max_length=32), work)[2]
 
 
 def run(tokenized, tiny_model_dir: Path, tmp_path: Path, **overrides):
@@ -164,9 +151,7 @@ def test_class_weights_move_predictions_off_the_majority_class(tmp_path: Path):
         labels=["negative", "neutral", "positive"],
     )
     model_cfg = ModelConfig(max_length=64)
-    data = validate_data(cfg, tmp_path)
-    splits = split_data(data, cfg, tmp_path)
-    tokenized = tokenize(splits, data.labels, model_cfg, tmp_path)
+    data, _, tokenized = prepare(cfg, model_cfg, tmp_path)
     from datasets import load_from_disk
 
     test = load_from_disk(tokenized.path)["test"].select(range(600))
