@@ -23,6 +23,8 @@ from flows.finetune import (
     RunSummary,
     cached,
     finetune,
+    record_tokenization,
+    record_validation,
     split_data_stage,
     tokenization_cache,
     tokenize_stage,
@@ -146,11 +148,13 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         cache_root = cfg.home_dir() / "cache"
         folder = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)
         data = cached(validate_data_stage, folder)(cfg.data, cfg.model, cfg.task, folder, parent)
+        record_validation(data, parent)
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, parent
         )
         folder = tokenization_cache(splits, data.labels, cfg.model, cache_root)
         tokenized = cached(tokenize_stage, folder)(splits, data.labels, cfg.model, folder, parent)
+        record_tokenization(tokenized, parent)
         study = optuna.create_study(
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
