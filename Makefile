@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test test-all lint format bench ui clean
+.PHONY: setup demo demo-clm test test-all lint format bench ui clean
 
 $(BIN)/fulltune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(BIN)/fulltune
 
 demo: setup
 	$(BIN)/fulltune run --config configs/demo.yaml
+
+demo-clm: setup
+	$(BIN)/fulltune run --config configs/clm-demo.yaml
 
 test: setup
 	$(BIN)/pytest

@@ -63,7 +63,9 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
     DatasetDict({"train": train_ds, "validation": train_ds.select(range(64))}).save_to_disk(
         str(path)
     )
-    tokenized = TokenizedData(path=str(path), rows={}, mean_tokens={}, truncated_fraction={})
+    tokenized = TokenizedData(
+        path=str(path), rows={}, tokens={}, mean_tokens={}, truncated_fraction={}
+    )
     cfg = TrainConfig(
         max_steps=steps,
         select_best=False,

@@ -81,7 +81,7 @@ def _use_tracking(uri: str | None) -> str:
 
 
 def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
-    from flows.finetune import finetune, metrics_table
+    from flows.finetune import finetune
 
     try:
         summary = finetune(config=cfg, extra_tags=extra_tags or {})
@@ -98,7 +98,7 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     if summary.decision is not None:
         verdict = "PROMOTED to @champion" if summary.decision.promoted else "kept as challenger"
         typer.echo(f"Promotion:        {verdict}: {summary.decision.reason}")
-    typer.echo(metrics_table(summary.metrics, summary.baseline, summary.classical))
+    typer.echo(summary.table)
 
 
 @app.command()
@@ -119,8 +119,10 @@ def sweep(
 ) -> None:
     """Search learning rate, epochs, batch size, warmup and weight decay; register the best."""
     cfg = _load_config(config, overrides)
-    from flows.finetune import metrics_table
     from flows.sweep import sweep as sweep_flow
+
+    if cfg.task != "text-classification":
+        _fail(f"sweep searches on validation macro F1: task {cfg.task!r} is not supported yet")
 
     try:
         summary = sweep_flow(config=cfg, trials=trials)
@@ -136,7 +138,7 @@ def sweep(
     typer.echo(f"Registered model: {final.model.name} version {final.model.version}")
     if final.decision is not None:
         typer.echo(f"Promotion:        {final.decision.reason}")
-    typer.echo(metrics_table(final.metrics, final.baseline, final.classical))
+    typer.echo(final.table)
 
 
 @app.command()

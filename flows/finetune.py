@@ -1,10 +1,11 @@
-"""The ``finetune`` flow: raw labelled text in, a fully fine-tuned, registered MLflow model out.
+"""The ``finetune`` flow: raw text in, a fully fine-tuned, registered MLflow model out.
 
 validate_data -> split_data -> tokenize -> train -> evaluate -> register_model -> promote
 
 Each stage is a plain function in ``tasks/`` wrapped here as a Prefect task; the wrapper adds what
 belongs to orchestration (retries, the MLflow logging of the stage's result). Stages hand each other
-small typed results (paths, ids, metrics), never models in memory.
+small typed results (paths, ids, metrics), never models in memory. What depends on the task type
+(text classification, causal LM) is asked of its kind (``tasks/kinds``), named by ``config.task``.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
 from tasks.config import (
     DataConfig,
-    EvalConfig,
     ModelConfig,
     PromoteConfig,
-    RegistryConfig,
     RunConfig,
     TrainConfig,
 )
-from tasks.evaluate import EvalResult, evaluate
-from tasks.promote import Decision, promote
+from tasks.evaluate import EvalResult
+from tasks.kinds import get_kind
+from tasks.kinds.causal_lm import LMEvalResult
+from tasks.promote import Decision
 from tasks.register import RegisteredModel, lineage_tags, register_model
 from tasks.sources import fingerprint, load_tokenizer
 from tasks.split import Splits, split_data
@@ -86,6 +87,7 @@ class RunSummary(BaseModel):
     metrics: dict[str, float]
     baseline: dict[str, float]
     classical: dict[str, float]
+    table: str  # the test metrics next to the task's yardsticks, as Markdown
     decision: Decision | None
     data_fingerprint: str
     workdir: str
@@ -114,11 +116,14 @@ def validation_cache(
 
 
 def tokenization_cache(
-    splits: Splits, labels: list[str], cfg: ModelConfig, cache_root: Path
+    splits: Splits, labels: list[str], cfg: ModelConfig, task: str, cache_root: Path
 ) -> Path:
     """The content-addressed folder for tokenized splits (contents, tokenizer, settings, code)."""
     tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision)
+    encode_module = inspect.getmodule(get_kind(task).encode)
+    assert encode_module is not None
     key = caching.digest(
+        task,
         [
             fingerprint(pd.read_parquet(p))
             for p in (splits.train_path, splits.validation_path, splits.test_path)
@@ -126,7 +131,7 @@ def tokenization_cache(
         labels,
         cfg.model_dump(mode="json"),
         caching.tokenizer_identity(tokenizer),
-        caching.code_version(tokenize_module),
+        caching.code_version(tokenize_module, encode_module),
     )
     return caching.entry(cache_root, "tokenize", key)
 
@@ -216,12 +221,12 @@ def split_data_stage(
 @task(name="tokenize", cache_key_fn=_folder_key, persist_result=True)
 @timed
 def tokenize_stage(
-    splits: Splits, labels: list[str], cfg: ModelConfig, folder: Path, run_id: str
+    splits: Splits, labels: list[str], cfg: ModelConfig, task: str, folder: Path, run_id: str
 ) -> TokenizedData:
-    """Tokenize all splits (truncated, unpadded) into ``folder`` (see tokenization_cache)."""
+    """Tokenize all splits (unpadded) into ``folder`` (see tokenization_cache)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    tokenized = tokenize(splits, labels, cfg, folder)
+    tokenized = tokenize(splits, labels, cfg, folder, get_kind(task))
     caching.mark_done(folder)
     return tokenized
 
@@ -230,6 +235,8 @@ def record_tokenization(tokenized: TokenizedData, run_id: str) -> None:
     tracking.log_metrics(
         run_id,
         {f"data/mean_tokens_{k}": v for k, v in tokenized.mean_tokens.items()}
+        | {f"data/tokens_{k}": v for k, v in tokenized.tokens.items()}
+        | {f"data/examples_{k}": v for k, v in tokenized.rows.items()}
         | {f"data/truncated_fraction_{k}": v for k, v in tokenized.truncated_fraction.items()},
     )
 
@@ -241,6 +248,7 @@ def train_stage(
     labels: list[str],
     model_cfg: ModelConfig,
     cfg: TrainConfig,
+    task: str,
     workdir: Path,
     checkpoint_dir: Path | None,
     run_id: str,
@@ -254,7 +262,9 @@ def train_stage(
     logger = tracking.MlflowMetricsCallback(
         run_id, tracking.last_logged_step(run_id) if resuming else -1
     )
-    result = train(tokenized, labels, model_cfg, cfg, workdir, [logger], checkpoint_dir)
+    result = train(
+        tokenized, labels, model_cfg, cfg, workdir, [logger], checkpoint_dir, get_kind(task)
+    )
     if result.resumed_from_step:
         tracking.set_tags(run_id, {"fulltune.resumed_from_step": result.resumed_from_step})
     tracking.log_metrics(
@@ -270,7 +280,7 @@ def train_stage(
             "train/params_total": result.params_total,
             "train/params_updated_fraction": result.params_updated / result.params_total,
             "train/tensors_updated_fraction": result.tensors_updated / result.tensors_total,
-            "val_selected/majority_macro_f1": result.majority_validation_macro_f1,
+            "train/tokens_seen": result.non_pad_tokens,
             "efficiency/step_time_s": result.step_time_s,
             "efficiency/tokens_per_s": result.tokens_per_s,
             "efficiency/samples_per_s": result.samples_per_s,
@@ -280,16 +290,14 @@ def train_stage(
             "efficiency/preflight_estimate_bytes": result.preflight_estimate_bytes,
             "efficiency/non_pad_tokens": result.non_pad_tokens,
         }
-        | {f"val_selected/{k}": v for k, v in result.validation.items()},
+        | {f"val_selected/{k}": v for k, v in result.validation.items()}
+        | {f"val_selected/{k}": v for k, v in result.reference.items()},
         step=result.global_step,
     )
     tracking.log_json(run_id, result.validation_curve, "training/validation_curve.json")
     tracking.set_tags(
         run_id,
-        {
-            "train.class_weights": result.class_weights or "none",
-            "quality.collapse": result.collapse or "none",
-        },
+        result.notes | {"quality.collapse": result.collapse or "none"},
     )
     if result.collapse:
         get_run_logger().warning("COLLAPSE GUARD: %s", result.collapse)
@@ -316,13 +324,17 @@ def evaluate_stage(
     tokenized: TokenizedData,
     labels: list[str],
     splits: Splits,
-    cfg: EvalConfig,
+    cfg: RunConfig,
     workdir: Path,
     run_id: str,
-) -> EvalResult:
-    """Score the model, the majority baseline and TF-IDF + logistic regression on the test split."""
-    result = evaluate(
-        model_dir, tokenized, labels, splits.train_path, splits.test_path, cfg, workdir
+) -> EvalResult | LMEvalResult:
+    """Score the model and the task's two yardsticks on the test split.
+
+    Classification: the majority class and TF-IDF + logistic regression. Causal LM: the
+    untrained model and a unigram model, plus generations from the configured prompts.
+    """
+    result = get_kind(cfg.task).evaluate(
+        model_dir, tokenized, labels, splits, cfg.model, cfg.eval, cfg.train, workdir
     )
     tracking.log_metrics(
         run_id,
@@ -330,20 +342,41 @@ def evaluate_stage(
         | {f"baseline/{k}": v for k, v in result.baseline.items()}
         | {f"classical/{k}": v for k, v in result.classical.items()},
     )
-    tracking.set_tags(run_id, {"test.fingerprint": result.test_fingerprint})
-    tracking.log_artifact(run_id, result.confusion_matrix_png, "evaluation")
-    tracking.log_artifact(run_id, result.predictions_path, "evaluation")
+    tracking.set_tags(run_id, result.version_tags())
+    for path in result.artifacts():
+        tracking.log_artifact(run_id, path, "evaluation")
+    for artifact_file, rows in result.tables().items():
+        tracking.log_table(run_id, rows, artifact_file)
     tracking.log_json(run_id, result.model_dump(), "evaluation/test_metrics.json")
+    create_markdown_artifact(
+        key="evaluation",
+        markdown=f"# Test evaluation\n\n{metrics_table(result)}\n\n{result.details_markdown()}\n",
+        description="The fine-tuned model against the task's yardsticks on the test split",
+    )
     return result
 
 
 @task(name="register_model", cache_policy=NONE, retries=2, retry_delay_seconds=5)
 @timed
 def register_model_stage(
-    model_dir: str, cfg: RegistryConfig, run_id: str, example: list[str], tags: dict[str, str]
+    model_dir: str,
+    cfg: RunConfig,
+    run_id: str,
+    example: list[str],
+    tags: dict[str, str],
 ) -> RegisteredModel:
-    """Log the model with the transformers flavor, register it and set its alias."""
-    registered = register_model(model_dir, cfg, run_id, example, tags)
+    """Log the model with the transformers flavor (the kind's pipeline task), register, alias."""
+    kind = get_kind(cfg.task)
+    registered = register_model(
+        model_dir,
+        cfg.registry,
+        run_id,
+        example,
+        tags,
+        kind.pipeline_task,
+        kind.signature,
+        kind.inference_config(cfg.eval),
+    )
     tracking.set_tags(
         run_id, {"registry.model": registered.name, "registry.version": registered.version}
     )
@@ -354,15 +387,19 @@ def register_model_stage(
 @timed
 def promote_stage(
     registered: RegisteredModel,
-    evaluation: EvalResult,
+    evaluation: EvalResult | LMEvalResult,
     labels: list[str],
-    test_path: str,
+    splits: Splits,
+    tokenized: TokenizedData,
     cfg: PromoteConfig,
+    task: str,
     run_id: str,
     collapse: str | None,
 ) -> Decision:
     """Move the champion alias to the new version only if the evidence says it is better."""
-    decision = promote(registered, evaluation, labels, test_path, cfg, blocked=collapse)
+    decision = get_kind(task).promote(
+        registered, evaluation, labels, splits, tokenized, cfg, collapse
+    )
     tracking.set_tags(run_id, decision.tags())
     metrics = {"promotion/promoted": float(decision.promoted)}
     if decision.delta is not None:
@@ -382,13 +419,13 @@ def promote_stage(
     return decision
 
 
-def metrics_table(
-    metrics: dict[str, float], baseline: dict[str, float], classical: dict[str, float]
-) -> str:
-    """A Markdown table of the headline test metrics next to both baselines."""
-    rows = ["| metric | fine-tuned | majority baseline | TF-IDF + LR |", "|---|---|---|---|"]
-    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
-        rows.append(f"| {key} | {metrics[key]:.4f} | {baseline[key]:.4f} | {classical[key]:.4f} |")
+def metrics_table(evaluation: EvalResult | LMEvalResult) -> str:
+    """A Markdown table of the headline test metrics next to the task's two yardsticks."""
+    first, second = evaluation.baseline_names
+    rows = [f"| metric | fine-tuned | {first} | {second} |", "|---|---|---|---|"]
+    for key in evaluation.headline_keys:
+        values = (evaluation.metrics[key], evaluation.baseline[key], evaluation.classical[key])
+        rows.append(f"| {key} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     return "\n".join(rows)
 
 
@@ -449,29 +486,28 @@ def finetune(
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
         )
-        folder = tokenization_cache(splits, data.labels, cfg.model, cache_root)
-        tokenized = cached(tokenize_stage, folder)(splits, data.labels, cfg.model, folder, run_id)
+        folder = tokenization_cache(splits, data.labels, cfg.model, cfg.task, cache_root)
+        tokenized = cached(tokenize_stage, folder)(
+            splits, data.labels, cfg.model, cfg.task, folder, run_id
+        )
         record_tokenization(tokenized, run_id)
         trained = train_stage.with_options(
             retries=cfg.train.retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=10),
             timeout_seconds=cfg.train.timeout_hours * 3600 if cfg.train.timeout_hours else None,
-        )(tokenized, data.labels, cfg.model, cfg.train, workdir, checkpoint_dir, run_id)
+        )(tokenized, data.labels, cfg.model, cfg.train, cfg.task, workdir, checkpoint_dir, run_id)
         evaluation = evaluate_stage(
-            trained.model_dir, tokenized, data.labels, splits, cfg.eval, workdir, run_id
+            trained.model_dir, tokenized, data.labels, splits, cfg, workdir, run_id
         )
         example = pd.read_parquet(splits.test_path)["text"].head(3).tolist()
         registered = register_model_stage(
             trained.model_dir,
-            cfg.registry,
+            cfg,
             run_id,
             example,
             lineage_tags(run_id, str(flow_run_id), data, cfg.digest())
-            | {
-                "test.fingerprint": evaluation.test_fingerprint,
-                "test.macro_f1": f"{evaluation.metrics['macro_f1']:.4f}",
-                "quality.collapse": trained.collapse or "none",
-            },
+            | evaluation.version_tags()
+            | {"quality.collapse": trained.collapse or "none"},
         )
         decision = None
         if cfg.promote.enabled:
@@ -479,8 +515,10 @@ def finetune(
                 registered,
                 evaluation,
                 data.labels,
-                splits.test_path,
+                splits,
+                tokenized,
                 cfg.promote,
+                cfg.task,
                 run_id,
                 trained.collapse,
             )
@@ -502,7 +540,7 @@ def finetune(
     if lock is not None:
         lock.close()
 
-    table = metrics_table(evaluation.metrics, evaluation.baseline, evaluation.classical)
+    table = metrics_table(evaluation)
     create_markdown_artifact(
         key="finetune-summary",
         markdown=(
@@ -510,9 +548,10 @@ def finetune(
             f"- Registered model: `{registered.name}` version {registered.version} "
             f"(alias `{registered.alias}`)\n- Data fingerprint: `{data.fingerprint}`\n"
             f"- Test rows: {evaluation.test_rows}\n"
-            f"- Promotion: {decision.reason if decision else 'gate disabled'}\n\n{table}\n"
+            f"- Promotion: {decision.reason if decision else 'gate disabled'}\n\n{table}\n\n"
+            f"{evaluation.details_markdown()}\n"
         ),
-        description="Test metrics of the fine-tuned model against the majority baseline",
+        description="Test metrics of the fine-tuned model against the task's yardsticks",
     )
     return RunSummary(
         mlflow_run_id=run_id,
@@ -521,6 +560,7 @@ def finetune(
         metrics=evaluation.metrics,
         baseline=evaluation.baseline,
         classical=evaluation.classical,
+        table=table,
         decision=decision,
         data_fingerprint=data.fingerprint,
         workdir=str(workdir),

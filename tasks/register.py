@@ -125,24 +125,29 @@ def register_model(
     run_id: str,
     input_example: list[str],
     version_tags: dict[str, str],
+    task: str = "text-classification",
+    signature: ModelSignature = SIGNATURE,
+    inference_config: dict[str, Any] | None = None,
 ) -> RegisteredModel:
-    """Log ``model_dir`` to the run as a text-classification model, register it, set the alias.
+    """Log ``model_dir`` to the run as a ``task`` pipeline, register it, set the alias.
 
     The tokenizer saved beside the model is logged with it, so ``mlflow.pyfunc.load_model``
-    returns something that takes raw strings and predicts labels from the declared set.
+    returns something that takes raw strings: a classifier predicts labels from the declared set,
+    a text-generation model continues the text (with ``inference_config``'s generation settings).
     """
     # A pipeline object rather than the folder path: mlflow's path-based flavor config does not
     # understand transformers 5's pipeline registry.
-    classifier = pipeline("text-classification", model=model_dir, tokenizer=model_dir)
+    model = pipeline(task, model=model_dir, tokenizer=model_dir)  # type: ignore[call-overload]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model=classifier,
+            transformers_model=model,
             name="model",
-            task="text-classification",
+            task=task,
             registered_model_name=cfg.model_name,
-            signature=SIGNATURE,
+            signature=signature,
             input_example=input_example,
             pip_requirements=pip_requirements(),
+            model_config=inference_config or None,
         )
     version_ = str(info.registered_model_version)
     client = MlflowClient()

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq"}
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}
 
 
 class SourceError(ValueError):
@@ -91,12 +92,25 @@ def decode_mixed(raw: bytes) -> tuple[str, int]:
     return text.removeprefix("\ufeff"), fallbacks
 
 
-def read_table(name: str, split: str = "train") -> Table:
+def text_documents(text: str, documents: str = "line") -> list[str]:
+    """A plain text file's documents: one per non-blank ``line``, or one per ``paragraph``.
+
+    Paragraphs are blocks separated by one or more blank lines; their inner line breaks stay.
+    """
+    if documents == "paragraph":
+        blocks = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
+        return [b.strip("\n") for b in blocks if b.strip()]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def read_table(name: str, split: str = "train", documents: str = "line") -> Table:
     """Read any supported data source into a table.
 
     Args:
         name: a file path, a ``save_to_disk`` folder, ``pkg://PACKAGE/PATH`` or a hub dataset id.
         split: the split to take from a hub dataset or a saved ``DatasetDict``.
+        documents: how a ``.txt`` file splits into rows of a ``text`` column (see
+            :func:`text_documents`).
 
     Raises:
         SourceError: naming the source when it is missing, empty or unreadable.
@@ -121,6 +135,12 @@ def read_table(name: str, split: str = "train") -> Table:
             frame = pd.read_csv(
                 io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False
             )
+            return Table(frame, origin=str(path), fallback_decoded_lines=fallbacks)
+        if suffix == ".txt":
+            text, fallbacks = decode_mixed(path.read_bytes())
+            if not text.strip():
+                raise SourceError(f"{path}: the file is empty")
+            frame = pd.DataFrame({"text": text_documents(text, documents)})
             return Table(frame, origin=str(path), fallback_decoded_lines=fallbacks)
         if suffix in {".jsonl", ".json"}:
             if path.stat().st_size == 0:
@@ -165,8 +185,10 @@ def _read_saved_dataset(path: Path, split: str) -> pd.DataFrame:
 def _read_hub(name: str, split: str) -> pd.DataFrame:
     from datasets import load_dataset
 
+    # `owner/dataset:subset` names a subset (config) of a hub dataset, e.g. wikitext's.
+    repo, _, subset = name.partition(":")
     try:
-        dataset = load_dataset(name, split=split)
+        dataset = load_dataset(repo, subset or None, split=split)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         raise SourceError(
             f"{name}: not a local file and not loadable from the hub ({err})"

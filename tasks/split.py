@@ -17,7 +17,7 @@ class SplitError(ValueError):
 
 
 class Splits(BaseModel):
-    """Paths of the three splits (Parquet, columns ``text`` and ``label``) and their sizes."""
+    """Paths of the three splits (Parquet: ``text``, and ``label`` when labelled) and sizes."""
 
     train_path: str
     validation_path: str
@@ -32,15 +32,19 @@ def stratified_split(
     """Split off ``fraction`` of the rows, keeping each label's share, reproducibly.
 
     Identical texts always land on the same side, so a repeated text can never leak from the
-    training split into a held-out one.
+    training split into a held-out one. A table without labels (causal LM) is split at random.
     """
     unique = frame.drop_duplicates("text")
+    labelled = "label" in frame
     try:
         _, held_texts = train_test_split(
-            unique["text"], test_size=fraction, random_state=seed, stratify=unique["label"]
+            unique["text"],
+            test_size=fraction,
+            random_state=seed,
+            stratify=unique["label"] if labelled else None,
         )
     except ValueError as err:
-        counts = frame["label"].value_counts().to_dict()
+        counts = frame["label"].value_counts().to_dict() if labelled else {}
         raise SplitError(
             f"cannot carve a stratified {what} split of {fraction:.0%} from {len(frame)} rows "
             f"with label counts {counts}: {err}. Add rows, or give data.{what} explicitly."
@@ -89,5 +93,6 @@ def split_data(
         label_counts={
             name: {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
             for name, frame in frames.items()
+            if "label" in frame
         },
     )

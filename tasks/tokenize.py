@@ -1,7 +1,7 @@
-"""Tokenization: a fast tokenizer, batched, truncated at ``max_length``, no padding.
+"""Tokenization: a fast tokenizer, batched, no padding; the task's kind decides the examples.
 
-Padding happens per batch at collate time (``DataCollatorWithPadding``), so a batch of short tweets
-costs tweet-length compute rather than ``max_length`` compute.
+Padding happens per batch at collate time, so a batch of short tweets costs tweet-length compute
+rather than ``max_length`` compute.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 from tasks.config import ModelConfig
+from tasks.kinds import Kind
 from tasks.sources import load_tokenizer
 from tasks.split import Splits
 
 
 class TokenizedData(BaseModel):
-    """A ``DatasetDict`` saved to disk with ``input_ids``, ``attention_mask`` and ``labels``."""
+    """A ``DatasetDict`` on disk: ``input_ids``, ``attention_mask``, ``labels``, ``length``."""
 
     path: str
     rows: dict[str, int]
+    tokens: dict[str, int]  # non-pad tokens per split
     mean_tokens: dict[str, float]
     truncated_fraction: dict[str, float]
 
@@ -41,8 +43,14 @@ def encode(
     return dataset.map(_encode, batched=True, remove_columns=dataset.column_names)
 
 
-def tokenize(splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path) -> TokenizedData:
-    """Tokenize the three splits and save them under ``workdir/tokenized``."""
+def tokenize(
+    splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path, kind: Kind
+) -> TokenizedData:
+    """Tokenize the three splits the task's way and save them under ``workdir/tokenized``.
+
+    The kind's ``encode`` returns ``input_ids``, ``labels``, ``length`` (tokens per example, for
+    length-grouped batching) and ``truncated`` (whether text was cut), per split.
+    """
     tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision)
     paths = {
         "train": splits.train_path,
@@ -51,18 +59,17 @@ def tokenize(splits: Splits, labels: list[str], cfg: ModelConfig, workdir: Path)
     }
     raw = DatasetDict({name: Dataset.from_parquet(path) for name, path in paths.items()})
     encoded = DatasetDict(
-        {name: encode(ds, tokenizer, labels, cfg.max_length) for name, ds in raw.items()}
+        {name: kind.encode(ds, tokenizer, labels, cfg) for name, ds in raw.items()}
     )
-    # The collator needs only token lengths; keep them to let the sampler group by length.
-    encoded = encoded.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+    truncated = {name: ds["truncated"] for name, ds in encoded.items()}
+    encoded = encoded.remove_columns("truncated")
     path = workdir / "tokenized"
     encoded.save_to_disk(str(path))
-    stats = {name: ds["length"] for name, ds in encoded.items()}
+    lengths = {name: ds["length"] for name, ds in encoded.items()}
     return TokenizedData(
         path=str(path),
         rows={name: len(ds) for name, ds in encoded.items()},
-        mean_tokens={name: sum(v) / max(len(v), 1) for name, v in stats.items()},
-        truncated_fraction={
-            name: sum(n >= cfg.max_length for n in v) / max(len(v), 1) for name, v in stats.items()
-        },
+        tokens={name: int(sum(v)) for name, v in lengths.items()},
+        mean_tokens={name: sum(v) / max(len(v), 1) for name, v in lengths.items()},
+        truncated_fraction={name: sum(v) / max(len(v), 1) for name, v in truncated.items()},
     )

@@ -139,6 +139,13 @@ def log_json(run_id: str, payload: Any, artifact_file: str) -> None:
     MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), artifact_file)
 
 
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows as an MLflow table (shown in the run's Evaluation/Artifacts views)."""
+    import pandas as pd
+
+    MlflowClient().log_table(run_id, pd.DataFrame(rows), artifact_file)
+
+
 def _metric_key(key: str) -> str:
     # MLflow metric names allow letters, digits, _ - . space : and /.
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)

@@ -2,7 +2,9 @@
 
 Setup helpers build the model, the data, the loss and the training arguments; then one
 ``Trainer.train()`` call runs the loop (AdamW, linear warmup and decay, weight decay, gradient
-clipping, seeded), validating as it goes and keeping the best checkpoint by validation macro F1.
+clipping, seeded), validating as it goes and keeping the best checkpoint by the task's validation
+metric (macro F1 for classification, loss for a causal LM). The task's kind supplies the model
+class, collator and checks; resume, scheduling, preflight and efficiency are shared.
 """
 
 from __future__ import annotations
@@ -12,20 +14,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import DatasetDict, load_from_disk
 from pydantic import BaseModel
 from transformers import (
-    AutoModelForSequenceClassification,
-    DataCollatorWithPadding,
     EarlyStoppingCallback,
-    EvalPrediction,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -46,8 +43,8 @@ from tasks.efficiency import (
     peak_rss_bytes,
     train_flops_per_token,
 )
-from tasks.metrics import classification_metrics
-from tasks.sources import load_tokenizer, resolve_model
+from tasks.kinds import Kind, get_kind
+from tasks.sources import load_tokenizer
 from tasks.tokenize import TokenizedData
 
 log = logging.getLogger(__name__)
@@ -193,7 +190,7 @@ class TrainResult(BaseModel):
     learning_rate: float
     best_step: int | None
     stopped_early: bool
-    class_weights: list[float] | None
+    notes: dict[str, str]
     train_loss: float
     first_logged_loss: float | None
     last_logged_loss: float | None
@@ -205,7 +202,7 @@ class TrainResult(BaseModel):
     tensors_updated: int
     validation: dict[str, float]
     validation_curve: list[dict[str, float]]
-    majority_validation_macro_f1: float
+    reference: dict[str, float]
     collapse: str | None
     batch_size: int
     gradient_accumulation_steps: int
@@ -236,42 +233,6 @@ def auto_schedule(cfg: TrainConfig, train_rows: int, n_params: int) -> tuple[flo
     if lr == "auto":
         lr = float(np.clip(REFERENCE_LR * math.sqrt(REFERENCE_PARAMS / n_params), 1e-5, 2e-4))
     return float(epochs), float(lr)
-
-
-def class_weights(cfg: TrainConfig, label_counts: list[int]) -> list[float] | None:
-    """Loss weights per class id. ``auto``: sqrt of inverse frequency, mean weight 1 per row.
-
-    The square root tempers the correction: a 65% majority class still counts, but it no longer
-    drowns out the rest. On balanced data every weight is 1, i.e. plain cross-entropy.
-    """
-    if cfg.class_weights == "none":
-        return None
-    if isinstance(cfg.class_weights, list):
-        if len(cfg.class_weights) != len(label_counts):
-            raise ValueError(
-                f"train.class_weights has {len(cfg.class_weights)} weights for "
-                f"{len(label_counts)} labels"
-            )
-        return list(cfg.class_weights)
-    counts = np.maximum(np.asarray(label_counts, dtype=float), 1.0)
-    raw = np.sqrt(counts.sum() / (len(counts) * counts))
-    raw /= (raw * counts).sum() / counts.sum()
-    return [round(float(w), 6) for w in raw]
-
-
-def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
-    """A ``Trainer`` ``compute_loss_func``: class-weighted cross-entropy."""
-    weight = torch.tensor(weights)
-
-    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        logits = outputs["logits"].float()
-        w = weight.to(logits.device)
-        if num_items_in_batch is None:
-            return F.cross_entropy(logits, labels, weight=w)
-        # Summed and divided by the batch's item count, so gradient accumulation stays exact.
-        return F.cross_entropy(logits, labels, weight=w, reduction="sum") / num_items_in_batch
-
-    return loss
 
 
 def preflight(
@@ -317,22 +278,6 @@ def preflight(
     )
 
 
-def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
-    """The pretrained encoder plus a new head sized to ``labels``, every weight trainable."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(cfg.name_or_path),
-        revision=cfg.revision,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        # A checkpoint that already has a head of another size gets a new one.
-        ignore_mismatched_sizes=True,
-    )
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
-
-
 def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
     """The tokenized train and validation splits, with the subsets the config asks for.
 
@@ -352,7 +297,7 @@ def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
 
 
 def setup_args(
-    cfg: TrainConfig, output_dir: Path, epochs: float, learning_rate: float
+    cfg: TrainConfig, output_dir: Path, epochs: float, learning_rate: float, kind: Kind
 ) -> TrainingArguments:
     """Map our recipe onto ``TrainingArguments``."""
     eval_steps = cfg.eval_steps or cfg.checkpoint_steps
@@ -388,8 +333,8 @@ def setup_args(
         save_only_model=not resumable,
         save_total_limit=cfg.keep_checkpoints if resumable else 1,
         load_best_model_at_end=cfg.select_best,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
+        metric_for_best_model=kind.selection_metric,
+        greater_is_better=kind.greater_is_better,
         report_to="none",
         use_cpu=cfg.device == "cpu",
         disable_tqdm=False,
@@ -421,27 +366,6 @@ def count_updated(
     return params_total, params_updated, len(before), tensors_updated
 
 
-def collapse_check(
-    y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], majority: int
-) -> tuple[str | None, float]:
-    """Why the model is no better than guessing on validation, or None; and the majority's F1."""
-    majority_f1 = classification_metrics(y_true, np.full_like(y_true, majority), labels)["macro_f1"]
-    model_f1 = classification_metrics(y_true, y_pred, labels)["macro_f1"]
-    predicted = np.unique(y_pred)
-    if len(predicted) == 1:
-        return (
-            f"collapsed: every validation prediction is {labels[int(predicted[0])]!r}",
-            majority_f1,
-        )
-    if model_f1 <= majority_f1:
-        return (
-            f"no better than the majority baseline on validation "
-            f"(macro F1 {model_f1:.4f} <= {majority_f1:.4f})",
-            majority_f1,
-        )
-    return None, majority_f1
-
-
 def train(
     tokenized: TokenizedData,
     labels: list[str],
@@ -450,36 +374,32 @@ def train(
     workdir: Path,
     callbacks: list[TrainerCallback] | None = None,
     checkpoint_dir: Path | None = None,
+    kind: Kind | None = None,
 ) -> TrainResult:
     """Fine-tune every parameter on the train split; save the selected model to ``workdir/model``.
 
     The validation split is scored every epoch (or ``eval_steps``); with ``select_best`` the
-    checkpoint with the best validation macro F1 is the one saved. The test split is never loaded.
-    With ``checkpoint_dir``, checkpoints go there and training resumes from the latest complete
-    one found there (model, optimizer, scheduler, RNG states and position in the data order).
+    checkpoint with the best validation score (the kind's selection metric) is the one saved. The
+    test split is never loaded. With ``checkpoint_dir``, checkpoints go there and training resumes
+    from the latest complete one found there (model, optimizer, scheduler, RNG states and position
+    in the data order). ``kind`` (default: text classification) supplies the model class, the
+    collator, the metrics and the task's checks; the recipe is the same for every kind.
     """
-    set_seed(cfg.seed)  # before the head is initialised, so runs are reproducible
+    kind = kind or get_kind("text-classification")
+    set_seed(cfg.seed)  # before any new head is initialised, so runs are reproducible
     data = setup_data(tokenized, cfg)
     tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
-    model = setup_model(model_cfg, labels)
+    collator = kind.collator(tokenizer)  # may give the tokenizer a pad token: before saving it
+    model = kind.setup_model(model_cfg, labels)
     before = snapshot(model)
-    train_ids = np.asarray(data["train"]["labels"])
-    counts = np.bincount(train_ids, minlength=len(labels))
     lengths = np.asarray(data["train"]["length"])
     cfg, estimate = preflight(model, cfg, int(lengths.max()))
     log.info("memory preflight: %s", estimate.describe())
     epochs, learning_rate = auto_schedule(cfg, len(data["train"]), model.num_parameters())
-    weights = class_weights(cfg, counts.tolist())
-    log.info("schedule: %.1f epochs at lr %.2e; class weights %s", epochs, learning_rate, weights)
+    extras = kind.train_extras(cfg, data["train"], labels)
+    log.info("schedule: %.1f epochs at lr %.2e; %s", epochs, learning_rate, extras.notes)
 
-    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-        logits = prediction.predictions
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        y_true = np.asarray(prediction.label_ids)
-        metrics = classification_metrics(y_true, np.argmax(logits, -1), labels)
-        return {k: metrics[k] for k in ("accuracy", "macro_f1")}
-
-    extra = (
+    early_stopping = (
         [EarlyStoppingCallback(cfg.early_stopping_patience)]
         if (cfg.early_stopping_patience and cfg.select_best)
         else []
@@ -487,15 +407,15 @@ def train(
     timer = StepTimer()
     trainer = FinetuneTrainer(
         model=model,
-        args=setup_args(cfg, checkpoint_dir or workdir / "trainer", epochs, learning_rate),
+        args=setup_args(cfg, checkpoint_dir or workdir / "trainer", epochs, learning_rate, kind),
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-        compute_loss_func=weighted_loss(weights) if weights else None,
-        callbacks=[*(callbacks or []), *extra, timer, CheckpointMarker()],
-        balanced_labels=train_ids if cfg.balanced_sampling else None,
+        data_collator=collator,
+        compute_metrics=kind.compute_metrics(labels),
+        compute_loss_func=extras.compute_loss_func,
+        callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker()],
+        balanced_labels=extras.sampler_labels,
     )
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
@@ -515,30 +435,22 @@ def train(
         ]
         log.warning("%d parameter tensors were not updated: %s", len(frozen), frozen[:10])
 
-    # The selected model on validation: the numbers selection used, and the collapse guard.
-    prediction = trainer.predict(data["validation"])
-    logits = (
-        prediction.predictions[0]
-        if isinstance(prediction.predictions, tuple)
-        else prediction.predictions
-    )
-    y_val, p_val = np.asarray(prediction.label_ids), np.argmax(logits, -1)
-    validation = classification_metrics(y_val, p_val, labels)
-    collapse, majority_f1 = collapse_check(y_val, p_val, labels, int(np.argmax(counts)))
-    if collapse:
-        log.warning("COLLAPSE GUARD: %s; this model will not be promoted", collapse)
+    checked = kind.check(trainer, data["validation"], labels, data["train"])
+    if checked.collapse:
+        log.warning("COLLAPSE GUARD: %s; this model will not be promoted", checked.collapse)
 
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
+    scored = f"eval_{kind.selection_metric}"
     curve = [
-        {
-            "step": float(e["step"]),
-            "epoch": float(e.get("epoch", 0)),
-            "macro_f1": float(e["eval_macro_f1"]),
-            "accuracy": float(e["eval_accuracy"]),
+        {"step": float(e["step"]), "epoch": float(e.get("epoch", 0))}
+        | {
+            k.removeprefix("eval_"): float(v)
+            for k, v in e.items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
         }
         for e in history
-        if "eval_macro_f1" in e
+        if scored in e
     ]
     best = trainer.state.best_global_step
     # Efficiency: non-pad tokens of the samples actually stepped through, over pure step time.
@@ -565,7 +477,7 @@ def train(
         learning_rate=learning_rate,
         best_step=int(best) if best else None,
         stopped_early=output.global_step < trainer.state.max_steps,
-        class_weights=weights,
+        notes=extras.notes,
         train_loss=float(output.training_loss),
         first_logged_loss=losses[0] if losses else None,
         last_logged_loss=losses[-1] if losses else None,
@@ -575,10 +487,10 @@ def train(
         params_updated=params_updated,
         tensors_total=tensors_total,
         tensors_updated=tensors_updated,
-        validation=validation,
+        validation=checked.validation,
         validation_curve=curve,
-        majority_validation_macro_f1=majority_f1,
-        collapse=collapse,
+        reference=checked.reference,
+        collapse=checked.collapse,
         batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         step_time_s=timer.seconds,

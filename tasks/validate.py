@@ -39,7 +39,8 @@ class DataValidationError(ValueError):
 
 
 class ValidatedData(BaseModel):
-    """What passed validation: normalised tables on disk (columns ``text``, ``label``)."""
+    """What passed validation: normalised tables on disk (``text``, and ``label`` when the task
+    has labels; ``labels`` is then the frozen label set, else empty)."""
 
     train_path: str
     validation_path: str | None
@@ -313,13 +314,11 @@ def offending_rows(result: dict[str, Any]) -> dict[str, list[int]]:
     return rows
 
 
-def _normalise(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "text": frame[cfg.text_column].astype(str).to_numpy(),
-            "label": frame[cfg.label_column].to_numpy(),
-        }
-    )
+def _normalise(frame: pd.DataFrame, cfg: DataConfig, has_labels: bool) -> pd.DataFrame:
+    columns = {"text": frame[cfg.text_column].astype(str).to_numpy()}
+    if has_labels:
+        columns["label"] = frame[cfg.label_column].to_numpy()
+    return pd.DataFrame(columns)
 
 
 def validate_data(
@@ -347,17 +346,23 @@ def validate_data(
     if cfg.test:
         sources["test"] = (cfg.test, cfg.test_split)
     tables: dict[str, Table] = {
-        split: read_table(name, hub_split) for split, (name, hub_split) in sources.items()
+        split: read_table(name, hub_split, cfg.text_documents)
+        for split, (name, hub_split) in sources.items()
     }
     frames = {split: table.frame for split, table in tables.items()}
-    for frame in frames.values():
-        if cfg.label_column in frame.columns:
-            frame[cfg.label_column] = labels_as_strings(frame[cfg.label_column])
-    train_frame = frames["train"]
-    labels = cfg.labels or (
-        infer_labels(train_frame[cfg.label_column]) if cfg.label_column in train_frame else []
-    )
     suite = load_suite(task, cfg.text_column, cfg.label_column)
+    # The suite declares the columns its task needs; a causal LM reads text alone.
+    has_labels = "label" in suite.meta.get("columns", ["text", "label"])
+    if has_labels:
+        for frame in frames.values():
+            if cfg.label_column in frame.columns:
+                frame[cfg.label_column] = labels_as_strings(frame[cfg.label_column])
+    train_frame = frames["train"]
+    labels = (
+        (cfg.labels or infer_labels(train_frame[cfg.label_column]))
+        if (has_labels and cfg.label_column in train_frame)
+        else []
+    )
 
     def check(frames: dict[str, pd.DataFrame], complete: bool) -> dict[str, Any]:
         train_texts = (
@@ -417,7 +422,7 @@ def validate_data(
     if failures:
         raise DataValidationError(failures, report_path)
 
-    clean = {split: _normalise(frame, cfg) for split, frame in frames.items()}
+    clean = {split: _normalise(frame, cfg, has_labels) for split, frame in frames.items()}
     paths: dict[str, str | None] = {"validation": None, "test": None}
     for split, frame in clean.items():
         path = workdir / f"{split}.raw.parquet"

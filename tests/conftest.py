@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from tasks.config import DataConfig, ModelConfig
+from tasks.kinds import get_kind
 from tasks.sources import resolve_model
 from tasks.split import split_data
 from tasks.tokenize import tokenize
@@ -45,7 +46,8 @@ def prepare(cfg: DataConfig, model_cfg: ModelConfig, workdir: Path):
     """validate -> split -> tokenize, as the flow chains them: (validated, splits, tokenized)."""
     data = validate_data(cfg, workdir)
     splits = split_data(data, cfg, workdir)
-    return data, splits, tokenize(splits, data.labels, model_cfg, workdir)
+    kind = get_kind("text-classification")
+    return data, splits, tokenize(splits, data.labels, model_cfg, workdir, kind)
 
 
 @pytest.fixture(scope="session")

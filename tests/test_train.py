@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tasks.config import DataConfig, ModelConfig, TrainConfig
-from tasks.train import auto_schedule, class_weights, collapse_check, train, weighted_loss
+from tasks.kinds.classification import class_weights, collapse_check, weighted_loss
+from tasks.train import auto_schedule, train
 
 from .conftest import LABELS, data_config, make_rows, prepare
 

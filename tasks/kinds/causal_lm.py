@@ -1,0 +1,460 @@
+"""Causal language modelling: next-token prediction on raw text, GPT-2 style.
+
+The model's own shifted cross-entropy is the loss (``labels`` are the input ids; positions marked
+-100 are padding and left out). Documents are joined with EOS and cut into ``max_length`` blocks
+(packing, as in transformers' ``run_clm.py``), or kept one per example. The measure is perplexity,
+``exp`` of the mean loss over predicted tokens (not over batches), next to the untrained model and
+a unigram model on the same tokens; a few prompts are completed to show what the model writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, load_from_disk
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from pydantic import BaseModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    set_seed,
+)
+
+from tasks.caching import tokenizer_identity
+from tasks.config import EvalConfig, ModelConfig, PromoteConfig, TrainConfig
+from tasks.kinds import Checked, Kind, TrainExtras
+from tasks.promote import Decision, current_champion
+from tasks.sources import fingerprint, resolve_model
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label of a position that is not scored (padding)
+
+
+def document_separator(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that ends a document: EOS, or SEP for BERT-style vocabularies without one."""
+    for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has neither an EOS nor a SEP token")
+
+
+def pack(documents: list[list[int]], block_size: int) -> list[list[int]]:
+    """Concatenate token lists and cut the stream into ``block_size`` blocks.
+
+    Every token lands in exactly one block, in order; only the last block may be shorter.
+    """
+    stream = list(chain.from_iterable(documents))
+    return [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
+
+
+def encode(dataset: Dataset, tokenizer: Any, labels: list[str], cfg: ModelConfig) -> Dataset:
+    """Documents -> LM examples: packed blocks (default) or one truncated example per document.
+
+    EOS follows every document, so the model learns where a text ends. ``labels`` are the input
+    ids: the model shifts them itself to predict each next token.
+    """
+    eos = document_separator(tokenizer)
+
+    def _encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        documents = [[*doc, eos] for doc in ids]
+        if cfg.packing:
+            examples, truncated = pack(documents, cfg.max_length), None
+        else:
+            examples = [doc[: cfg.max_length] for doc in documents]
+            truncated = [len(doc) > cfg.max_length for doc in documents]
+        return {
+            "input_ids": examples,
+            "attention_mask": [[1] * len(x) for x in examples],
+            "labels": examples,
+            "length": [len(x) for x in examples],
+            "truncated": truncated or [False] * len(examples),
+        }
+
+    # One batch for the whole split: a packed stream has a single short tail, not one per batch.
+    return dataset.map(
+        _encode,
+        batched=True,
+        batch_size=None if cfg.packing else 1000,
+        remove_columns=dataset.column_names,
+    )
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Pads ``input_ids`` with the pad token and ``labels`` with -100 (left out of the loss)."""
+    if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+
+
+def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+    """The pretrained model with a causal LM head, every weight trainable.
+
+    ``is_decoder`` makes an encoder checkpoint (BERT) attend causally, so it can be trained and
+    used as a left-to-right language model; decoder-only models (GPT-2) are unaffected.
+    """
+    path = resolve_model(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+    if getattr(config, "is_decoder", None) is False:  # encoder configs have the switch
+        config.is_decoder = True
+    model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, config=config)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def compute_metrics(labels: list[str]) -> None:
+    return None  # selection uses the Trainer's eval_loss; perplexity is computed over tokens
+
+
+def train_extras(cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
+    return TrainExtras()
+
+
+@torch.no_grad()
+def block_losses(
+    model: PreTrainedModel, dataset: Dataset, tokenizer: Any, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(summed next-token loss, predicted tokens) per example, in the dataset's order."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = collator(tokenizer)
+    columns = ["input_ids", "attention_mask", "labels"]
+    sums, counts = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+        batch = collate([{k: row[k] for k in columns} for row in rows])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Position t predicts token t+1: the same shift as the model's own loss.
+        targets = batch["labels"][:, 1:]
+        loss = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )
+        sums.append(loss.sum(1).cpu().numpy())
+        counts.append((targets != IGNORE).sum(1).cpu().numpy())
+    return np.concatenate(sums), np.concatenate(counts)
+
+
+def perplexity(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """Mean token loss and its exp, over all predicted tokens (not averaged per batch)."""
+    loss = float(sums.sum() / max(int(counts.sum()), 1))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(counts.sum())}
+
+
+def unigram_perplexity(train: Dataset, test: Dataset, vocab_size: int) -> dict[str, float]:
+    """A unigram model of the training tokens (add-one smoothing) on the test's predicted tokens.
+
+    The classical yardstick: a fine-tuned LM that cannot beat word frequencies has learnt nothing
+    about context.
+    """
+    counts = np.bincount(np.concatenate(train["input_ids"]), minlength=vocab_size) + 1.0
+    log_prob = np.log(counts / counts.sum())
+    targets = np.concatenate([np.asarray(ids[1:]) for ids in test["labels"]])
+    targets = targets[targets != IGNORE]
+    loss = float(-log_prob[targets].mean())
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": float(len(targets))}
+
+
+def check(trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset) -> Checked:
+    """Validation loss and perplexity of the selected model, over tokens."""
+    model = trainer.model
+    assert isinstance(model, PreTrainedModel)
+    sums, counts = block_losses(
+        model, validation, trainer.processing_class, trainer.args.per_device_eval_batch_size
+    )
+    return Checked(validation=perplexity(sums, counts))
+
+
+def generate(
+    model: PreTrainedModel, tokenizer: Any, cfg: EvalConfig, seed: int
+) -> list[dict[str, str]]:
+    """Completions of ``cfg.prompts``: greedy, or top-p sampled with a fixed seed."""
+    model.eval()
+    set_seed(seed)
+    out = []
+    for prompt in cfg.prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
+        generated = model.generate(  # type: ignore[operator]
+            **ids,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample,
+            top_p=0.9 if cfg.do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        completion = tokenizer.decode(
+            generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        out.append({"prompt": prompt, "completion": completion})
+    return out
+
+
+class LMEvalResult(BaseModel):
+    """Test loss and perplexity of the model, the untrained model and a unigram model."""
+
+    metrics: dict[str, float]
+    baseline: dict[str, float]  # the untrained model: where fine-tuning started
+    classical: dict[str, float]  # a unigram model of the training tokens
+    test_rows: int
+    test_fingerprint: str
+    tokenizer: str
+    generations: list[dict[str, str]]
+    losses_path: str
+    generations_path: str
+
+    headline_keys: tuple[str, ...] = ("loss", "perplexity")
+    baseline_names: tuple[str, str] = ("untrained model", "unigram")
+
+    def artifacts(self) -> list[str]:
+        return [self.losses_path, self.generations_path]
+
+    def version_tags(self) -> dict[str, str]:
+        return {
+            "test.fingerprint": self.test_fingerprint,
+            "test.tokenizer": self.tokenizer,
+            "test.perplexity": f"{self.metrics['perplexity']:.4f}",
+        }
+
+    def tables(self) -> dict[str, list[dict[str, str]]]:
+        return {"evaluation/generations_table.json": self.generations}
+
+    def details_markdown(self) -> str:
+        rows = ["| prompt | completion |", "|---|---|"]
+        rows += [f"| {_cell(g['prompt'])} | {_cell(g['completion'])} |" for g in self.generations]
+        return "## Generations\n\n" + "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+def evaluate(
+    model_dir: str,
+    tokenized: Any,
+    labels: list[str],
+    splits: Any,
+    model_cfg: ModelConfig,
+    cfg: EvalConfig,
+    train_cfg: TrainConfig,
+    workdir: Path,
+) -> LMEvalResult:
+    """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""
+    data = load_from_disk(tokenized.path)
+    test = data["test"]
+    if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
+        test = test.shuffle(seed=train_cfg.seed).select(range(cfg.max_test_samples))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
+    generations = generate(model, tokenizer, cfg, train_cfg.seed)
+    set_seed(train_cfg.seed)  # the same initial weights (and new head) that training started from
+    untrained = setup_model(model_cfg, labels)
+    base_sums, base_counts = block_losses(untrained, test, tokenizer, cfg.batch_size)
+    losses_path = workdir / "test_losses.json"
+    losses_path.write_text(json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}))
+    generations_path = workdir / "generations.json"
+    generations_path.write_text(json.dumps(generations, indent=2, ensure_ascii=False))
+    import pandas as pd
+
+    return LMEvalResult(
+        metrics=perplexity(sums, counts),
+        baseline=perplexity(base_sums, base_counts),
+        classical=unigram_perplexity(data["train"], test, len(tokenizer)),
+        test_rows=len(test),
+        test_fingerprint=fingerprint(pd.read_parquet(splits.test_path)),
+        tokenizer=tokenizer_identity(tokenizer),
+        generations=generations,
+        losses_path=str(losses_path),
+        generations_path=str(generations_path),
+    )
+
+
+def bootstrap_loss_delta(
+    challenger: tuple[np.ndarray, np.ndarray],
+    champion: tuple[np.ndarray, np.ndarray],
+    samples: int,
+    seed: int,
+) -> tuple[float, float, float]:
+    """(champion loss - challenger loss, 2.5th, 97.5th percentile), resampling paired blocks.
+
+    Positive means the challenger predicts the test tokens better. Both models are scored on the
+    same resampled blocks each time, so the interval is about the models, not the test set.
+    """
+    (s1, n1), (s0, n0) = challenger, champion
+
+    def delta(idx: np.ndarray) -> float:
+        return float(s0[idx].sum() / n0[idx].sum() - s1[idx].sum() / n1[idx].sum())
+
+    rng = np.random.default_rng(seed)
+    everything = np.arange(len(s1))
+    deltas = [delta(rng.integers(0, len(s1), len(s1))) for _ in range(samples)]
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return delta(everything), float(low), float(high)
+
+
+def decide(
+    cfg: PromoteConfig,
+    version: str,
+    challenger: tuple[np.ndarray, np.ndarray],
+    floors: dict[str, float],
+    champion_version: str | None,
+    champion: tuple[np.ndarray, np.ndarray] | None,
+    not_comparable: str | None = None,
+) -> Decision:
+    """The pure gate for a language model; scores are perplexities, the margin is in nats.
+
+    Args:
+        floors: perplexities the first champion must beat (the untrained and unigram models).
+        champion: the champion's per-block (loss sums, token counts) on the same blocks.
+        not_comparable: why the champion cannot be scored on this test split.
+    """
+    loss = float(challenger[0].sum() / challenger[1].sum())
+    score = math.exp(loss)
+    base = {
+        "version": version,
+        "champion_before": champion_version,
+        "metric": "perplexity",
+        "challenger_score": score,
+    }
+    if not_comparable:
+        return Decision(promoted=False, reason=f"kept: {not_comparable}", **base)
+    if champion is None:
+        beaten = [f"{name} {value:.2f}" for name, value in floors.items() if score >= value]
+        verdict = (
+            "does not beat " + ", ".join(beaten)
+            if beaten
+            else "beats " + ", ".join(f"{name} {value:.2f}" for name, value in floors.items())
+        )
+        return Decision(
+            promoted=not beaten, reason=f"first model: perplexity {score:.2f} {verdict}", **base
+        )
+    delta, low, high = bootstrap_loss_delta(challenger, champion, cfg.bootstrap_samples, cfg.seed)
+    champion_score = math.exp(loss + delta)
+    promoted = delta >= cfg.min_delta and (low > 0 or not cfg.require_significant)
+    reason = (
+        f"perplexity {score:.2f} vs champion v{champion_version} {champion_score:.2f}: loss "
+        f"lower by {delta:+.4f} nats (95% CI [{low:+.4f}, {high:+.4f}]) "
+        f"{'beats' if promoted else 'does not beat'} the margin {cfg.min_delta:.4f}"
+        + (" with a CI above 0" if cfg.require_significant else "")
+    )
+    return Decision(
+        promoted=promoted,
+        reason=reason,
+        champion_score=champion_score,
+        delta=delta,
+        ci_low=low,
+        ci_high=high,
+        **base,
+    )
+
+
+def champion_losses(
+    client: MlflowClient, name: str, champion: Any, evaluation: LMEvalResult, tokenized: Any
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None, bool]:
+    """The champion's per-block losses on this test split: logged, or scored again.
+
+    Returns (losses, why not comparable, whether it was scored again). Perplexities under
+    different tokenizers count different tokens, so they are never compared.
+    """
+    if champion.tags.get("test.tokenizer") != evaluation.tokenizer:
+        return None, "the champion uses another tokenizer: perplexities are not comparable", False
+    if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
+        try:
+            path = client.download_artifacts(champion.run_id, "evaluation/test_losses.json")
+            logged = json.loads(Path(path).read_text())
+            if len(logged["sums"]) == evaluation.test_rows:
+                return (np.asarray(logged["sums"]), np.asarray(logged["counts"])), None, False
+        except (MlflowException, OSError):
+            pass
+    import mlflow.transformers
+
+    log.info("champion v%s saw another test set: scoring it on this one", champion.version)
+    parts = mlflow.transformers.load_model(
+        f"models:/{name}/{champion.version}", return_type="components"
+    )
+    test = load_from_disk(tokenized.path)["test"]
+    if evaluation.test_rows < len(test):
+        return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
+    return block_losses(parts["model"], test, parts["tokenizer"], 32), None, True
+
+
+def promote(
+    registered: Any,
+    evaluation: LMEvalResult,
+    labels: list[str],
+    splits: Any,
+    tokenized: Any,
+    cfg: PromoteConfig,
+    blocked: str | None,
+) -> Decision:
+    """Run the gate for a just-registered LM version; move the alias and tag the version."""
+    client = MlflowClient()
+    logged = json.loads(Path(evaluation.losses_path).read_text())
+    challenger = (np.asarray(logged["sums"]), np.asarray(logged["counts"]))
+    champion = current_champion(client, registered.name, cfg.alias)
+    losses, why, rescored = None, blocked, False
+    if champion is not None and str(champion.version) != registered.version and not blocked:
+        losses, why, rescored = champion_losses(
+            client, registered.name, champion, evaluation, tokenized
+        )
+    floors = {
+        "untrained model": evaluation.baseline["perplexity"],
+        "unigram": evaluation.classical["perplexity"],
+    }
+    decision = decide(
+        cfg,
+        registered.version,
+        challenger,
+        floors,
+        str(champion.version) if champion is not None else None,
+        losses,
+        why,
+    ).model_copy(update={"reevaluated_champion": rescored})
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(registered.name, registered.version, key, value)
+    if decision.promoted:
+        client.set_registered_model_alias(registered.name, cfg.alias, registered.version)
+    log.info("promotion: %s", decision.reason)
+    return decision
+
+
+def inference_config(cfg: EvalConfig) -> dict[str, Any]:
+    """Generation settings stored with the registered model (pyfunc ``predict`` uses them)."""
+    return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}
+
+
+KIND = Kind(
+    task="causal-lm",
+    pipeline_task="text-generation",
+    signature=ModelSignature(
+        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])
+    ),
+    headline="perplexity",
+    selection_metric="loss",
+    greater_is_better=False,
+    encode=encode,
+    setup_model=setup_model,
+    collator=collator,
+    compute_metrics=compute_metrics,
+    train_extras=train_extras,
+    check=check,
+    evaluate=evaluate,
+    promote=promote,
+    inference_config=inference_config,
+)
