@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo demo-clm test test-all lint format bench ui clean
+.PHONY: setup browser demo demo-clm test test-all lint format bench ui clean
 
 $(BIN)/fulltune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +17,26 @@ $(BIN)/fulltune: pyproject.toml
 
 setup: $(BIN)/fulltune
 
+# The live UI tests drive Debian's Chromium, and the compose file is checked with docker-compose.
+# Installed with apt when missing (as root, or with password-less sudo); otherwise those tests
+# skip and say why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || ! command -v docker-compose >/dev/null; then \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium docker-compose \
+			>/dev/null) || echo "apt-get could not install chromium/docker-compose: those tests will skip"; \
+	fi
+
 demo: setup
 	$(BIN)/fulltune run --config configs/demo.yaml
 
 demo-clm: setup
 	$(BIN)/fulltune run --config configs/clm-demo.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/pytest
 
-test-all: setup
+test-all: setup browser
 	$(BIN)/pytest -m ""
 
 lint: setup

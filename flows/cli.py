@@ -184,7 +184,8 @@ def predict(
         str, typer.Option("--model", "-m", help="models:/NAME@ALIAS or models:/NAME/V")
     ],
     text: Annotated[
-        list[str] | None, typer.Option("--text", "-t", help="A text to classify (repeatable).")
+        list[str] | None,
+        typer.Option("--text", "-t", help="A text to classify or continue (repeatable)."),
     ] = None,
     input_path: Annotated[
         Path | None, typer.Option("--input", "-i", help="CSV, TSV, JSONL or Parquet file of texts.")
@@ -196,7 +197,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per model call.")] = 64,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Predict labels (with scores) for texts given inline or in a file."""
+    """Predict labels (with scores), or continue texts with a text-generation model."""
     import pandas as pd
 
     from tasks.register import resolve_model_uri
@@ -226,13 +227,20 @@ def predict(
 
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     parts = [loaded.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    predictions = pd.concat(parts, ignore_index=True)
-    out = frame.reset_index(drop=True).assign(
-        label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
-    )
+    if isinstance(parts[0], pd.DataFrame):  # a classifier: a label and its score per text
+        predictions = pd.concat(parts, ignore_index=True)
+        out = frame.reset_index(drop=True).assign(
+            label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
+        )
+        rows = zip(out["label"], out["score"], texts, strict=True)
+        lines = [f"{label}\t{score:.4f}\t{t}" for label, score, t in rows]
+    else:  # a text-generation model: the text continued
+        generated = [str(g) for part in parts for g in part]
+        out = frame.reset_index(drop=True).assign(generated_text=generated)
+        lines = generated
     if output_path is None:
-        for row_text, label, score in zip(texts, out["label"], out["score"], strict=True):
-            typer.echo(f"{label}\t{score:.4f}\t{row_text}")
+        for line in lines:
+            typer.echo(line)
         return
     if output_path.suffix == ".jsonl":
         out.to_json(output_path, orient="records", lines=True, force_ascii=False)

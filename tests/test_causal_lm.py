@@ -232,4 +232,14 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
     generated = generator.predict(["the cat"])
     assert isinstance(generated[0], str) and len(generated[0]) > len("the cat")
     assert get_kind("causal-lm").pipeline_task == "text-generation"
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    uri = cfg.tracking_uri()
+    result = CliRunner().invoke(
+        app, ["predict", "-m", "models:/tiny-lm/1", "-t", "the cat", "--tracking-uri", uri]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith("the cat")
     assert summary.decision is not None and summary.decision.metric == "perplexity"
