@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, ParamSpec, TypeVar
 
+import mlflow
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -28,7 +29,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from tasks import caching, tracking
+from tasks import caching, distributed, tracking
 from tasks import sources as sources_module
 from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
@@ -259,12 +260,26 @@ def train_stage(
     latest complete checkpoint there: after a crash, and on each retry of this task.
     """
     resuming = latest_checkpoint(checkpoint_dir) is not None
-    logger = tracking.MlflowMetricsCallback(
-        run_id, tracking.last_logged_step(run_id) if resuming else -1
-    )
-    result = train(
-        tokenized, labels, model_cfg, cfg, workdir, [logger], checkpoint_dir, get_kind(task)
-    )
+    after_step = tracking.last_logged_step(run_id) if resuming else -1
+    if cfg.num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
+        job = distributed.Job(
+            tokenized=tokenized,
+            labels=labels,
+            model_cfg=model_cfg,
+            cfg=cfg,
+            task=task,
+            workdir=str(workdir),
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+            run_id=run_id,
+            after_step=after_step,
+            tracking_uri=mlflow.get_tracking_uri(),
+        )
+        result = distributed.launch(job, cfg.num_processes)
+    else:
+        logger = tracking.MlflowMetricsCallback(run_id, after_step)
+        result = train(
+            tokenized, labels, model_cfg, cfg, workdir, [logger], checkpoint_dir, get_kind(task)
+        )
     if result.resumed_from_step:
         tracking.set_tags(run_id, {"fulltune.resumed_from_step": result.resumed_from_step})
     tracking.log_metrics(
@@ -281,6 +296,7 @@ def train_stage(
             "train/params_updated_fraction": result.params_updated / result.params_total,
             "train/tensors_updated_fraction": result.tensors_updated / result.tensors_total,
             "train/tokens_seen": result.non_pad_tokens,
+            "train/num_processes": result.num_processes,
             "efficiency/step_time_s": result.step_time_s,
             "efficiency/tokens_per_s": result.tokens_per_s,
             "efficiency/samples_per_s": result.samples_per_s,

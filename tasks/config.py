@@ -200,6 +200,12 @@ class TrainConfig(_Section):
     retries: int = Field(
         1, ge=0, description="Retries of the train stage; each resumes from the latest checkpoint."
     )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on "
+        "GPU, one GPU per process). The batch size is per process; only rank 0 logs.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, more time."
     )

@@ -30,7 +30,18 @@ def embedding_params(model: torch.nn.Module) -> int:
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters()) - embedding_params(model)
+    """Parameters that take part in matrix multiplies: all but the embedding lookups.
+
+    A language-model head tied to the token embedding (GPT-2, BERT's LM head) multiplies every
+    position by that table, so it counts once more: its FLOPs are 6 * vocab * hidden per token.
+    """
+    n = sum(p.numel() for p in model.parameters()) - embedding_params(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if head is not None and any(head.weight is table for table in tables):
+        n += head.weight.numel()
+    return n
 
 
 def train_flops_per_token(n_non_embedding: int, layers: int, hidden: int, seq_len: float) -> float:

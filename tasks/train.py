@@ -10,6 +10,7 @@ class, collator and checks; resume, scheduling, preflight and efficiency are sha
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -214,6 +215,8 @@ class TrainResult(BaseModel):
     peak_rss_bytes: int
     preflight_estimate_bytes: int
     resumed_from_step: int | None = None
+    weights_digest: str = ""  # sha256 of the trained weights: equal across data-parallel ranks
+    num_processes: int = 1
 
 
 def auto_schedule(cfg: TrainConfig, train_rows: int, n_params: int) -> tuple[float, float]:
@@ -305,6 +308,7 @@ def setup_args(
     # Resumable checkpoints carry the optimizer, scheduler and RNG; selection-only ones need not.
     resumable = cfg.checkpoint_steps is not None
     on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
@@ -336,7 +340,7 @@ def setup_args(
         metric_for_best_model=kind.selection_metric,
         greater_is_better=kind.greater_is_better,
         report_to="none",
-        use_cpu=cfg.device == "cpu",
+        use_cpu=not on_gpu,  # also tells accelerate that a torchrun job is CPU DDP (gloo)
         disable_tqdm=False,
         # The GPU path: bf16 autocast, fused AdamW, TF32 matmuls, pinned host memory. All off on
         # the CPU, where bf16 autocast is slower than fp32.
@@ -345,12 +349,23 @@ def setup_args(
         dataloader_pin_memory=on_gpu,
         activation_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.compile and on_gpu,
+        # Under torchrun (train.num_processes > 1): DDP over NCCL on GPUs, gloo on CPUs.
+        ddp_backend=("nccl" if on_gpu else "gloo") if distributed else None,
     )
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every parameter, to prove afterwards that each one was updated."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: two models with the same digest have the same weights."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        h.update(name.encode())
+        h.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def count_updated(
@@ -501,4 +516,6 @@ def train(
         peak_rss_bytes=peak_rss_bytes(),
         preflight_estimate_bytes=estimate.total,
         resumed_from_step=resumed_step or None,
+        weights_digest=weights_digest(selected),
+        num_processes=trainer.args.world_size,
     )

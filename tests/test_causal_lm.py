@@ -106,6 +106,17 @@ def test_unpacked_examples_mask_padding_out_of_the_loss(tiny_gpt2_dir: Path) -> 
     assert batch["attention_mask"][1, short:].eq(0).all()
 
 
+def test_a_tied_lm_head_counts_in_the_flops(tiny_gpt2_dir: Path) -> None:
+    from tasks.efficiency import embedding_params, non_embedding_params
+    from tasks.kinds.causal_lm import setup_model
+
+    model = setup_model(ModelConfig(name_or_path=str(tiny_gpt2_dir)), [])
+    total = sum(p.numel() for p in model.parameters())
+    vocab_table = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is vocab_table  # tied, listed once
+    assert non_embedding_params(model) == total - embedding_params(model) + vocab_table.numel()
+
+
 def test_perplexity_is_over_tokens_not_batches() -> None:
     # Two blocks: 1 token at loss 4.0 and 3 tokens at loss 0.0 each.
     scores = perplexity(np.array([4.0, 0.0]), np.array([1, 3]))
@@ -241,5 +252,5 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
         app, ["predict", "-m", "models:/tiny-lm/1", "-t", "the cat", "--tracking-uri", uri]
     )
     assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1].startswith("the cat")
+    assert result.stdout.strip().splitlines()[-1].startswith("the cat")
     assert summary.decision is not None and summary.decision.metric == "perplexity"
