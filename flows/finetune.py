@@ -464,7 +464,9 @@ def claim_run(
             folder = root / candidate
             if latest_checkpoint(folder) is not None and (lock := lock_folder(folder)):
                 tracking.reattach_run(candidate, tags)
-                print(f"Resuming MLflow run {candidate} from {latest_checkpoint(folder)}")
+                get_run_logger().info(
+                    "Resuming MLflow run %s from %s", candidate, latest_checkpoint(folder)
+                )
                 return candidate, folder, lock
     run_id = tracking.start_run(
         cfg, tags=tags | {"fulltune.resume_key": resume_key}, run_name=run_name
@@ -474,7 +476,9 @@ def claim_run(
     return run_id, root / run_id, lock_folder(root / run_id)
 
 
-@flow(name="finetune", log_prints=True)
+# No log_prints: dill (under datasets' fingerprinting) reads dis.dis output from a captured
+# stdout, and Prefect's print patch would turn that bytecode into log lines instead.
+@flow(name="finetune")
 def finetune(
     config: RunConfig = RunConfig(),
     extra_tags: dict[str, str] | None = None,
@@ -493,7 +497,7 @@ def finetune(
         "fulltune.config_hash": cfg.digest(),
     } | (extra_tags or {})
     run_id, checkpoint_dir, lock = claim_run(cfg, tags, str(flow_run.get_name()))
-    print(f"MLflow run {run_id} (tracking URI {cfg.tracking_uri()})")
+    get_run_logger().info("MLflow run %s (tracking URI %s)", run_id, cfg.tracking_uri())
     try:
         cache_root = cfg.home_dir() / "cache"
         folder = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)

@@ -131,7 +131,7 @@ def trial_stage(
     )
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep")
 def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     """Search the recipe with Optuna on validation; register the best through `finetune`."""
     cfg = config
