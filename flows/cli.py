@@ -121,9 +121,6 @@ def sweep(
     cfg = _load_config(config, overrides)
     from flows.sweep import sweep as sweep_flow
 
-    if cfg.task != "text-classification":
-        _fail(f"sweep searches on validation macro F1: task {cfg.task!r} is not supported yet")
-
     try:
         summary = sweep_flow(config=cfg, trials=trials)
     except Exception as err:
@@ -132,9 +129,11 @@ def sweep(
     typer.echo(f"Sweep parent run: {summary.parent_run_id}")
     for t in summary.trials:
         value = "pruned" if t.pruned else f"{t.value:.4f}"
-        typer.echo(f"  trial {t.number}: val macro F1 {value}  {t.params}")
+        typer.echo(f"  trial {t.number}: val {summary.metric} {value}  {t.params}")
     final = summary.final
-    typer.echo(f"Best trial params: {summary.best_params} (val macro F1 {summary.best_value:.4f})")
+    typer.echo(
+        f"Best trial params: {summary.best_params} (val {summary.metric} {summary.best_value:.4f})"
+    )
     typer.echo(f"Registered model: {final.model.name} version {final.model.version}")
     if final.decision is not None:
         typer.echo(f"Promotion:        {final.decision.reason}")

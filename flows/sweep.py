@@ -1,8 +1,8 @@
 """The ``sweep`` flow: Optuna searches the training recipe on validation, the best is registered.
 
-validate_data -> split_data -> tokenize (once) -> trial x N (nested MLflow runs, pruned on
-validation macro F1) -> finetune with the best settings (the normal test evaluation, registry and
-promotion gate).
+validate_data -> split_data -> tokenize (once) -> trial x N (nested MLflow runs, pruned on the
+task's validation metric: macro F1 for classification, loss for a causal LM) -> finetune with the
+best settings (the normal test evaluation, registry and promotion gate).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from flows.finetune import (
 )
 from tasks import tracking
 from tasks.config import ModelConfig, RunConfig, TrainConfig
+from tasks.kinds import get_kind
 from tasks.tokenize import TokenizedData
 from tasks.train import train
 
@@ -50,6 +51,7 @@ class TrialResult(BaseModel):
 class SweepSummary(BaseModel):
     parent_run_id: str
     trials: list[TrialResult]
+    metric: str  # the validation metric searched on
     best_params: dict[str, Any]
     best_value: float
     final: RunSummary
@@ -67,16 +69,17 @@ def suggest(trial: optuna.Trial) -> dict[str, Any]:
 
 
 class PruneOnValidation(TrainerCallback):
-    """Report each validation macro F1 to Optuna; stop the trial when the pruner says so."""
+    """Report each validation score to Optuna; stop the trial when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial):
+    def __init__(self, trial: optuna.Trial, metric: str):
         self.trial = trial
+        self.key = f"eval_{metric}"
         self.pruned = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics or "eval_macro_f1" not in metrics:
+        if not metrics or self.key not in metrics:
             return
-        self.trial.report(metrics["eval_macro_f1"], step=state.global_step)
+        self.trial.report(metrics[self.key], step=state.global_step)
         if self.trial.should_prune():
             self.pruned = True
             control.should_training_stop = True
@@ -92,7 +95,9 @@ def trial_stage(
     cfg: RunConfig,
     parent_run_id: str,
 ) -> TrialResult:
-    """Train one candidate (a nested MLflow run) and tell Optuna its best validation macro F1."""
+    """Train one candidate (a nested MLflow run) and tell Optuna its best validation score."""
+    kind = get_kind(cfg.task)
+    metric = kind.selection_metric
     trial = study.ask()
     params = suggest(trial)
     run_id = tracking.start_run(
@@ -100,7 +105,7 @@ def trial_stage(
         tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial.number)},
         run_name=f"trial-{trial.number}",
     )
-    pruner = PruneOnValidation(trial)
+    pruner = PruneOnValidation(trial, metric)
     workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
     try:
         result = train(
@@ -110,13 +115,15 @@ def trial_stage(
             train_cfg.model_copy(update=params | {"early_stopping_patience": None}),
             workdir,
             [tracking.MlflowMetricsCallback(run_id), pruner],
+            kind=kind,
         )
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         tracking.end_run(run_id, "FAILED")
         raise
-    value = max((p["macro_f1"] for p in result.validation_curve), default=0.0)
-    tracking.log_metrics(run_id, {"sweep/best_val_macro_f1": value, "sweep/pruned": pruner.pruned})
+    scores = [p[metric] for p in result.validation_curve]
+    value = (max if kind.greater_is_better else min)(scores, default=float("nan"))
+    tracking.log_metrics(run_id, {f"sweep/best_val_{metric}": value, "sweep/pruned": pruner.pruned})
     tracking.end_run(run_id, "FINISHED")
     if pruner.pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -157,8 +164,10 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
             splits, data.labels, cfg.model, cfg.task, folder, parent
         )
         record_tokenization(tokenized, parent)
+        kind = get_kind(cfg.task)
+        metric = kind.selection_metric
         study = optuna.create_study(
-            direction="maximize",
+            direction="maximize" if kind.greater_is_better else "minimize",
             sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
         )
@@ -169,8 +178,9 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         completed = [r for r in results if r.value is not None]
         if not completed:
             raise RuntimeError(f"all {trials} trials were pruned or failed")
-        best = max(completed, key=lambda r: r.value or 0.0)
-        tracking.log_metrics(parent, {"sweep/best_val_macro_f1": best.value or 0.0})
+        pick = max if kind.greater_is_better else min
+        best = pick(completed, key=lambda r: r.value if r.value is not None else float("nan"))
+        tracking.log_metrics(parent, {f"sweep/best_val_{metric}": best.value or 0.0})
         tracking.set_tags(parent, {"sweep.best_trial": str(best.number)})
         tracking.log_json(parent, [r.model_dump() for r in results], "sweep/trials.json")
     except BaseException:
@@ -188,9 +198,9 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     create_markdown_artifact(
         key="sweep",
         markdown=f"# Sweep ({trials} trials)\n\n"
-        "| trial | best val macro F1 | params |\n|---|---|---|\n"
+        f"| trial | best val {metric} | params |\n|---|---|---|\n"
         f"{rows}\n\nBest: trial {best.number}; retrained and registered through `finetune`.\n",
-        description="Optuna trials on validation macro F1",
+        description=f"Optuna trials on validation {metric}",
     )
     # The best settings go through the normal path: test evaluation, registry, promotion gate.
     final_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=best.params)})
@@ -201,6 +211,7 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     return SweepSummary(
         parent_run_id=parent,
         trials=results,
+        metric=metric,
         best_params=best.params,
         best_value=best.value or 0.0,
         final=final,

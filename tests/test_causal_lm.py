@@ -187,36 +187,49 @@ def test_config_ties_the_promotion_metric_to_the_task() -> None:
         load_config(None, ["task=causal-lm"])
 
 
+def lm_overrides(tiny_gpt2_dir: Path, tmp_path: Path) -> list[str]:
+    """A causal-LM run on the tiny GPT-2 and the generated sentences, in seconds."""
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(corpus(160)) + "\n")
+    return [
+        "task=causal-lm",
+        "promote.metric=perplexity",
+        f"home={tmp_path / 'home'}",
+        f"model.name_or_path={tiny_gpt2_dir}",
+        "model.max_length=32",
+        f"data.train={data}",
+        "data.validation_fraction=0.125",
+        "data.test_fraction=0.125",
+        "train.batch_size=8",
+        "train.learning_rate=0.01",
+        "train.warmup_fraction=0.0",
+        "train.logging_steps=5",
+        "train.early_stopping_patience=null",
+        "eval.prompts=['the cat']",
+        "eval.max_new_tokens=8",
+        "registry.model_name=tiny-lm",
+    ]
+
+
+def test_lm_sweep_minimises_validation_loss(
+    tiny_gpt2_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    from flows.sweep import sweep
+
+    cfg = load_config(None, [*lm_overrides(tiny_gpt2_dir, tmp_path), "train.max_steps=12"])
+    summary = sweep(config=cfg, trials=2)
+    assert summary.metric == "loss"
+    completed = [t for t in summary.trials if not t.pruned]
+    assert summary.best_value == min(t.value for t in completed)
+    assert summary.final.metrics["perplexity"] < summary.final.baseline["perplexity"]
+
+
 def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
     tiny_gpt2_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:
     from flows.finetune import finetune
 
-    data = tmp_path / "sentences.txt"
-    data.write_text("\n".join(corpus(160)) + "\n")
-    home = tmp_path / "home"
-    cfg = load_config(
-        None,
-        [
-            "task=causal-lm",
-            "promote.metric=perplexity",
-            f"home={home}",
-            f"model.name_or_path={tiny_gpt2_dir}",
-            "model.max_length=32",
-            f"data.train={data}",
-            "data.validation_fraction=0.125",
-            "data.test_fraction=0.125",
-            "train.max_steps=60",
-            "train.batch_size=8",
-            "train.learning_rate=0.01",
-            "train.warmup_fraction=0.0",
-            "train.logging_steps=5",
-            "train.early_stopping_patience=null",
-            "eval.prompts=['the cat']",
-            "eval.max_new_tokens=8",
-            "registry.model_name=tiny-lm",
-        ],
-    )
+    cfg = load_config(None, [*lm_overrides(tiny_gpt2_dir, tmp_path), "train.max_steps=60"])
     summary = finetune(config=cfg)
 
     # The fine-tuned model predicts held-out tokens far better than where it started.
