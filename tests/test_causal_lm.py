@@ -267,3 +267,9 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1].startswith("the cat")
     assert summary.decision is not None and summary.decision.metric == "perplexity"
+
+    # The same config again: the champion is compared on the same blocks, its losses read back.
+    again = finetune(config=cfg)
+    assert again.decision is not None and again.decision.champion_before == "1"
+    assert again.decision.delta == pytest.approx(0.0, abs=1e-6)  # same seed, same model
+    assert not again.decision.promoted and "lower by" in again.decision.reason

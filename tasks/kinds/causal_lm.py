@@ -36,7 +36,7 @@ from transformers import (
     set_seed,
 )
 
-from tasks.caching import tokenizer_identity
+from tasks.caching import digest
 from tasks.config import EvalConfig, ModelConfig, PromoteConfig, TrainConfig
 from tasks.kinds import Checked, Kind, TrainExtras
 from tasks.promote import Decision, current_champion
@@ -244,6 +244,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or " "
 
 
+def vocabulary_identity(tokenizer: Any) -> str:
+    """A hash of the vocabulary and the special tokens: what makes two token counts comparable.
+
+    Not the tokenizer's path: every run saves its own copy of the same tokenizer.
+    """
+    return digest(sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens)
+
+
 def evaluate(
     model_dir: str,
     tokenized: Any,
@@ -278,7 +286,7 @@ def evaluate(
         classical=unigram_perplexity(data["train"], test, len(tokenizer)),
         test_rows=len(test),
         test_fingerprint=fingerprint(pd.read_parquet(splits.test_path)),
-        tokenizer=tokenizer_identity(tokenizer),
+        tokenizer=vocabulary_identity(tokenizer),
         generations=generations,
         losses_path=str(losses_path),
         generations_path=str(generations_path),
@@ -333,7 +341,7 @@ def decide(
         "challenger_score": score,
     }
     if not_comparable:
-        return Decision(promoted=False, reason=f"kept: {not_comparable}", **base)
+        return Decision(promoted=False, reason=not_comparable, **base)
     if champion is None:
         beaten = [f"{name} {value:.2f}" for name, value in floors.items() if score >= value]
         verdict = (
