@@ -273,3 +273,50 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
     assert again.decision is not None and again.decision.champion_before == "1"
     assert again.decision.delta == pytest.approx(0.0, abs=1e-6)  # same seed, same model
     assert not again.decision.promoted and "lower by" in again.decision.reason
+
+
+def test_lm_training_resumes_from_its_checkpoint(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Resume is the shared recipe's: an LM run picks up from its latest complete checkpoint."""
+    from tasks.split import split_data
+    from tasks.tokenize import tokenize
+    from tasks.config import TrainConfig
+    from tasks.train import latest_checkpoint, train
+
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(corpus(160)) + "\n")
+    cfg = DataConfig(train=str(data), validation_fraction=0.125, test_fraction=0.125)
+    model_cfg = ModelConfig(name_or_path=str(tiny_gpt2_dir), max_length=32)
+    validated = validate_data(cfg, tmp_path / "v", "causal-lm")
+    splits = split_data(validated, cfg, tmp_path)
+    tokenized = tokenize(splits, [], model_cfg, tmp_path, get_kind("causal-lm"))
+    checkpoints = tmp_path / "checkpoints"
+    settings = {
+        "batch_size": 8,
+        "learning_rate": 0.01,
+        "checkpoint_steps": 5,
+        "select_best": False,
+        "early_stopping_patience": None,
+    }
+    first = train(
+        tokenized,
+        [],
+        model_cfg,
+        TrainConfig(max_steps=10, **settings),
+        tmp_path / "first",
+        checkpoint_dir=checkpoints,
+        kind=get_kind("causal-lm"),
+    )
+    assert first.resumed_from_step is None
+    assert latest_checkpoint(checkpoints) is not None
+    assert latest_checkpoint(checkpoints).name == "checkpoint-10"
+    resumed = train(
+        tokenized,
+        [],
+        model_cfg,
+        TrainConfig(max_steps=15, **settings),
+        tmp_path / "second",
+        checkpoint_dir=checkpoints,
+        kind=get_kind("causal-lm"),
+    )
+    assert resumed.resumed_from_step == 10
+    assert resumed.global_step == 15  # 5 more steps, not 15 from scratch
