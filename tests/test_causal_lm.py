@@ -277,9 +277,9 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
 
 def test_lm_training_resumes_from_its_checkpoint(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     """Resume is the shared recipe's: an LM run picks up from its latest complete checkpoint."""
+    from tasks.config import TrainConfig
     from tasks.split import split_data
     from tasks.tokenize import tokenize
-    from tasks.config import TrainConfig
     from tasks.train import latest_checkpoint, train
 
     data = tmp_path / "sentences.txt"
