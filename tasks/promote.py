@@ -202,6 +202,18 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
+def record_decision(
+    client: MlflowClient, registered: Any, decision: Decision, alias: str
+) -> Decision:
+    """Tag the version with the gate's decision and move ``alias`` to it when it was promoted."""
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(registered.name, registered.version, key, value)
+    if decision.promoted:
+        client.set_registered_model_alias(registered.name, alias, registered.version)
+    log.info("promotion: %s", decision.reason)
+    return decision
+
+
 def promote(
     registered: Any,
     evaluation: Any,
@@ -248,9 +260,4 @@ def promote(
         champion_pred,
         blocked,
     ).model_copy(update={"reevaluated_champion": reevaluated})
-    for key, value in decision.tags().items():
-        client.set_model_version_tag(registered.name, registered.version, key, value)
-    if decision.promoted:
-        client.set_registered_model_alias(registered.name, cfg.alias, registered.version)
-    log.info("promotion: %s", decision.reason)
-    return decision
+    return record_decision(client, registered, decision, cfg.alias)

@@ -290,33 +290,30 @@ def test_lm_training_resumes_from_its_checkpoint(tiny_gpt2_dir: Path, tmp_path: 
     splits = split_data(validated, cfg, tmp_path)
     tokenized = tokenize(splits, [], model_cfg, tmp_path, get_kind("causal-lm"))
     checkpoints = tmp_path / "checkpoints"
-    settings = {
-        "batch_size": 8,
-        "learning_rate": 0.01,
-        "checkpoint_steps": 5,
-        "select_best": False,
-        "early_stopping_patience": None,
-    }
-    first = train(
-        tokenized,
-        [],
-        model_cfg,
-        TrainConfig(max_steps=10, **settings),
-        tmp_path / "first",
-        checkpoint_dir=checkpoints,
-        kind=get_kind("causal-lm"),
-    )
+
+    def run(max_steps: int, folder: str):
+        train_cfg = TrainConfig(
+            max_steps=max_steps,
+            batch_size=8,
+            learning_rate=0.01,
+            checkpoint_steps=5,
+            select_best=False,
+            early_stopping_patience=None,
+        )
+        return train(
+            tokenized,
+            [],
+            model_cfg,
+            train_cfg,
+            tmp_path / folder,
+            checkpoint_dir=checkpoints,
+            kind=get_kind("causal-lm"),
+        )
+
+    first = run(10, "first")
     assert first.resumed_from_step is None
     assert latest_checkpoint(checkpoints) is not None
     assert latest_checkpoint(checkpoints).name == "checkpoint-10"
-    resumed = train(
-        tokenized,
-        [],
-        model_cfg,
-        TrainConfig(max_steps=15, **settings),
-        tmp_path / "second",
-        checkpoint_dir=checkpoints,
-        kind=get_kind("causal-lm"),
-    )
+    resumed = run(15, "second")
     assert resumed.resumed_from_step == 10
     assert resumed.global_step == 15  # 5 more steps, not 15 from scratch

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
@@ -39,7 +40,7 @@ from transformers import (
 from tasks.caching import digest
 from tasks.config import EvalConfig, ModelConfig, PromoteConfig, TrainConfig
 from tasks.kinds import Checked, Kind, TrainExtras
-from tasks.promote import Decision, current_champion
+from tasks.promote import Decision, current_champion, record_decision
 from tasks.sources import fingerprint, resolve_model
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,6 @@ def evaluate(
     losses_path.write_text(json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}))
     generations_path = workdir / "generations.json"
     generations_path.write_text(json.dumps(generations, indent=2, ensure_ascii=False))
-    import pandas as pd
-
     return LMEvalResult(
         metrics=perplexity(sums, counts),
         baseline=perplexity(base_sums, base_counts),
@@ -372,6 +371,12 @@ def decide(
     )
 
 
+def read_losses(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block (loss sums, token counts) as ``evaluate`` wrote them to ``test_losses.json``."""
+    logged = json.loads(Path(path).read_text())
+    return np.asarray(logged["sums"]), np.asarray(logged["counts"])
+
+
 def champion_losses(
     client: MlflowClient, name: str, champion: Any, evaluation: LMEvalResult, tokenized: Any
 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None, bool]:
@@ -385,20 +390,20 @@ def champion_losses(
     if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
         try:
             path = client.download_artifacts(champion.run_id, "evaluation/test_losses.json")
-            logged = json.loads(Path(path).read_text())
-            if len(logged["sums"]) == evaluation.test_rows:
-                return (np.asarray(logged["sums"]), np.asarray(logged["counts"])), None, False
+            losses = read_losses(path)
+            if len(losses[0]) == evaluation.test_rows:
+                return losses, None, False
         except (MlflowException, OSError):
             pass
+    test = load_from_disk(tokenized.path)["test"]
+    if evaluation.test_rows < len(test):
+        return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
     import mlflow.transformers
 
     log.info("champion v%s saw another test set: scoring it on this one", champion.version)
     parts = mlflow.transformers.load_model(
         f"models:/{name}/{champion.version}", return_type="components"
     )
-    test = load_from_disk(tokenized.path)["test"]
-    if evaluation.test_rows < len(test):
-        return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
     return block_losses(parts["model"], test, parts["tokenizer"], 32), None, True
 
 
@@ -413,8 +418,7 @@ def promote(
 ) -> Decision:
     """Run the gate for a just-registered LM version; move the alias and tag the version."""
     client = MlflowClient()
-    logged = json.loads(Path(evaluation.losses_path).read_text())
-    challenger = (np.asarray(logged["sums"]), np.asarray(logged["counts"]))
+    challenger = read_losses(evaluation.losses_path)
     champion = current_champion(client, registered.name, cfg.alias)
     losses, why, rescored = None, blocked, False
     if champion is not None and str(champion.version) != registered.version and not blocked:
@@ -434,12 +438,7 @@ def promote(
         losses,
         why,
     ).model_copy(update={"reevaluated_champion": rescored})
-    for key, value in decision.tags().items():
-        client.set_model_version_tag(registered.name, registered.version, key, value)
-    if decision.promoted:
-        client.set_registered_model_alias(registered.name, cfg.alias, registered.version)
-    log.info("promotion: %s", decision.reason)
-    return decision
+    return record_decision(client, registered, decision, cfg.alias)
 
 
 def inference_config(cfg: EvalConfig) -> dict[str, Any]:
