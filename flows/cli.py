@@ -193,7 +193,9 @@ def predict(
         Path | None, typer.Option("--output", "-o", help="Write predictions here (.csv/.jsonl).")
     ] = None,
     text_column: Annotated[str, typer.Option(help="Text column of --input.")] = "text",
-    batch_size: Annotated[int, typer.Option(min=1, help="Texts per model call.")] = 64,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Texts per model call (default: eval.batch_size).")
+    ] = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Predict labels (with scores), or continue texts with a text-generation model."""
@@ -224,6 +226,9 @@ def predict(
 
     import mlflow.pyfunc
 
+    from tasks.config import EvalConfig
+
+    batch_size = batch_size or EvalConfig().batch_size
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     parts = [loaded.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     if isinstance(parts[0], pd.DataFrame):  # a classifier: a label and its score per text
@@ -309,15 +314,18 @@ def reproduce(
     """Re-run a past run from its logged config, if its data is still the same."""
     import tempfile
 
-    from tasks.sources import SourceError, load_tokenizer
+    from tasks.kinds import get_kind
+    from tasks.sources import SourceError, load_tokenizer, materialize_model
     from tasks.validate import DataValidationError, validate_data
 
     run_info, cfg = _logged_run(run_id, tracking_uri)
     expected = run_info.data.tags.get("data.fingerprint")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-            data = validate_data(cfg.data, Path(tmp), cfg.task, tokenizer, cfg.model.max_length)
+            model_cfg = materialize_model(cfg.model, cfg.home_dir() / "cache")
+            tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
+            kind = get_kind(cfg.task)
+            data = validate_data(cfg.data, Path(tmp), kind, tokenizer, cfg.model.max_length)
             found = data.fingerprint
         except (SourceError, DataValidationError) as err:
             found = f"unreadable ({str(err).splitlines()[0]})"

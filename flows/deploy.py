@@ -15,7 +15,8 @@ from flows.finetune import finetune
 from tasks.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# Nightly at 02:00 (the server's time zone): retrain on whatever the data path holds now.
+# Nightly at 02:00 UTC (a cron schedule without a time zone is UTC in Prefect): retrain on
+# whatever the data path holds now.
 NIGHTLY_CRON = os.environ.get("FULLTUNE_NIGHTLY_CRON", "0 2 * * *")
 
 

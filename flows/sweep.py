@@ -19,22 +19,12 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 from transformers import TrainerCallback
 
-from flows.finetune import (
-    RunSummary,
-    cached,
-    finetune,
-    record_tokenization,
-    record_validation,
-    split_data_stage,
-    tokenization_cache,
-    tokenize_stage,
-    validate_data_stage,
-    validation_cache,
-)
+from flows.finetune import RunSummary, cache_root, finetune
+from flows.stages import Prepared, prepare_data
 from tasks import tracking
-from tasks.config import ModelConfig, RunConfig, TrainConfig
-from tasks.kinds import get_kind
-from tasks.tokenize import TokenizedData
+from tasks.config import RunConfig, TrainConfig
+from tasks.kinds import Kind, get_kind
+from tasks.sources import load_tokenizer, materialize_model
 from tasks.train import train
 
 log = logging.getLogger(__name__)
@@ -85,23 +75,27 @@ class PruneOnValidation(TrainerCallback):
             control.should_training_stop = True
 
 
+def with_params(cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with a trial's values, validated like any config (a bad value names its field)."""
+    return TrainConfig.model_validate(cfg.model_dump() | params)
+
+
 @task(name="trial", cache_policy=NONE)
 def trial_stage(
     study: optuna.Study,
-    tokenized: TokenizedData,
-    labels: list[str],
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
+    prepared: Prepared,
+    kind: Kind,
+    tokenizer: Any,
     cfg: RunConfig,
     parent_run_id: str,
 ) -> TrialResult:
     """Train one candidate (a nested MLflow run) and tell Optuna its best validation score."""
-    kind = get_kind(cfg.task)
     metric = kind.selection_metric
     trial = study.ask()
     params = suggest(trial)
+    trial_cfg = with_params(cfg.train, params)
     run_id = tracking.start_run(
-        cfg.model_copy(update={"train": train_cfg.model_copy(update=params)}),
+        cfg.model_copy(update={"train": trial_cfg}),
         tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial.number)},
         run_name=f"trial-{trial.number}",
     )
@@ -109,13 +103,15 @@ def trial_stage(
     workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
     try:
         result = train(
-            tokenized,
-            labels,
-            model_cfg,
-            train_cfg.model_copy(update=params | {"early_stopping_patience": None}),
+            prepared.tokenized,
+            prepared.data.labels,
+            cfg.model,
+            with_params(trial_cfg, {"early_stopping_patience": None}),
+            cfg.eval.batch_size,
             workdir,
+            kind,
             [tracking.MlflowMetricsCallback(run_id), pruner],
-            kind=kind,
+            tokenizer=tokenizer,
         )
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -151,29 +147,19 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         tags={"prefect.flow_run_id": flow_run_id, "sweep.trials": str(trials)},
         run_name=f"sweep-{flow_run.get_name()}",
     )
+    kind = get_kind(cfg.task)
+    metric = kind.selection_metric
     try:
-        cache_root = cfg.home_dir() / "cache"
-        folder = validation_cache(cfg.data, cfg.model, cfg.task, cache_root)
-        data = cached(validate_data_stage, folder)(cfg.data, cfg.model, cfg.task, folder, parent)
-        record_validation(data, parent)
-        splits = split_data_stage(
-            data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, parent
-        )
-        folder = tokenization_cache(splits, data.labels, cfg.model, cfg.task, cache_root)
-        tokenized = cached(tokenize_stage, folder)(
-            splits, data.labels, cfg.model, cfg.task, folder, parent
-        )
-        record_tokenization(tokenized, parent)
-        kind = get_kind(cfg.task)
-        metric = kind.selection_metric
+        cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+        prepared = prepare_data(cfg, kind, tokenizer, workdir, parent)
         study = optuna.create_study(
             direction="maximize" if kind.greater_is_better else "minimize",
             sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
         )
         results = [
-            trial_stage(study, tokenized, data.labels, cfg.model, cfg.train, cfg, parent)
-            for _ in range(trials)
+            trial_stage(study, prepared, kind, tokenizer, cfg, parent) for _ in range(trials)
         ]
         completed = [r for r in results if r.value is not None]
         if not completed:
@@ -203,7 +189,7 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         description=f"Optuna trials on validation {metric}",
     )
     # The best settings go through the normal path: test evaluation, registry, promotion gate.
-    final_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=best.params)})
+    final_cfg = cfg.model_copy(update={"train": with_params(cfg.train, best.params)})
     final = finetune(
         config=final_cfg,
         extra_tags={"sweep.parent_run_id": parent, "sweep.best_trial": str(best.number)},

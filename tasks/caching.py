@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tasks.sources import resolve_local
+from tasks.sources import file_digest, resolve_local
 
 DONE = "DONE"
 
@@ -24,14 +24,6 @@ def digest(*parts: Any) -> str:
     """A short sha256 of JSON-able parts."""
     payload = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(payload).hexdigest()[:20]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_identity(name: str | None) -> str | None:

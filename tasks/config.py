@@ -52,7 +52,38 @@ class DataConfig(_Section):
         "text", description="Column holding the input text (`text` for a plain `.txt` file)."
     )
     label_column: str = Field(
-        "label", description="Column holding the class label (text-classification only)."
+        "label",
+        description="Column holding the class label (text-classification; sft with "
+        "`format: labelled`, where the label is the answer).",
+    )
+    format: Literal["auto", "chat", "prompt-completion", "alpaca", "labelled"] = Field(
+        "auto",
+        description="sft: how rows hold a conversation. `chat`: a `messages_column` of "
+        "`{role, content}` lists; `prompt-completion`: `prompt_column` and `completion_column`; "
+        "`alpaca`: `instruction_column`, optional `input_column`, `output_column`; `labelled`: a "
+        "labelled text table made into instructions with `prompt_template` (the label is the "
+        "answer). `auto` picks the first whose columns exist.",
+    )
+    messages_column: str = Field("messages", description="sft chat: the conversation column.")
+    prompt_column: str = Field("prompt", description="sft prompt-completion: the prompt column.")
+    completion_column: str = Field(
+        "completion", description="sft prompt-completion: the answer column."
+    )
+    instruction_column: str = Field(
+        "instruction", description="sft alpaca: the instruction column."
+    )
+    input_column: str = Field(
+        "input", description="sft alpaca: the optional input column (appended to the instruction)."
+    )
+    output_column: str = Field("output", description="sft alpaca: the answer column.")
+    prompt_template: str = Field(
+        "{text}",
+        description="sft labelled: the user turn, with `{text}` standing for the text column.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="sft: a system turn put before every conversation that has none (None: the "
+        "chat template's own default, if it has one).",
     )
     text_documents: Literal["line", "paragraph"] = Field(
         "line",
@@ -87,8 +118,12 @@ class DataConfig(_Section):
         description="`fail`: stop before tokenization. `drop`: quarantine rows that break a "
         "row-level rule (logged as an artifact with counts per rule), then re-validate.",
     )
-    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of `train` carved out as validation when absent."
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of `train` carved out as test when absent."
+    )
     split_seed: int = Field(42, description="Seed of the stratified train/validation/test split.")
 
     @model_validator(mode="after")
@@ -121,11 +156,28 @@ class ModelConfig(_Section):
     )
     max_length: int = Field(128, ge=8, le=8192, description="Truncate inputs to this many tokens.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside `name_or_path` (a folder or hub repo). A `name_or_path` "
+        "ending in `.gguf` is read the same way. The first use converts it (dequantized, fp32) "
+        "into a safetensors checkpoint cached under `home`, keyed by the file's digest.",
+    )
     packing: bool = Field(
         True,
         description="causal-lm: concatenate documents (EOS between them) and cut the stream into "
         "blocks of exactly `max_length` tokens. False: one example per document, truncated, with "
-        "padding masked out of the loss.",
+        "padding masked out of the loss. sft: put a batch's conversations in one row without "
+        "padding, positions restarting per conversation so none attends to another.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="sft: a Jinja chat template for a tokenizer that has none (None: the "
+        "tokenizer's own).",
+    )
+    train_on_prompt: bool = Field(
+        False,
+        description="sft: also train on the prompt tokens. False (the default): the loss is on "
+        "the assistant answers only (every assistant turn of a multi-turn conversation).",
     )
 
 
@@ -136,15 +188,23 @@ class TrainConfig(_Section):
         "auto", description="Epochs (fractions allowed), or `auto` to size them to the data."
     )
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 uses epochs.")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Training rows per step and per process (the global batch is this times "
+        "`gradient_accumulation_steps` times `num_processes`).",
+    )
     learning_rate: float | Literal["auto"] = Field(
         "auto", description="Peak AdamW learning rate, or `auto` to size it to the model."
     )
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW's decoupled weight decay (not on biases and LayerNorm)."
+    )
     warmup_fraction: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient norm to this.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches summed into one optimizer step."
+    )
     max_train_samples: int | None = Field(
         None,
         ge=1,
@@ -161,7 +221,9 @@ class TrainConfig(_Section):
         None, ge=1, description="Validate every this many steps; None validates once per epoch."
     )
     select_best: bool = Field(
-        True, description="Keep the checkpoint with the best validation macro F1, not the last."
+        True,
+        description="Keep the checkpoint with the best validation score (the task's selection "
+        "metric: macro F1, or the loss of a language model), not the last.",
     )
     early_stopping_patience: int | None = Field(
         2, ge=1, description="Stop after this many validations without improvement (None: off)."
@@ -176,9 +238,17 @@ class TrainConfig(_Section):
         description="Draw training batches with every class equally likely (sampling with "
         "replacement); an alternative to class weights for heavily skewed data.",
     )
-    logging_steps: int = Field(10, ge=1)
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    logging_steps: int = Field(
+        10, ge=1, description="Log loss and learning rate (terminal and MLflow) every N steps."
+    )
+    seed: int = Field(
+        42,
+        description="Seed of the new head's initialisation, the data order, the training subset "
+        "and the test-time yardsticks.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` trains on CUDA when present, else on the CPU."
+    )
     check_memory: bool = Field(
         True, description="Estimate training memory first; fail clearly if it cannot fit."
     )
@@ -238,7 +308,12 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """How the final model is scored on the test split."""
 
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Rows per forward pass wherever a model is only scored: validation during "
+        "training, the test split, the champion, `fulltune predict`.",
+    )
     max_test_samples: int | None = Field(
         None, ge=1, description="Score at most this many test rows (seeded subset)."
     )
@@ -270,10 +345,11 @@ class PromoteConfig(_Section):
 
     enabled: bool = Field(True, description="Run the promotion gate after registration.")
     alias: str = Field("champion", description="The alias that production loads.")
-    metric: Literal["macro_f1", "accuracy", "perplexity"] = Field(
-        "macro_f1",
+    metric: Literal["macro_f1", "accuracy", "perplexity", "exact_match"] | None = Field(
+        None,
         description="Primary metric: macro_f1 or accuracy (text-classification), perplexity "
-        "(causal-lm).",
+        "(causal-lm), exact_match, accuracy or macro_f1 over the label set (sft). None: the "
+        "task's own (macro_f1, perplexity, exact_match).",
     )
     min_delta: float = Field(
         0.005,
@@ -284,8 +360,18 @@ class PromoteConfig(_Section):
     require_significant: bool = Field(
         False, description="Also require the bootstrap 95% CI of the difference to exclude 0."
     )
-    bootstrap_samples: int = Field(1000, ge=100)
-    seed: int = 0
+    bootstrap_samples: int = Field(
+        1000, ge=100, description="Resamples of the paired bootstrap confidence interval."
+    )
+    seed: int = Field(0, description="Seed of the bootstrap resampling.")
+
+
+# The promotion metrics each task can be judged by; the first is its default.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "text-classification": ("macro_f1", "accuracy"),
+    "causal-lm": ("perplexity",),
+    "sft": ("exact_match", "accuracy", "macro_f1"),
+}
 
 
 class RunConfig(BaseModel):
@@ -293,10 +379,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["text-classification", "causal-lm"] = Field(
+    task: Literal["text-classification", "causal-lm", "sft"] = Field(
         "text-classification",
-        description="`text-classification` (a label per text) or `causal-lm` (next-token "
-        "prediction on raw text, GPT-2 style).",
+        description="`text-classification` (a label per text), `causal-lm` (next-token "
+        "prediction on raw text, GPT-2 style) or `sft` (instruction or chat tuning of a causal "
+        "LM: the loss on the answers, judged by what it generates).",
     )
     home: str = Field(
         ".fulltune",
@@ -312,11 +399,13 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_task(self) -> RunConfig:
-        lm_metric = self.promote.metric == "perplexity"
-        if (self.task == "causal-lm") != lm_metric:
+        metrics = TASK_METRICS[self.task]
+        if self.promote.metric is None:
+            self.promote.metric = metrics[0]  # type: ignore[assignment]
+        elif self.promote.metric not in metrics:
             raise ValueError(
-                f"promote.metric {self.promote.metric!r} does not fit task {self.task!r}: "
-                "use perplexity for causal-lm, macro_f1 or accuracy for text-classification"
+                f"promote.metric {self.promote.metric!r} does not fit task {self.task!r}: use "
+                + "; ".join(f"{' or '.join(m)} for {t}" for t, m in TASK_METRICS.items())
             )
         return self
 
@@ -407,3 +496,48 @@ def _describe(err: ValidationError) -> str:
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (``docs/configuration.md``), generated from the models above.
+
+    Every key with its type, default and description, section by section; a test fails when the
+    committed file differs, so the documentation cannot drift from the code.
+    """
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from tasks/config.py by `make docs`; do not edit by hand. -->",
+        "",
+        "A config is YAML with the sections below (see `configs/`). Every key has a default, "
+        "unknown keys are errors, and invalid values fail before anything runs, naming the field. "
+        "`--set section.key=value` overrides any key from the command line (the value is read as "
+        "YAML). The same model is the flow's parameter, so the Prefect UI shows it as a form.",
+        "",
+    ]
+    sections: list[tuple[str, type[BaseModel]]] = [("", RunConfig)]
+    for name, field in RunConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            sections.append((name, annotation))
+    for name, model in sections:
+        title = f"`{name}`: {_first_line(model.__doc__)}" if name else "Top level"
+        lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                continue
+            default = field.get_default(call_default_factory=True)
+            full = f"{name}.{key}" if name else key
+            meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{full}` | `{json.dumps(default)}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if text else ""
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,11 +1,12 @@
-"""Classification metrics shared by validation during training and the final test evaluation."""
+"""Label metrics shared by the kinds that predict labels (a classifier, an instruction-tuned LM
+answering from a closed set), from sklearn."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 
 def classification_metrics(
@@ -32,3 +33,17 @@ def classification_metrics(
         metrics[f"f1/{label}"] = float(f1[i])
         metrics[f"support/{label}"] = float(support[i])
     return metrics
+
+
+def gate_statistic(metric: str, n_classes: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """``metric(y_true, y_pred)`` over the declared classes, for the gate's bootstrap.
+
+    A prediction outside the declared set (a champion with another label set predicts -1) is
+    simply wrong: it counts against the true class's recall and no class's precision.
+    """
+    ids = list(range(n_classes))
+    if metric == "accuracy":
+        return lambda y, p: float(np.mean(y == p))
+    if metric == "macro_f1":
+        return lambda y, p: float(f1_score(y, p, labels=ids, average="macro", zero_division=0))
+    raise ValueError(f"promote.metric {metric!r} is not a classification metric")

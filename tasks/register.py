@@ -11,30 +11,15 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
-from pydantic import BaseModel
 from transformers import pipeline
 
 from tasks.config import RegistryConfig
+from tasks.results import RegisteredModel
 
 # Inferring requirements makes mlflow import torchvision, which is not a dependency; the model
 # needs exactly these packages to load and predict.
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "mlflow")
-
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
-)
-
-
-class RegisteredModel(BaseModel):
-    """A registered model version and how to load it."""
-
-    name: str
-    version: str
-    alias: str
-    model_uri: str
 
 
 def pip_requirements() -> list[str]:
@@ -123,13 +108,17 @@ def register_model(
     model_dir: str,
     cfg: RegistryConfig,
     run_id: str,
-    input_example: list[str],
+    input_example: Any,
     version_tags: dict[str, str],
-    task: str = "text-classification",
-    signature: ModelSignature = SIGNATURE,
+    task: str,
+    mlflow_task: str,
+    signature: ModelSignature | None,
     inference_config: dict[str, Any] | None = None,
 ) -> RegisteredModel:
     """Log ``model_dir`` to the run as a ``task`` pipeline, register it, set the alias.
+
+    ``mlflow_task`` is the flavor's task: the pipeline's own, or ``llm/v1/chat`` for a chat model
+    (pyfunc then takes OpenAI-style ``messages`` and applies the saved chat template).
 
     The tokenizer saved beside the model is logged with it, so ``mlflow.pyfunc.load_model``
     returns something that takes raw strings: a classifier predicts labels from the declared set,
@@ -142,7 +131,7 @@ def register_model(
         info = mlflow.transformers.log_model(
             transformers_model=model,
             name="model",
-            task=task,
+            task=mlflow_task,
             registered_model_name=cfg.model_name,
             signature=signature,
             input_example=input_example,

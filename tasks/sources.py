@@ -8,17 +8,21 @@ they are in the source; column mapping and checks happen later, in validation.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import io
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from tasks.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +204,93 @@ def resolve_model(name_or_path: str) -> str:
     """A model reference as ``from_pretrained`` takes it: a local folder path or a hub id."""
     path = resolve_local(name_or_path)
     return str(path) if path is not None else name_or_path
+
+
+def gguf_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str] | None:
+    """(folder or hub id, file name) when the model is a GGUF file, else None.
+
+    Either ``model.gguf_file`` names the file inside ``name_or_path`` (a folder or hub repo), or
+    ``name_or_path`` itself is a ``.gguf`` file (a path or ``pkg://PACKAGE/FILE.gguf``).
+    """
+    if gguf_file:
+        return resolve_model(name_or_path), gguf_file
+    if name_or_path.lower().endswith(".gguf"):
+        path = resolve_local(name_or_path)
+        if path is None:
+            raise SourceError(f"{name_or_path}: GGUF file not found")
+        return str(path.parent), path.name
+    return None
+
+
+def materialize_model(cfg: ModelConfig, cache_root: Path) -> ModelConfig:
+    """``cfg`` pointing at a loadable checkpoint: a GGUF source converted once (see below)."""
+    folder = materialize_gguf(cfg.name_or_path, cfg.gguf_file, cache_root)
+    if folder is None:
+        return cfg
+    return cfg.model_copy(update={"name_or_path": str(folder), "gguf_file": None})
+
+
+def materialize_gguf(name_or_path: str, gguf_file: str | None, cache_root: Path) -> Path | None:
+    """A GGUF model as a normal safetensors checkpoint folder in the cache, or None if not GGUF.
+
+    transformers dequantizes a GGUF file (to fp32) on every load, which takes from seconds to
+    minutes, and refuses to ``save_pretrained`` a model loaded that way. The first use rebuilds the
+    model from its config, loads the dequantized weights and saves model and tokenizer (with its
+    chat template) under ``cache_root/models/<sha256 of the file>``; later runs load that folder.
+    A lock makes concurrent first uses convert once; a ``DONE`` marker written last means a folder
+    cut short by a crash is converted again, never trusted.
+    """
+    source = gguf_source(name_or_path, gguf_file)
+    if source is None:
+        return None
+    folder, file_name = source
+    local = Path(folder) / file_name
+    if local.is_file():
+        key = file_digest(local)
+    else:  # a hub repo: its id, file and revision name the content
+        key = hashlib.sha256(f"{folder}/{file_name}".encode()).hexdigest()
+    target = cache_root / "models" / key[:20]
+    if (target / "DONE").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run converting the same file: wait for it
+        if (target / "DONE").exists():
+            return target
+        _convert_gguf(folder, file_name, target)
+    return target
+
+
+def _convert_gguf(folder: str, file_name: str, target: Path) -> None:
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s/%s to a safetensors checkpoint in %s", folder, file_name, target)
+    started = time.perf_counter()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    # The GGUF origin is recorded beside the weights: what they are, and that they were quantized.
+    model.config.fulltune_gguf_source = f"{folder}/{file_name}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    (target / "DONE").write_text("ok\n")
+    log.info("converted in %.1f s", time.perf_counter() - started)
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:

@@ -5,25 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pydantic import BaseModel
 from sklearn.model_selection import train_test_split
 
 from tasks.config import DataConfig
-from tasks.validate import ValidatedData
+from tasks.results import Splits, ValidatedData
 
 
 class SplitError(ValueError):
     """The data is too small or too skewed to split as configured."""
-
-
-class Splits(BaseModel):
-    """Paths of the three splits (Parquet: ``text``, and ``label`` when labelled) and sizes."""
-
-    train_path: str
-    validation_path: str
-    test_path: str
-    rows: dict[str, int]
-    label_counts: dict[str, dict[str, int]]
 
 
 def stratified_split(
@@ -58,8 +47,8 @@ def split_data(
     data: ValidatedData,
     cfg: DataConfig,
     workdir: Path,
-    max_train_samples: int | None = None,
-    sample_seed: int = 42,
+    max_train_samples: int | None,
+    sample_seed: int,
 ) -> Splits:
     """Carve validation and test splits out of train unless they were given.
 

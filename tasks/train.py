@@ -16,12 +16,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from datasets import DatasetDict, load_from_disk
-from pydantic import BaseModel
 from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
@@ -44,9 +43,11 @@ from tasks.efficiency import (
     peak_rss_bytes,
     train_flops_per_token,
 )
-from tasks.kinds import Kind, get_kind
+from tasks.results import TokenizedData, TrainJob, TrainResult
 from tasks.sources import load_tokenizer
-from tasks.tokenize import TokenizedData
+
+if TYPE_CHECKING:
+    from tasks.kinds import Kind
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,31 @@ class EpochSeededBalancedSampler(torch.utils.data.Sampler[int]):
 
 
 class FinetuneTrainer(Trainer):
-    """``Trainer`` with resumable (epoch-seeded) samplers; nothing else differs."""
+    """``Trainer`` with resumable (epoch-seeded) samplers and a collator of its own for scoring.
 
-    def __init__(self, *args: Any, balanced_labels: np.ndarray | None = None, **kwargs: Any):
+    A packed training batch is one long row; validation batches (``eval.batch_size`` rows) stay
+    padded rows, so scoring never builds one attention matrix over the whole batch.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        balanced_labels: np.ndarray | None = None,
+        eval_collator: Any = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.balanced_labels = balanced_labels
+        self.eval_collator = eval_collator
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self.eval_collator is None:
+            return super().evaluate(*args, **kwargs)
+        training_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = training_collator
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -181,56 +202,29 @@ def lock_folder(folder: Path) -> IO[str] | None:
     return handle
 
 
-class TrainResult(BaseModel):
-    """Where the fine-tuned model was saved, and what training did."""
-
-    model_dir: str
-    global_step: int
-    train_samples: int
-    epochs: float
-    learning_rate: float
-    best_step: int | None
-    stopped_early: bool
-    notes: dict[str, str]
-    train_loss: float
-    first_logged_loss: float | None
-    last_logged_loss: float | None
-    runtime_s: float
-    samples_per_s: float
-    params_total: int
-    params_updated: int
-    tensors_total: int
-    tensors_updated: int
-    validation: dict[str, float]
-    validation_curve: list[dict[str, float]]
-    reference: dict[str, float]
-    collapse: str | None
-    batch_size: int
-    gradient_accumulation_steps: int
-    step_time_s: float
-    non_pad_tokens: int
-    tokens_per_s: float
-    mfu: float
-    matmul_peak_flops: float
-    peak_rss_bytes: int
-    preflight_estimate_bytes: int
-    resumed_from_step: int | None = None
-    weights_digest: str = ""  # sha256 of the trained weights: equal across data-parallel ranks
-    num_processes: int = 1
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Rows per optimizer step: ``batch_size`` is per process, so all processes count."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
 
 
-def auto_schedule(cfg: TrainConfig, train_rows: int, n_params: int) -> tuple[float, float]:
+def world_size() -> int:
+    """Data-parallel processes of this run (torchrun sets WORLD_SIZE; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def auto_schedule(
+    cfg: TrainConfig, train_rows: int, n_params: int, processes: int
+) -> tuple[float, float]:
     """(epochs, learning rate), resolving ``auto`` from the data size and the model size.
 
-    Epochs: enough for about ``TARGET_STEPS`` optimizer steps, clamped to [2, 10]: 600 rows at
-    batch 32 get 10 epochs, 35,000 rows get 2. Early stopping and best-checkpoint selection make
-    the upper end safe. Learning rate: ``1e-4 * sqrt(25M / params)``, clamped to [1e-5, 2e-4].
+    Epochs: enough for about ``TARGET_STEPS`` optimizer steps of the global batch (all
+    ``processes`` together), clamped to [2, 10]: 600 rows at batch 32 get 10 epochs, 35,000 rows
+    get 2. Early stopping and best-checkpoint selection make the upper end safe. Learning rate:
+    ``1e-4 * sqrt(25M / params)``, clamped to [1e-5, 2e-4].
     """
     epochs = cfg.epochs
     if epochs == "auto":
-        steps_per_epoch = max(
-            1, math.ceil(train_rows / (cfg.batch_size * cfg.gradient_accumulation_steps))
-        )
+        steps_per_epoch = max(1, math.ceil(train_rows / global_batch(cfg, processes)))
         epochs = float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
     lr = cfg.learning_rate
     if lr == "auto":
@@ -300,7 +294,12 @@ def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
 
 
 def setup_args(
-    cfg: TrainConfig, output_dir: Path, epochs: float, learning_rate: float, kind: Kind
+    cfg: TrainConfig,
+    output_dir: Path,
+    epochs: float,
+    learning_rate: float,
+    kind: Kind,
+    eval_batch_size: int,
 ) -> TrainingArguments:
     """Map our recipe onto ``TrainingArguments``."""
     eval_steps = cfg.eval_steps or cfg.checkpoint_steps
@@ -308,13 +307,13 @@ def setup_args(
     # Resumable checkpoints carry the optimizer, scheduler and RNG; selection-only ones need not.
     resumable = cfg.checkpoint_steps is not None
     on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = world_size() > 1
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
+        per_device_eval_batch_size=eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=learning_rate,
         weight_decay=cfg.weight_decay,
@@ -386,10 +385,12 @@ def train(
     labels: list[str],
     model_cfg: ModelConfig,
     cfg: TrainConfig,
+    eval_batch_size: int,
     workdir: Path,
+    kind: Kind,
     callbacks: list[TrainerCallback] | None = None,
     checkpoint_dir: Path | None = None,
-    kind: Kind | None = None,
+    tokenizer: Any | None = None,
 ) -> TrainResult:
     """Fine-tune every parameter on the train split; save the selected model to ``workdir/model``.
 
@@ -397,20 +398,25 @@ def train(
     checkpoint with the best validation score (the kind's selection metric) is the one saved. The
     test split is never loaded. With ``checkpoint_dir``, checkpoints go there and training resumes
     from the latest complete one found there (model, optimizer, scheduler, RNG states and position
-    in the data order). ``kind`` (default: text classification) supplies the model class, the
-    collator, the metrics and the task's checks; the recipe is the same for every kind.
+    in the data order). ``kind`` supplies the model class, the collator, the metrics and the
+    task's checks; the recipe is the same for every kind. ``tokenizer`` is the run's tokenizer
+    (loaded from ``model_cfg`` when not given, as in a torchrun rank).
     """
-    kind = kind or get_kind("text-classification")
     set_seed(cfg.seed)  # before any new head is initialised, so runs are reproducible
     data = setup_data(tokenized, cfg)
-    tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
-    collator = kind.collator(tokenizer)  # may give the tokenizer a pad token: before saving it
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
+    # May give the tokenizer a pad token, which must happen before it is saved with the model.
+    collator = kind.collator(tokenizer, model_cfg, training=True)
     model = kind.setup_model(model_cfg, labels)
     before = snapshot(model)
     lengths = np.asarray(data["train"]["length"])
     cfg, estimate = preflight(model, cfg, int(lengths.max()))
     log.info("memory preflight: %s", estimate.describe())
-    epochs, learning_rate = auto_schedule(cfg, len(data["train"]), model.num_parameters())
+    processes = world_size()
+    epochs, learning_rate = auto_schedule(
+        cfg, len(data["train"]), model.num_parameters(), processes
+    )
     extras = kind.train_extras(cfg, data["train"], labels)
     log.info("schedule: %.1f epochs at lr %.2e; %s", epochs, learning_rate, extras.notes)
 
@@ -420,13 +426,15 @@ def train(
         else []
     )
     timer = StepTimer()
+    output_dir = checkpoint_dir or workdir / "trainer"
     trainer = FinetuneTrainer(
         model=model,
-        args=setup_args(cfg, checkpoint_dir or workdir / "trainer", epochs, learning_rate, kind),
+        args=setup_args(cfg, output_dir, epochs, learning_rate, kind, eval_batch_size),
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         data_collator=collator,
+        eval_collator=kind.collator(tokenizer, model_cfg, training=False),
         compute_metrics=kind.compute_metrics(labels),
         compute_loss_func=extras.compute_loss_func,
         callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker()],
@@ -454,24 +462,10 @@ def train(
     if checked.collapse:
         log.warning("COLLAPSE GUARD: %s; this model will not be promoted", checked.collapse)
 
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    scored = f"eval_{kind.selection_metric}"
-    curve = [
-        {"step": float(e["step"]), "epoch": float(e.get("epoch", 0))}
-        | {
-            k.removeprefix("eval_"): float(v)
-            for k, v in e.items()
-            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
-        }
-        for e in history
-        if scored in e
-    ]
-    best = trainer.state.best_global_step
     # Efficiency: non-pad tokens of the samples actually stepped through, over pure step time.
     resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     samples_seen = min(
-        (output.global_step - resumed_step) * cfg.batch_size * cfg.gradient_accumulation_steps,
+        (output.global_step - resumed_step) * global_batch(cfg, processes),
         math.ceil(epochs * len(lengths)),
     )
     tokens = int(samples_seen * lengths.mean())
@@ -484,6 +478,8 @@ def train(
     )
     peak = matmul_peak_flops()
     step_time = max(timer.seconds, 1e-9)
+    losses, curve = training_history(trainer.state.log_history, kind.selection_metric)
+    best = trainer.state.best_global_step
     return TrainResult(
         model_dir=str(model_dir),
         global_step=output.global_step,
@@ -519,3 +515,57 @@ def train(
         weights_digest=weights_digest(selected),
         num_processes=trainer.args.world_size,
     )
+
+
+def training_history(
+    history: list[dict[str, Any]], selection_metric: str
+) -> tuple[list[float], list[dict[str, float]]]:
+    """(logged training losses, validation curve) from the Trainer's log history."""
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    scored = f"eval_{selection_metric}"
+    curve = [
+        {"step": float(e["step"]), "epoch": float(e.get("epoch", 0))}
+        | {
+            k.removeprefix("eval_"): float(v)
+            for k, v in e.items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+        }
+        for e in history
+        if scored in e
+    ]
+    return losses, curve
+
+
+def main(job_path: str) -> None:
+    """One torchrun rank: run the recipe; every rank writes its result (its weights' digest)."""
+    from tasks.kinds import get_kind
+    from tasks.tracking import MlflowMetricsCallback
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")
+    job = TrainJob.model_validate_json(Path(job_path).read_text())
+    if job.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(job.tracking_uri)
+    # The callback logs on the main process only (Trainer's is_world_process_zero).
+    callbacks: list[TrainerCallback] = (
+        [MlflowMetricsCallback(job.run_id, job.after_step)] if job.run_id else []
+    )
+    result = train(
+        job.tokenized,
+        job.labels,
+        job.model_cfg,
+        job.cfg,
+        job.eval_batch_size,
+        Path(job.workdir),
+        get_kind(job.task),
+        callbacks,
+        Path(job.checkpoint_dir) if job.checkpoint_dir else None,
+    )
+    job.result_path(int(os.environ.get("RANK", "0"))).write_text(result.model_dump_json())
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1])

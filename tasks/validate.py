@@ -14,13 +14,16 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from pydantic import BaseModel
 
 from tasks.config import DataConfig
+from tasks.results import ValidatedData
 from tasks.sources import Table, combined_fingerprint, fingerprint, read_table
+
+if TYPE_CHECKING:
+    from tasks.kinds import Kind
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +39,6 @@ class DataValidationError(ValueError):
         self.failures = failures
         self.report_path = report_path
         super().__init__(render_failures(failures, report_path))
-
-
-class ValidatedData(BaseModel):
-    """What passed validation: normalised tables on disk (``text``, and ``label`` when the task
-    has labels; ``labels`` is then the frozen label set, else empty)."""
-
-    train_path: str
-    validation_path: str | None
-    test_path: str | None
-    labels: list[str]
-    fingerprint: str
-    rows: dict[str, int]
-    report_path: str
-    html_report_path: str
-    quarantine_path: str | None
-    dropped: dict[str, int]
-    encoding_fallback_lines: int
-    truncated_fraction: dict[str, float]
-    seconds: float
 
 
 def suite_path(task: str) -> Path:
@@ -111,10 +95,14 @@ def derive_columns(
         tokenizer: counts tokens per text; without it every text counts as untruncated.
     """
     out = frame.copy()
-    has_text = cfg.text_column in out
-    texts = out[cfg.text_column] if has_text else pd.Series([None] * len(out), index=out.index)
+    # A kind may say which text duplicates and leakage are judged on (an SFT row's prompt).
+    key = "_key_text" if "_key_text" in out else cfg.text_column
+    has_text = key in out
+    texts = out[key] if has_text else pd.Series([None] * len(out), index=out.index)
     strings = [t if isinstance(t, str) else "" for t in texts]
-    if tokenizer is not None and has_text:
+    if "_n_tokens" in out:
+        pass  # counted by the kind (an SFT row: its rendered conversation)
+    elif tokenizer is not None and has_text:
         # Count without truncating: the contract reports how much truncation will cut.
         out["_n_tokens"] = [len(ids) for ids in tokenizer(strings, truncation=False)["input_ids"]]
     else:
@@ -314,19 +302,86 @@ def offending_rows(result: dict[str, Any]) -> dict[str, list[int]]:
     return rows
 
 
-def _normalise(frame: pd.DataFrame, cfg: DataConfig, has_labels: bool) -> pd.DataFrame:
-    columns = {"text": frame[cfg.text_column].astype(str).to_numpy()}
-    if has_labels:
-        columns["label"] = frame[cfg.label_column].to_numpy()
-    return pd.DataFrame(columns)
+def read_sources(cfg: DataConfig) -> dict[str, Table]:
+    """The configured train (and validation, test) sources, each read into one table."""
+    sources = {"train": (cfg.train, cfg.train_split)}
+    if cfg.validation:
+        sources["validation"] = (cfg.validation, cfg.validation_split)
+    if cfg.test:
+        sources["test"] = (cfg.test, cfg.test_split)
+    return {
+        split: read_table(name, hub_split, cfg.text_documents)
+        for split, (name, hub_split) in sources.items()
+    }
+
+
+def check_tables(
+    frames: dict[str, pd.DataFrame],
+    cfg: DataConfig,
+    suite: Any,
+    labels: list[str],
+    tokenizer: Any | None,
+    max_length: int,
+    complete: bool,
+) -> dict[str, dict[str, Any]]:
+    """The GE result of every table; held-out tables are also checked for leakage from train."""
+    train = frames["train"]
+    key = "_key_text" if "_key_text" in train else cfg.text_column
+    train_texts = set(train[key].dropna()) if key in train else None
+    results = {}
+    for split, frame in frames.items():
+        derived = derive_columns(frame, cfg, None if split == "train" else train_texts, tokenizer)
+        params = suite_parameters(cfg, labels, max_length, split == "train")
+        results[split] = run_suite(derived, split, suite, params, complete)
+    return results
+
+
+def quarantine(
+    frames: dict[str, pd.DataFrame], results: dict[str, dict[str, Any]], workdir: Path
+) -> tuple[dict[str, pd.DataFrame], dict[str, int], str | None]:
+    """Remove rows that break a droppable rule: (kept tables, rows per rule, quarantine file).
+
+    Each removed row is written once to ``quarantine.csv``, under the first rule it broke.
+    """
+    kept, quarantined = dict(frames), []
+    dropped: dict[str, int] = {}
+    for split, frame in frames.items():
+        first_rule: dict[int, str] = {}
+        for rule, indices in offending_rows(results[split]).items():
+            for i in indices:
+                first_rule.setdefault(i, rule)
+        if not first_rule:
+            continue
+        rows = sorted(first_rule)
+        bad = frame.loc[rows].assign(_split=split, _rule=[first_rule[i] for i in rows])
+        quarantined.append(bad)
+        for rule in bad["_rule"]:
+            dropped[rule] = dropped.get(rule, 0) + 1
+        kept[split] = frame.drop(index=rows).reset_index(drop=True)
+    if not quarantined:
+        return kept, dropped, None
+    path = workdir / "quarantine.csv"
+    pd.concat(quarantined).to_csv(path, index_label="_row")
+    log.warning("quarantined rows by rule: %s (see %s)", dropped, path)
+    return kept, dropped, str(path)
+
+
+def truncated_fractions(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per table, the share of texts over ``max_length`` tokens, as the token rule measured it."""
+    truncated = {}
+    for split, result in results.items():
+        for item in result["results"]:
+            if item["expectation_config"]["kwargs"].get("column") == "_n_tokens":
+                truncated[split] = (item["result"].get("unexpected_percent") or 0.0) / 100
+    return truncated
 
 
 def validate_data(
     cfg: DataConfig,
     workdir: Path,
-    task: str = "text-classification",
-    tokenizer: Any | None = None,
-    max_length: int = 512,
+    kind: Kind,
+    tokenizer: Any | None,
+    max_length: int,
 ) -> ValidatedData:
     """Read every configured source, validate each with the task's GE suite, write clean tables.
 
@@ -334,76 +389,40 @@ def validate_data(
     frozen: validation and test labels must fall inside it. With ``cfg.on_invalid == "drop"``,
     rows breaking a row-level rule go to ``quarantine.csv`` and the rest is validated again.
 
+    Args:
+        kind: the task's kind: its suite, whether rows are labelled, the columns it derives from
+            a raw row (an SFT conversation) and the clean table it keeps.
+        tokenizer: counts tokens for the truncation rule (None: every text counts as fitting).
+        max_length: the model's token budget per example.
+
     Raises:
         SourceError: a source cannot be read.
         DataValidationError: an expectation fails on any table; nothing is written for training.
     """
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    sources = {"train": (cfg.train, cfg.train_split)}
-    if cfg.validation:
-        sources["validation"] = (cfg.validation, cfg.validation_split)
-    if cfg.test:
-        sources["test"] = (cfg.test, cfg.test_split)
-    tables: dict[str, Table] = {
-        split: read_table(name, hub_split, cfg.text_documents)
-        for split, (name, hub_split) in sources.items()
+    tables = read_sources(cfg)
+    frames = {
+        split: table.frame.join(kind.derive(table.frame, cfg, tokenizer))
+        for split, table in tables.items()
     }
-    frames = {split: table.frame for split, table in tables.items()}
-    suite = load_suite(task, cfg.text_column, cfg.label_column)
-    # The suite declares the columns its task needs; a causal LM reads text alone.
-    has_labels = "label" in suite.meta.get("columns", ["text", "label"])
+    suite = load_suite(kind.task, cfg.text_column, cfg.label_column)
+    has_labels = kind.has_labels
+    labels: list[str] = []
     if has_labels:
         for frame in frames.values():
             if cfg.label_column in frame.columns:
                 frame[cfg.label_column] = labels_as_strings(frame[cfg.label_column])
-    train_frame = frames["train"]
-    labels = (
-        (cfg.labels or infer_labels(train_frame[cfg.label_column]))
-        if (has_labels and cfg.label_column in train_frame)
-        else []
-    )
+        if cfg.label_column in frames["train"]:
+            labels = cfg.labels or infer_labels(frames["train"][cfg.label_column])
 
-    def check(frames: dict[str, pd.DataFrame], complete: bool) -> dict[str, Any]:
-        train_texts = (
-            set(frames["train"][cfg.text_column].dropna())
-            if cfg.text_column in frames["train"]
-            else None
-        )
-        results = {}
-        for split, frame in frames.items():
-            derived = derive_columns(
-                frame, cfg, None if split == "train" else train_texts, tokenizer
-            )
-            params = suite_parameters(cfg, labels, max_length, split == "train")
-            results[split] = run_suite(derived, split, suite, params, complete)
-        return results
-
-    results = check(frames, complete=cfg.on_invalid == "drop")
+    drop = cfg.on_invalid == "drop"
+    results = check_tables(frames, cfg, suite, labels, tokenizer, max_length, complete=drop)
     dropped: dict[str, int] = {}
     quarantine_path = None
-    if cfg.on_invalid == "drop":
-        quarantined = []
-        for split, frame in frames.items():
-            by_rule = offending_rows(results[split])
-            first_rule: dict[int, str] = {}
-            for rule, indices in by_rule.items():
-                for i in indices:
-                    first_rule.setdefault(i, rule)
-            if not first_rule:
-                continue
-            bad = frame.loc[sorted(first_rule)].assign(
-                _split=split, _rule=[first_rule[i] for i in sorted(first_rule)]
-            )
-            quarantined.append(bad)
-            for rule in bad["_rule"]:
-                dropped[rule] = dropped.get(rule, 0) + 1
-            frames[split] = frame.drop(index=sorted(first_rule)).reset_index(drop=True)
-        if quarantined:
-            quarantine_path = str(workdir / "quarantine.csv")
-            pd.concat(quarantined).to_csv(quarantine_path, index_label="_row")
-            log.warning("quarantined rows by rule: %s (see %s)", dropped, quarantine_path)
-        results = check(frames, complete=False)
+    if drop:
+        frames, dropped, quarantine_path = quarantine(frames, results, workdir)
+        results = check_tables(frames, cfg, suite, labels, tokenizer, max_length, complete=False)
 
     failures = []
     for split, result in results.items():
@@ -422,17 +441,12 @@ def validate_data(
     if failures:
         raise DataValidationError(failures, report_path)
 
-    clean = {split: _normalise(frame, cfg, has_labels) for split, frame in frames.items()}
+    clean = {split: kind.normalise(frame, cfg) for split, frame in frames.items()}
     paths: dict[str, str | None] = {"validation": None, "test": None}
     for split, frame in clean.items():
         path = workdir / f"{split}.raw.parquet"
         frame.to_parquet(path, index=False)
         paths[split] = str(path)
-    truncated = {}
-    for split, result in results.items():
-        for item in result["results"]:
-            if item["expectation_config"]["kwargs"].get("column") == "_n_tokens":
-                truncated[split] = (item["result"].get("unexpected_percent") or 0.0) / 100
     rows = {split: len(frame) for split, frame in clean.items()}
     log.info("data valid: %s rows, %d labels %s", rows, len(labels), labels)
     return ValidatedData(
@@ -447,6 +461,6 @@ def validate_data(
         quarantine_path=quarantine_path,
         dropped=dropped,
         encoding_fallback_lines=sum(t.fallback_decoded_lines for t in tables.values()),
-        truncated_fraction=truncated,
+        truncated_fraction=truncated_fractions(results),
         seconds=time.perf_counter() - started,
     )

@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny random-init BERT with the shipped model's real tokenizer, tiny data."""
+"""Shared fixtures: tiny random-init models (a BERT with the shipped model's real tokenizer, a GPT-2
+with a BPE tokenizer trained here), tiny generated data, and the one builder of tiny run configs.
+
+Test tiers (markers): unmarked tests are unit tests of pure functions (`make test-fast`); `flow`
+tests train or run the pipeline on tiny models; `integration` tests start services or processes;
+`slow` and `gpu` tests are left out of `make test`.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -11,7 +18,7 @@ import pytest
 
 from tasks.config import DataConfig, ModelConfig
 from tasks.kinds import get_kind
-from tasks.sources import resolve_model
+from tasks.sources import load_tokenizer, resolve_model
 from tasks.split import split_data
 from tasks.tokenize import tokenize
 from tasks.validate import validate_data
@@ -42,12 +49,32 @@ def data_config(path: Path, **overrides) -> DataConfig:
     return DataConfig(train=str(path), text_column="review", label_column="sentiment", **overrides)
 
 
-def prepare(cfg: DataConfig, model_cfg: ModelConfig, workdir: Path):
+SUBJECTS = ["the cat", "the dog", "a bird", "my friend", "the teacher", "a child"]
+VERBS = ["sat on", "ran to", "looked at", "walked past", "jumped over", "sang near"]
+OBJECTS = ["the mat", "the house", "a tree", "the river", "a car", "the garden"]
+ENDINGS = ["today", "again", "slowly", "at night"]
+
+
+def corpus(n: int = 160, seed: int = 0) -> list[str]:
+    """Distinct sentences from a small grammar: a language a tiny model can learn quickly."""
+    sentences = [" ".join(p) for p in itertools.product(SUBJECTS, VERBS, OBJECTS, ENDINGS)]
+    return random.Random(seed).sample(sentences, n)
+
+
+def validate(cfg: DataConfig, workdir: Path, tokenizer=None, max_length: int = 512):
+    """The classification contract on ``cfg``'s tables (token counts only with a tokenizer)."""
+    return validate_data(cfg, workdir, get_kind("text-classification"), tokenizer, max_length)
+
+
+def prepare(
+    cfg: DataConfig, model_cfg: ModelConfig, workdir: Path, task: str = "text-classification"
+):
     """validate -> split -> tokenize, as the flow chains them: (validated, splits, tokenized)."""
-    data = validate_data(cfg, workdir)
-    splits = split_data(data, cfg, workdir)
-    kind = get_kind("text-classification")
-    return data, splits, tokenize(splits, data.labels, model_cfg, workdir, kind)
+    tokenizer = load_tokenizer(model_cfg.name_or_path)
+    kind = get_kind(task)
+    data = validate_data(cfg, workdir, kind, tokenizer, model_cfg.max_length)
+    splits = split_data(data, cfg, workdir, None, 42)
+    return data, splits, tokenize(splits, data.labels, model_cfg, workdir, kind, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +100,39 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 GPT-2 with a byte-level BPE tokenizer trained here on the corpus."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        corpus(), vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_csv(tmp_path: Path) -> Path:
     path = tmp_path / "reviews.csv"
@@ -89,8 +149,33 @@ def prefect_harness():
         yield
 
 
-def tiny_overrides(tiny_model_dir: Path, data: Path, home: Path) -> list[str]:
-    """`--set` overrides that make a whole run take seconds on the tiny model."""
+def tiny_overrides(
+    tiny_model_dir: Path, data: Path, home: Path, task: str = "text-classification"
+) -> list[str]:
+    """`--set` overrides that make a whole run take seconds on a tiny model.
+
+    The one builder of tiny run configs: ``task="causal-lm"`` gives the LM variant (the tiny
+    GPT-2 on a ``.txt`` of generated sentences); every test adds only what it is about.
+    """
+    if task == "causal-lm":
+        return [
+            "task=causal-lm",
+            "promote.metric=perplexity",
+            f"home={home}",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.max_length=32",
+            f"data.train={data}",
+            "data.validation_fraction=0.125",
+            "data.test_fraction=0.125",
+            "train.batch_size=8",
+            "train.learning_rate=0.01",
+            "train.warmup_fraction=0.0",
+            "train.logging_steps=5",
+            "train.early_stopping_patience=null",
+            "eval.prompts=['the cat']",
+            "eval.max_new_tokens=8",
+            "registry.model_name=tiny-lm",
+        ]
     return [
         f"home={home}",
         f"model.name_or_path={tiny_model_dir}",

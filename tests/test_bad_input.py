@@ -16,6 +16,8 @@ from flows.cli import app
 
 from .conftest import make_rows, tiny_overrides
 
+pytestmark = pytest.mark.flow
+
 Setup = Callable[[Path], tuple[Path, list[str]]]
 
 

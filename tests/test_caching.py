@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -9,6 +10,8 @@ from flows.finetune import finetune
 from tasks.config import load_config
 
 from .conftest import make_rows, tiny_overrides
+
+pytestmark = pytest.mark.flow
 
 
 def task_states(flow_state) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -13,6 +14,7 @@ def run_cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.mark.flow
 def test_malformed_file_exits_non_zero_and_names_the_problem(
     prefect_harness, tiny_model_dir: Path, tmp_path: Path
 ):

@@ -15,6 +15,8 @@ from tasks.config import load_config
 
 from .conftest import LABELS, tiny_overrides
 
+pytestmark = pytest.mark.flow
+
 
 @pytest.fixture(scope="module")
 def finished_run(prefect_harness, tiny_model_dir, tmp_path_factory):

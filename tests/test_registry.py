@@ -22,6 +22,8 @@ from tasks.config import load_config
 
 from .conftest import LABELS, make_rows, tiny_overrides
 
+pytestmark = pytest.mark.flow
+
 MODEL = "tiny-sentiment"
 
 

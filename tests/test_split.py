@@ -4,16 +4,15 @@ import pandas as pd
 import pytest
 
 from tasks.split import SplitError, split_data, stratified_split
-from tasks.validate import validate_data
 
-from .conftest import data_config, make_rows
+from .conftest import data_config, make_rows, validate
 
 
 def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path: Path):
     cfg = data_config(tiny_csv, validation_fraction=0.125, test_fraction=0.125)
-    data = validate_data(cfg, tmp_path / "a")
-    first = split_data(data, cfg, tmp_path / "a")
-    second = split_data(data, cfg, tmp_path / "a")
+    data = validate(cfg, tmp_path / "a")
+    first = split_data(data, cfg, tmp_path / "a", None, 42)
+    second = split_data(data, cfg, tmp_path / "a", None, 42)
     assert first == second
     assert first.rows == {"train": 54, "validation": 9, "test": 9}
     assert first.label_counts["test"] == {"negative": 3, "neutral": 3, "positive": 3}
@@ -33,7 +32,7 @@ def test_given_test_file_is_used_as_is(tiny_csv: Path, tmp_path: Path):
     held["review"] += " held out"
     held.to_csv(test, index=False)
     cfg = data_config(tiny_csv, test=str(test))
-    splits = split_data(validate_data(cfg, tmp_path), cfg, tmp_path)
+    splits = split_data(validate(cfg, tmp_path), cfg, tmp_path, None, 42)
     assert splits.rows["test"] == 36
     assert splits.rows["train"] + splits.rows["validation"] == 72
 

@@ -2,12 +2,15 @@
 
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from flows.sweep import sweep
 from tasks.config import load_config
 
 from .conftest import make_rows, tiny_overrides
+
+pytestmark = pytest.mark.flow
 
 
 def test_sweep_runs_nested_trials_and_registers_the_best(

@@ -1,4 +1,4 @@
-"""The training recipe's pure parts, and the Trainer run on a tiny model."""
+"""The training recipe: its schedule arithmetic, its sampler, and Trainer runs on a tiny model."""
 
 from __future__ import annotations
 
@@ -6,55 +6,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from tasks.config import DataConfig, ModelConfig, TrainConfig
-from tasks.kinds.classification import class_weights, collapse_check, weighted_loss
-from tasks.train import auto_schedule, train
+from tasks.kinds import get_kind
+from tasks.train import auto_schedule, global_batch, train
 
 from .conftest import LABELS, data_config, make_rows, prepare
 
 
 def test_auto_schedule_scales_with_data_and_model():
     cfg = TrainConfig()
-    assert auto_schedule(cfg, 600, 22_700_000)[0] == 10  # 19 steps/epoch: the cap
-    assert auto_schedule(cfg, 35_000, 22_700_000)[0] == 2  # 1,094 steps/epoch: the floor
-    assert auto_schedule(cfg, 3_200, 22_700_000)[0] == 3  # 100 steps/epoch
-    assert auto_schedule(cfg, 600, 22_700_000)[1] == pytest.approx(1.049e-4, rel=1e-3)
-    assert auto_schedule(cfg, 600, 110_000_000)[1] == pytest.approx(4.77e-5, rel=1e-2)
+    assert auto_schedule(cfg, 600, 22_700_000, 1)[0] == 10  # 19 steps/epoch: the cap
+    assert auto_schedule(cfg, 35_000, 22_700_000, 1)[0] == 2  # 1,094 steps/epoch: the floor
+    assert auto_schedule(cfg, 3_200, 22_700_000, 1)[0] == 3  # 100 steps/epoch
+    assert auto_schedule(cfg, 600, 22_700_000, 1)[1] == pytest.approx(1.049e-4, rel=1e-3)
+    assert auto_schedule(cfg, 600, 110_000_000, 1)[1] == pytest.approx(4.77e-5, rel=1e-2)
     explicit = TrainConfig(epochs=1.5, learning_rate=3e-5)
-    assert auto_schedule(explicit, 600, 22_700_000) == (1.5, 3e-5)
+    assert auto_schedule(explicit, 600, 22_700_000, 1) == (1.5, 3e-5)
 
 
-def test_class_weights_auto_none_and_explicit():
-    assert class_weights(TrainConfig(), [100, 100, 100]) == [1.0, 1.0, 1.0]
-    w = class_weights(TrainConfig(), [650, 200, 150])
-    assert w[0] < 1 < w[1] < w[2]
-    assert np.dot(w, [650, 200, 150]) / 1000 == pytest.approx(1.0)  # mean weight per row is 1
-    assert class_weights(TrainConfig(class_weights="none"), [650, 350]) is None
-    assert class_weights(TrainConfig(class_weights=[1.0, 3.0]), [650, 350]) == [1.0, 3.0]
-    with pytest.raises(ValueError, match="2 weights for 3 labels"):
-        class_weights(TrainConfig(class_weights=[1.0, 3.0]), [1, 2, 3])
-
-
-def test_weighted_loss_is_weighted_cross_entropy():
-    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 0, 1])
-    loss = weighted_loss([0.5, 2.0, 1.0])
-    expected = F.cross_entropy(logits, labels, weight=torch.tensor([0.5, 2.0, 1.0]))
-    assert loss({"logits": logits}, labels) == pytest.approx(expected.item())
-    summed = F.cross_entropy(logits, labels, weight=torch.tensor([0.5, 2.0, 1.0]), reduction="sum")
-    assert loss({"logits": logits}, labels, 6) == pytest.approx(summed.item() / 6)
-
-
-def test_collapse_guard():
-    y = np.array([0, 0, 0, 1, 2, 1])
-    reason, majority_f1 = collapse_check(y, np.zeros(6, dtype=int), LABELS, majority=0)
-    assert reason == "collapsed: every validation prediction is 'negative'"
-    worse, _ = collapse_check(y, np.array([1, 2, 1, 0, 0, 0]), LABELS, majority=0)
-    assert worse is not None and "no better than the majority baseline" in worse
-    assert collapse_check(y, y, LABELS, majority=0)[0] is None
-    assert majority_f1 == pytest.approx((2 * 3 / (3 + 6)) / 3)
+def test_batch_arithmetic_counts_every_process():
+    """``batch_size`` is per process: 2 processes take half the steps per epoch, so ``auto``
+    needs more epochs to reach the same number of optimizer steps."""
+    cfg = TrainConfig(batch_size=16, gradient_accumulation_steps=2)
+    assert global_batch(cfg, 1) == 32 and global_batch(cfg, 4) == 128
+    assert auto_schedule(cfg, 3_200, 22_700_000, 1)[0] == 3  # 100 steps/epoch
+    assert auto_schedule(cfg, 3_200, 22_700_000, 2)[0] == 6  # 50 steps/epoch
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +50,13 @@ def run(tokenized, tiny_model_dir: Path, tmp_path: Path, **overrides):
         LABELS,
         ModelConfig(name_or_path=str(tiny_model_dir), max_length=32),
         cfg,
+        64,
         tmp_path,
+        get_kind("text-classification"),
     )
 
 
+@pytest.mark.flow
 def test_early_stopping_stops(tokenized, tiny_model_dir: Path, tmp_path: Path):
     # A learning rate this small cannot move validation F1: patience runs out.
     result = run(
@@ -93,6 +73,7 @@ def test_early_stopping_stops(tokenized, tiny_model_dir: Path, tmp_path: Path):
     assert len(result.validation_curve) == result.global_step // 2
 
 
+@pytest.mark.flow
 def test_selection_keeps_the_best_validation_checkpoint(tokenized, tiny_model_dir, tmp_path):
     result = run(
         tokenized,
@@ -110,6 +91,7 @@ def test_selection_keeps_the_best_validation_checkpoint(tokenized, tiny_model_di
     assert result.validation["macro_f1"] == pytest.approx(best["macro_f1"])
 
 
+@pytest.mark.flow
 def test_collapse_guard_fires_on_a_one_class_model(tokenized, tiny_model_dir, tmp_path):
     # Weights that make every class but the first worthless teach the model one answer.
     result = run(
@@ -141,7 +123,7 @@ def test_balanced_sampler_evens_out_classes_and_repeats_per_epoch():
 @pytest.mark.slow
 def test_class_weights_move_predictions_off_the_majority_class(tmp_path: Path):
     """The shipped MiniLM on 600 tweets of the demo corpus, 65% negative (data/imbalanced)."""
-    from tasks.evaluate import predict_ids
+    from tasks.kinds.classification import predict_ids
 
     root = Path(__file__).resolve().parent.parent / "data" / "imbalanced"
     cfg = DataConfig(
@@ -165,7 +147,8 @@ def test_class_weights_move_predictions_off_the_majority_class(tmp_path: Path):
             select_best=False,
             early_stopping_patience=None,
         )
-        result = train(tokenized, data.labels, model_cfg, train_cfg, tmp_path / weights)
+        kind = get_kind("text-classification")
+        result = train(tokenized, data.labels, model_cfg, train_cfg, 64, tmp_path / weights, kind)
         predicted = predict_ids(result.model_dir, test, 64, tmp_path / weights)
         majority_share[weights] = float(np.mean(predicted == 0))
     assert majority_share["auto"] < majority_share["none"], majority_share

@@ -3,13 +3,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.validate import DataValidationError, infer_labels, labels_as_strings, validate_data
+from tasks.validate import DataValidationError, infer_labels, labels_as_strings
 
-from .conftest import data_config
+from .conftest import data_config, validate
 
 
 def test_clean_data_passes_and_is_normalised(tiny_csv: Path, tmp_path: Path):
-    data = validate_data(data_config(tiny_csv), tmp_path / "work")
+    data = validate(data_config(tiny_csv), tmp_path / "work")
     assert data.labels == ["negative", "neutral", "positive"]
     frame = pd.read_parquet(data.train_path)
     assert list(frame.columns) == ["text", "label"]
@@ -30,7 +30,7 @@ def test_missing_label_column_is_named(tiny_csv: Path, tmp_path: Path):
         tmp_path, tiny_csv, lambda f: f.rename(columns={"sentiment": "mood"}, inplace=True)
     )
     with pytest.raises(DataValidationError) as err:
-        validate_data(data_config(path), tmp_path / "work")
+        validate(data_config(path), tmp_path / "work")
     message = str(err.value)
     assert "broken.csv" in message
     assert "column 'sentiment'" in message
@@ -43,7 +43,7 @@ def test_empty_text_names_rule_count_and_example(tiny_csv: Path, tmp_path: Path)
 
     path = broken(tmp_path, tiny_csv, edit)
     with pytest.raises(DataValidationError) as err:
-        validate_data(data_config(path), tmp_path / "work")
+        validate(data_config(path), tmp_path / "work")
     message = str(err.value)
     assert "column 'review': text is not empty after stripping" in message
     assert "2 of 72 rows fail" in message
@@ -57,9 +57,7 @@ def test_labels_outside_the_declared_set(tiny_csv: Path, tmp_path: Path):
         lambda f: f.__setitem__("sentiment", f["sentiment"].replace("neutral", "meh")),
     )
     with pytest.raises(DataValidationError) as err:
-        validate_data(
-            data_config(path, labels=["negative", "neutral", "positive"]), tmp_path / "work"
-        )
+        validate(data_config(path, labels=["negative", "neutral", "positive"]), tmp_path / "work")
     rules = {f["rule"]: f for f in err.value.failures}
     assert set(rules) == {
         "label in the declared label set",
@@ -74,13 +72,13 @@ def test_labels_outside_the_declared_set(tiny_csv: Path, tmp_path: Path):
 
 def test_text_length_bound(tiny_csv: Path, tmp_path: Path):
     with pytest.raises(DataValidationError, match=r"text length in characters .*\n\s+72 of 72"):
-        validate_data(data_config(tiny_csv, max_chars=5), tmp_path / "work")
+        validate(data_config(tiny_csv, max_chars=5), tmp_path / "work")
 
 
 def test_test_file_labels_must_fall_in_the_train_label_set(tiny_csv: Path, tmp_path: Path):
     test = broken(tmp_path, tiny_csv, lambda f: f.__setitem__("sentiment", "surprised"))
     with pytest.raises(DataValidationError, match=r"broken\.csv, column 'sentiment'"):
-        validate_data(data_config(tiny_csv, test=str(test)), tmp_path / "work")
+        validate(data_config(tiny_csv, test=str(test)), tmp_path / "work")
 
 
 def test_label_helpers():
@@ -95,7 +93,7 @@ def test_drop_quarantines_offending_rows_and_revalidates(tiny_csv: Path, tmp_pat
         frame.loc[5, "review"] = frame.loc[4, "review"]  # a duplicate text
 
     path = broken(tmp_path, tiny_csv, edit)
-    data = validate_data(data_config(path, on_invalid="drop"), tmp_path / "work")
+    data = validate(data_config(path, on_invalid="drop"), tmp_path / "work")
     assert data.dropped == {
         "text is not empty after stripping": 2,
         "duplicate texts at most data.max_duplicate_rate": 1,
@@ -110,7 +108,7 @@ def test_leakage_between_train_and_test(tiny_csv: Path, tmp_path: Path):
     test = tmp_path / "test.csv"
     pd.read_csv(tiny_csv).head(6).to_csv(test, index=False)
     with pytest.raises(DataValidationError, match="leakage") as err:
-        validate_data(data_config(tiny_csv, test=str(test)), tmp_path / "work")
+        validate(data_config(tiny_csv, test=str(test)), tmp_path / "work")
     assert err.value.failures[0]["unexpected_count"] == 6
 
 
@@ -118,9 +116,9 @@ def test_token_truncation_share_is_reported(tiny_csv: Path, tiny_model_dir: Path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    data = validate_data(data_config(tiny_csv), tmp_path / "a", tokenizer=tokenizer, max_length=64)
+    data = validate(data_config(tiny_csv), tmp_path / "a", tokenizer=tokenizer, max_length=64)
     assert data.truncated_fraction == {"train": 0.0}
-    data = validate_data(
+    data = validate(
         data_config(tiny_csv, max_truncated_fraction=1.0),
         tmp_path / "b",
         tokenizer=tokenizer,
@@ -128,4 +126,4 @@ def test_token_truncation_share_is_reported(tiny_csv: Path, tiny_model_dir: Path
     )
     assert data.truncated_fraction == {"train": 1.0}
     with pytest.raises(DataValidationError, match="truncated"):
-        validate_data(data_config(tiny_csv), tmp_path / "c", tokenizer=tokenizer, max_length=4)
+        validate(data_config(tiny_csv), tmp_path / "c", tokenizer=tokenizer, max_length=4)

@@ -1,64 +1,138 @@
-"""Task types. Each module here holds what differs between them; the stages ask the kind.
+"""Task types. Each module here holds everything that differs between them; the stages ask the kind.
 
-A :class:`Kind` bundles a task type's model class, tokenization, collator, selection metric,
-validation-time checks, test evaluation, promotion gate and MLflow pipeline task. The flow and the
-shared recipe (``tasks.train``) call these; they never branch on the task name themselves.
+A kind owns its model class, encoding, collator, validation metrics and checks, its test
+evaluation and the evidence its promotion gate weighs. The flow resolves the kind once from
+``config.task`` and hands it to the stages; no stage branches on the task name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from datasets import Dataset
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-
-class TrainExtras(BaseModel):
-    """Task-specific additions to the shared training recipe."""
-
-    model_config = {"arbitrary_types_allowed": True}
-
-    compute_loss_func: Any = None
-    sampler_labels: Any = None  # per-row class ids: draw batches class-balanced
-    notes: dict[str, str] = {}  # tags for the run, e.g. the class weights used
-
-
-class Checked(BaseModel):
-    """The selected model's validation scores and what the task's guards found."""
-
-    validation: dict[str, float]
-    reference: dict[str, float] = {}  # a yardstick on the same rows (e.g. the majority class)
-    collapse: str | None = None  # why the model may never be promoted
+    from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+    from tasks.results import (
+        Checked,
+        EvalResult,
+        Evidence,
+        Splits,
+        TokenizedData,
+        TrainExtras,
+    )
 
 
-@dataclass(frozen=True)
-class Kind:
+class Kind(Protocol):
     """One task type: the parts of the pipeline that depend on it."""
 
     task: str
-    pipeline_task: str  # the transformers pipeline and MLflow transformers-flavor task
-    signature: Any  # mlflow ModelSignature of the registered model
+    pipeline_task: str  # the transformers pipeline the registered model runs
+    mlflow_task: str  # the MLflow transformers-flavor task (a pipeline task, or llm/v1/chat)
     headline: str  # the test metric named in version tags and summaries
     selection_metric: str  # Trainer's metric_for_best_model (without the eval_ prefix)
     greater_is_better: bool
-    encode: Callable[..., Any]  # (Dataset, tokenizer, labels, ModelConfig) -> Dataset
-    setup_model: Callable[..., Any]  # (ModelConfig, labels) -> PreTrainedModel
-    collator: Callable[..., Any]  # (tokenizer) -> data collator
-    compute_metrics: Callable[..., Any]  # (labels) -> Trainer compute_metrics or None
-    train_extras: Callable[..., TrainExtras]  # (TrainConfig, train Dataset, labels)
-    check: Callable[..., Checked]  # (Trainer, validation Dataset, labels, train Dataset)
-    evaluate: Callable[..., Any]  # (model_dir, tokenized, labels, splits, ModelConfig, EvalConfig,
-    #                                TrainConfig, workdir) -> an evaluation result
-    promote: Callable[..., Any]  # (registered, evaluation, labels, splits, tokenized, cfg, blocked)
-    inference_config: Callable[..., dict[str, Any]] = field(default=lambda eval_cfg: {})
+    has_labels: bool  # whether rows carry a class label
+
+    def signature(self) -> ModelSignature | None:
+        """The MLflow signature of the registered model (None: MLflow's own for the task)."""
+        ...
+
+    def input_example(self, splits: Splits) -> Any:
+        """An input example for the registered model, from the test split."""
+        ...
+
+    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+        """Columns (``_``-prefixed) the kind derives from raw rows for its data contract."""
+        ...
+
+    def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+        """The clean table of a validated raw table: ``text`` and what the kind keeps."""
+        ...
+
+    def encode(
+        self,
+        dataset: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: list[str],
+        cfg: ModelConfig,
+    ) -> Dataset:
+        """Rows -> ``input_ids``, ``attention_mask``, ``labels``, ``length``, ``truncated``."""
+        ...
+
+    def setup_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+        """The pretrained model with this task's head, every weight trainable."""
+        ...
+
+    # Any: transformers' collators share no base class that the Trainer's signature names.
+    def collator(self, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, training: bool) -> Any:
+        """The batch collator: dynamic padding, or packing for training when the kind packs."""
+        ...
+
+    def compute_metrics(self, labels: list[str]) -> Callable[[Any], dict[str, float]] | None:
+        """The Trainer's validation metrics, or None when the loss is the metric."""
+        ...
+
+    def train_extras(self, cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
+        """Task-specific loss or sampler for the shared recipe."""
+        ...
+
+    def check(
+        self, trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset
+    ) -> Checked:
+        """The selected model's validation scores and guards."""
+        ...
+
+    def evaluate(
+        self,
+        model_dir: str,
+        tokenized: TokenizedData,
+        labels: list[str],
+        splits: Splits,
+        model_cfg: ModelConfig,
+        cfg: EvalConfig,
+        seed: int,
+        workdir: Path,
+    ) -> EvalResult:
+        """Score the model and the task's two yardsticks on the test split."""
+        ...
+
+    def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
+        """The challenger's per-example test scores and the yardsticks, for the gate."""
+        ...
+
+    def champion_columns(
+        self,
+        champion: ModelVersion,
+        evaluation: EvalResult,
+        splits: Splits,
+        tokenized: TokenizedData,
+        labels: list[str],
+        batch_size: int,
+        metric: str,
+    ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
+        """The champion's per-example columns on this test split: (columns, why not, rescored)."""
+        ...
+
+    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+        """Settings stored with the registered model (generation length, ...)."""
+        ...
 
 
 def get_kind(task: str) -> Kind:
     """The kind of a config's ``task``."""
-    from tasks.kinds import causal_lm, classification
+    from tasks.kinds.causal_lm import CausalLM
+    from tasks.kinds.classification import Classification
+    from tasks.kinds.sft import SFT
 
-    kinds = {k.task: k for k in (classification.KIND, causal_lm.KIND)}
+    kinds: dict[str, Kind] = {k.task: k for k in (Classification(), CausalLM(), SFT())}
     if task not in kinds:
         raise ValueError(f"unknown task {task!r} (known: {sorted(kinds)})")
     return kinds[task]

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from pydantic import BaseModel
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -38,9 +38,8 @@ from transformers import (
 )
 
 from tasks.caching import digest
-from tasks.config import EvalConfig, ModelConfig, PromoteConfig, TrainConfig
-from tasks.kinds import Checked, Kind, TrainExtras
-from tasks.promote import Decision, current_champion, record_decision
+from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.results import Checked, EvalResult, Evidence, Splits, TokenizedData, TrainExtras
 from tasks.sources import fingerprint, resolve_model
 
 log = logging.getLogger(__name__)
@@ -64,39 +63,6 @@ def pack(documents: list[list[int]], block_size: int) -> list[list[int]]:
     return [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
 
 
-def encode(dataset: Dataset, tokenizer: Any, labels: list[str], cfg: ModelConfig) -> Dataset:
-    """Documents -> LM examples: packed blocks (default) or one truncated example per document.
-
-    EOS follows every document, so the model learns where a text ends. ``labels`` are the input
-    ids: the model shifts them itself to predict each next token.
-    """
-    eos = document_separator(tokenizer)
-
-    def _encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        documents = [[*doc, eos] for doc in ids]
-        if cfg.packing:
-            examples, truncated = pack(documents, cfg.max_length), None
-        else:
-            examples = [doc[: cfg.max_length] for doc in documents]
-            truncated = [len(doc) > cfg.max_length for doc in documents]
-        return {
-            "input_ids": examples,
-            "attention_mask": [[1] * len(x) for x in examples],
-            "labels": examples,
-            "length": [len(x) for x in examples],
-            "truncated": truncated or [False] * len(examples),
-        }
-
-    # One batch for the whole split: a packed stream has a single short tail, not one per batch.
-    return dataset.map(
-        _encode,
-        batched=True,
-        batch_size=None if cfg.packing else 1000,
-        remove_columns=dataset.column_names,
-    )
-
-
 def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads ``input_ids`` with the pad token and ``labels`` with -100 (left out of the loss)."""
     if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked anyway
@@ -118,14 +84,6 @@ def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
     for param in model.parameters():
         param.requires_grad_(True)
     return model
-
-
-def compute_metrics(labels: list[str]) -> None:
-    return None  # selection uses the Trainer's eval_loss; perplexity is computed over tokens
-
-
-def train_extras(cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
-    return TrainExtras()
 
 
 @torch.no_grad()
@@ -173,16 +131,6 @@ def unigram_perplexity(train: Dataset, test: Dataset, vocab_size: int) -> dict[s
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": float(len(targets))}
 
 
-def check(trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset) -> Checked:
-    """Validation loss and perplexity of the selected model, over tokens."""
-    model = trainer.model
-    assert isinstance(model, PreTrainedModel)
-    sums, counts = block_losses(
-        model, validation, trainer.processing_class, trainer.args.per_device_eval_batch_size
-    )
-    return Checked(validation=perplexity(sums, counts))
-
-
 def generate(
     model: PreTrainedModel, tokenizer: Any, cfg: EvalConfig, seed: int
 ) -> list[dict[str, str]]:
@@ -206,24 +154,19 @@ def generate(
     return out
 
 
-class LMEvalResult(BaseModel):
-    """Test loss and perplexity of the model, the untrained model and a unigram model."""
+class LMEvalResult(EvalResult):
+    """Test loss and perplexity of the model, the untrained model (``baseline``) and a unigram
+    model of the training tokens (``classical``), and sample generations."""
 
-    metrics: dict[str, float]
-    baseline: dict[str, float]  # the untrained model: where fine-tuning started
-    classical: dict[str, float]  # a unigram model of the training tokens
-    test_rows: int
-    test_fingerprint: str
     tokenizer: str
     generations: list[dict[str, str]]
-    losses_path: str
     generations_path: str
 
     headline_keys: tuple[str, ...] = ("loss", "perplexity")
     baseline_names: tuple[str, str] = ("untrained model", "unigram")
 
     def artifacts(self) -> list[str]:
-        return [self.losses_path, self.generations_path]
+        return [self.scores_path, self.generations_path]
 
     def version_tags(self) -> dict[str, str]:
         return {
@@ -253,215 +196,205 @@ def vocabulary_identity(tokenizer: Any) -> str:
     return digest(sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens)
 
 
-def evaluate(
-    model_dir: str,
-    tokenized: Any,
-    labels: list[str],
-    splits: Any,
-    model_cfg: ModelConfig,
-    cfg: EvalConfig,
-    train_cfg: TrainConfig,
-    workdir: Path,
-) -> LMEvalResult:
-    """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""
-    data = load_from_disk(tokenized.path)
-    test = data["test"]
-    if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
-        test = test.shuffle(seed=train_cfg.seed).select(range(cfg.max_test_samples))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
-    generations = generate(model, tokenizer, cfg, train_cfg.seed)
-    set_seed(train_cfg.seed)  # the same initial weights (and new head) that training started from
-    untrained = setup_model(model_cfg, labels)
-    base_sums, base_counts = block_losses(untrained, test, tokenizer, cfg.batch_size)
-    losses_path = workdir / "test_losses.json"
-    losses_path.write_text(json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}))
-    generations_path = workdir / "generations.json"
-    generations_path.write_text(json.dumps(generations, indent=2, ensure_ascii=False))
-    return LMEvalResult(
-        metrics=perplexity(sums, counts),
-        baseline=perplexity(base_sums, base_counts),
-        classical=unigram_perplexity(data["train"], test, len(tokenizer)),
-        test_rows=len(test),
-        test_fingerprint=fingerprint(pd.read_parquet(splits.test_path)),
-        tokenizer=vocabulary_identity(tokenizer),
-        generations=generations,
-        losses_path=str(losses_path),
-        generations_path=str(generations_path),
-    )
-
-
-def bootstrap_loss_delta(
-    challenger: tuple[np.ndarray, np.ndarray],
-    champion: tuple[np.ndarray, np.ndarray],
-    samples: int,
-    seed: int,
-) -> tuple[float, float, float]:
-    """(champion loss - challenger loss, 2.5th, 97.5th percentile), resampling paired blocks.
-
-    Positive means the challenger predicts the test tokens better. Both models are scored on the
-    same resampled blocks each time, so the interval is about the models, not the test set.
-    """
-    (s1, n1), (s0, n0) = challenger, champion
-
-    def delta(idx: np.ndarray) -> float:
-        return float(s0[idx].sum() / n0[idx].sum() - s1[idx].sum() / n1[idx].sum())
-
-    rng = np.random.default_rng(seed)
-    everything = np.arange(len(s1))
-    deltas = [delta(rng.integers(0, len(s1), len(s1))) for _ in range(samples)]
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return delta(everything), float(low), float(high)
-
-
-def decide(
-    cfg: PromoteConfig,
-    version: str,
-    challenger: tuple[np.ndarray, np.ndarray],
-    floors: dict[str, float],
-    champion_version: str | None,
-    champion: tuple[np.ndarray, np.ndarray] | None,
-    not_comparable: str | None = None,
-) -> Decision:
-    """The pure gate for a language model; scores are perplexities, the margin is in nats.
-
-    Args:
-        floors: perplexities the first champion must beat (the untrained and unigram models).
-        champion: the champion's per-block (loss sums, token counts) on the same blocks.
-        not_comparable: why the champion cannot be scored on this test split.
-    """
-    loss = float(challenger[0].sum() / challenger[1].sum())
-    score = math.exp(loss)
-    base = {
-        "version": version,
-        "champion_before": champion_version,
-        "metric": "perplexity",
-        "challenger_score": score,
-    }
-    if not_comparable:
-        return Decision(promoted=False, reason=not_comparable, **base)
-    if champion is None:
-        beaten = [f"{name} {value:.2f}" for name, value in floors.items() if score >= value]
-        verdict = (
-            "does not beat " + ", ".join(beaten)
-            if beaten
-            else "beats " + ", ".join(f"{name} {value:.2f}" for name, value in floors.items())
-        )
-        return Decision(
-            promoted=not beaten, reason=f"first model: perplexity {score:.2f} {verdict}", **base
-        )
-    delta, low, high = bootstrap_loss_delta(challenger, champion, cfg.bootstrap_samples, cfg.seed)
-    champion_score = math.exp(loss + delta)
-    promoted = delta >= cfg.min_delta and (low > 0 or not cfg.require_significant)
-    reason = (
-        f"perplexity {score:.2f} vs champion v{champion_version} {champion_score:.2f}: loss "
-        f"lower by {delta:+.4f} nats (95% CI [{low:+.4f}, {high:+.4f}]) "
-        f"{'beats' if promoted else 'does not beat'} the margin {cfg.min_delta:.4f}"
-        + (" with a CI above 0" if cfg.require_significant else "")
-    )
-    return Decision(
-        promoted=promoted,
-        reason=reason,
-        champion_score=champion_score,
-        delta=delta,
-        ci_low=low,
-        ci_high=high,
-        **base,
-    )
-
-
 def read_losses(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Per-block (loss sums, token counts) as ``evaluate`` wrote them to ``test_losses.json``."""
     logged = json.loads(Path(path).read_text())
     return np.asarray(logged["sums"]), np.asarray(logged["counts"])
 
 
-def champion_losses(
-    client: MlflowClient, name: str, champion: Any, evaluation: LMEvalResult, tokenized: Any
-) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None, bool]:
-    """The champion's per-block losses on this test split: logged, or scored again.
-
-    Returns (losses, why not comparable, whether it was scored again). Perplexities under
-    different tokenizers count different tokens, so they are never compared.
-    """
-    if champion.tags.get("test.tokenizer") != evaluation.tokenizer:
-        return None, "the champion uses another tokenizer: perplexities are not comparable", False
-    if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
-        try:
-            path = client.download_artifacts(champion.run_id, "evaluation/test_losses.json")
-            losses = read_losses(path)
-            if len(losses[0]) == evaluation.test_rows:
-                return losses, None, False
-        except (MlflowException, OSError):
-            pass
-    test = load_from_disk(tokenized.path)["test"]
-    if evaluation.test_rows < len(test):
-        return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
-    import mlflow.transformers
-
-    log.info("champion v%s saw another test set: scoring it on this one", champion.version)
-    parts = mlflow.transformers.load_model(
-        f"models:/{name}/{champion.version}", return_type="components"
-    )
-    return block_losses(parts["model"], test, parts["tokenizer"], 32), None, True
+def mean_loss(sums: np.ndarray, counts: np.ndarray) -> float:
+    """The gate's statistic: mean next-token loss over the predicted tokens of the rows given."""
+    return float(sums.sum() / max(float(counts.sum()), 1.0))
 
 
-def promote(
-    registered: Any,
-    evaluation: LMEvalResult,
-    labels: list[str],
-    splits: Any,
-    tokenized: Any,
-    cfg: PromoteConfig,
-    blocked: str | None,
-) -> Decision:
-    """Run the gate for a just-registered LM version; move the alias and tag the version."""
-    client = MlflowClient()
-    challenger = read_losses(evaluation.losses_path)
-    champion = current_champion(client, registered.name, cfg.alias)
-    losses, why, rescored = None, blocked, False
-    if champion is not None and str(champion.version) != registered.version and not blocked:
-        losses, why, rescored = champion_losses(
-            client, registered.name, champion, evaluation, tokenized
+class CausalLM:
+    """The causal-LM kind (see :class:`tasks.kinds.Kind`)."""
+
+    task = "causal-lm"
+    pipeline_task = "text-generation"
+    mlflow_task = "text-generation"
+    headline = "perplexity"
+    selection_metric = "loss"
+    greater_is_better = False
+    has_labels = False
+
+    def signature(self) -> ModelSignature:
+        return ModelSignature(
+            inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])
         )
-    floors = {
-        "untrained model": evaluation.baseline["perplexity"],
-        "unigram": evaluation.classical["perplexity"],
-    }
-    decision = decide(
-        cfg,
-        registered.version,
-        challenger,
-        floors,
-        str(champion.version) if champion is not None else None,
-        losses,
-        why,
-    ).model_copy(update={"reevaluated_champion": rescored})
-    return record_decision(client, registered, decision, cfg.alias)
 
+    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+        return pd.DataFrame(index=frame.index)  # the contract's generic columns suffice
 
-def inference_config(cfg: EvalConfig) -> dict[str, Any]:
-    """Generation settings stored with the registered model (pyfunc ``predict`` uses them)."""
-    return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}
+    def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+        return pd.DataFrame({"text": frame[cfg.text_column].astype(str).to_numpy()})
 
+    def input_example(self, splits: Splits) -> Any:
+        return pd.read_parquet(splits.test_path)["text"].head(3).tolist()
 
-KIND = Kind(
-    task="causal-lm",
-    pipeline_task="text-generation",
-    signature=ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])
-    ),
-    headline="perplexity",
-    selection_metric="loss",
-    greater_is_better=False,
-    encode=encode,
-    setup_model=setup_model,
-    collator=collator,
-    compute_metrics=compute_metrics,
-    train_extras=train_extras,
-    check=check,
-    evaluate=evaluate,
-    promote=promote,
-    inference_config=inference_config,
-)
+    def encode(
+        self,
+        dataset: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: list[str],
+        cfg: ModelConfig,
+    ) -> Dataset:
+        """Documents -> LM examples: packed blocks (default) or one truncated example per document.
+
+        EOS follows every document, so the model learns where a text ends. ``labels`` are the input
+        ids: the model shifts them itself to predict each next token.
+        """
+        eos = document_separator(tokenizer)
+
+        def _encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            documents = [[*doc, eos] for doc in ids]
+            if cfg.packing:
+                examples, truncated = pack(documents, cfg.max_length), None
+            else:
+                examples = [doc[: cfg.max_length] for doc in documents]
+                truncated = [len(doc) > cfg.max_length for doc in documents]
+            return {
+                "input_ids": examples,
+                "attention_mask": [[1] * len(x) for x in examples],
+                "labels": examples,
+                "length": [len(x) for x in examples],
+                "truncated": truncated or [False] * len(examples),
+            }
+
+        # One batch for the whole split: a packed stream has a single short tail, not one per batch.
+        return dataset.map(
+            _encode,
+            batched=True,
+            batch_size=None if cfg.packing else 1000,
+            remove_columns=dataset.column_names,
+        )
+
+    def setup_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+        return setup_model(cfg, labels)
+
+    def collator(
+        self, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, training: bool
+    ) -> DataCollatorForSeq2Seq:
+        return collator(tokenizer)  # packed blocks are full: padding only for the last one
+
+    def compute_metrics(self, labels: list[str]) -> None:
+        return None  # selection uses the Trainer's eval_loss; perplexity is computed over tokens
+
+    def train_extras(self, cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
+        return TrainExtras()
+
+    def check(
+        self, trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset
+    ) -> Checked:
+        """Validation loss and perplexity of the selected model, over tokens."""
+        model = trainer.model
+        assert isinstance(model, PreTrainedModel)
+        sums, counts = block_losses(
+            model, validation, trainer.processing_class, trainer.args.per_device_eval_batch_size
+        )
+        return Checked(validation=perplexity(sums, counts))
+
+    def evaluate(
+        self,
+        model_dir: str,
+        tokenized: TokenizedData,
+        labels: list[str],
+        splits: Splits,
+        model_cfg: ModelConfig,
+        cfg: EvalConfig,
+        seed: int,
+        workdir: Path,
+    ) -> LMEvalResult:
+        """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""
+        data = load_from_disk(tokenized.path)
+        test = data["test"]
+        if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
+            test = test.shuffle(seed=seed).select(range(cfg.max_test_samples))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
+        generations = generate(model, tokenizer, cfg, seed)
+        set_seed(seed)  # the same initial weights (and new head) that training started from
+        untrained = setup_model(model_cfg, labels)
+        base_sums, base_counts = block_losses(untrained, test, tokenizer, cfg.batch_size)
+        losses_path = workdir / "test_losses.json"
+        losses_path.write_text(json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}))
+        generations_path = workdir / "generations.json"
+        generations_path.write_text(json.dumps(generations, indent=2, ensure_ascii=False))
+        return LMEvalResult(
+            metrics=perplexity(sums, counts),
+            baseline=perplexity(base_sums, base_counts),
+            classical=unigram_perplexity(data["train"], test, len(tokenizer)),
+            test_rows=len(test),
+            test_fingerprint=fingerprint(pd.read_parquet(splits.test_path)),
+            tokenizer=vocabulary_identity(tokenizer),
+            generations=generations,
+            scores_path=str(losses_path),
+            generations_path=str(generations_path),
+        )
+
+    def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
+        """Per-block (loss sums, token counts); compared in mean token loss, shown as perplexity.
+
+        The margin ``promote.min_delta`` is therefore in nats of mean token loss.
+        """
+        return Evidence(
+            metric=metric,
+            columns=read_losses(evaluation.scores_path),
+            statistic=mean_loss,
+            higher_is_better=False,
+            floors={
+                "untrained model": evaluation.baseline["loss"],
+                "unigram": evaluation.classical["loss"],
+            },
+            reported=lambda loss: math.exp(min(loss, 700.0)),
+        )
+
+    def champion_columns(
+        self,
+        champion: ModelVersion,
+        evaluation: EvalResult,
+        splits: Splits,
+        tokenized: TokenizedData,
+        labels: list[str],
+        batch_size: int,
+        metric: str,
+    ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
+        """The champion's per-block losses on this test split: logged, or scored again.
+
+        Perplexities under different tokenizers count different tokens, so they are never
+        compared.
+        """
+        assert isinstance(evaluation, LMEvalResult)
+        if champion.tags.get("test.tokenizer") != evaluation.tokenizer:
+            return (
+                None,
+                "the champion uses another tokenizer: perplexities are not comparable",
+                False,
+            )
+        client = MlflowClient()
+        if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
+            try:
+                path = client.download_artifacts(
+                    str(champion.run_id), "evaluation/test_losses.json"
+                )
+                losses = read_losses(path)
+                if len(losses[0]) == evaluation.test_rows:
+                    return losses, None, False
+            except (MlflowException, OSError):
+                pass
+        test = load_from_disk(tokenized.path)["test"]
+        if evaluation.test_rows < len(test):
+            return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
+        import mlflow.transformers
+
+        log.info("champion v%s saw another test set: scoring it on this one", champion.version)
+        parts = mlflow.transformers.load_model(
+            f"models:/{champion.name}/{champion.version}", return_type="components"
+        )
+        return block_losses(parts["model"], test, parts["tokenizer"], batch_size), None, True
+
+    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+        """Generation settings stored with the registered model (pyfunc ``predict`` uses them)."""
+        return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}

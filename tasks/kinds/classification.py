@@ -1,52 +1,63 @@
 """Text classification: a pretrained encoder plus a new head, one label per text.
 
-Selection by validation macro F1, class-weighted cross-entropy on skewed data, a collapse guard,
-and a test evaluation against the majority class and TF-IDF + logistic regression.
+Everything that is particular to it lives here: encoding, class-weighted cross-entropy on skewed
+data, selection by validation macro F1 with a collapse guard, the test evaluation against the
+majority class and TF-IDF + logistic regression, and the per-row evidence for the promotion gate.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+from sklearn.pipeline import make_pipeline
 from transformers import (
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     Trainer,
+    TrainingArguments,
 )
 
-from tasks.config import ModelConfig, TrainConfig
-from tasks.evaluate import EvalResult, evaluate
-from tasks.kinds import Checked, Kind, TrainExtras
-from tasks.metrics import classification_metrics
-from tasks.promote import Decision, promote
-from tasks.sources import resolve_model
-from tasks.tokenize import encode
+from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.metrics import classification_metrics, gate_statistic
+from tasks.results import (
+    Checked,
+    EvalResult,
+    Evidence,
+    Splits,
+    TokenizedData,
+    TrainExtras,
+)
+from tasks.sources import fingerprint, resolve_model
+
+log = logging.getLogger(__name__)
 
 
-def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
-    """The pretrained encoder plus a new head sized to ``labels``, every weight trainable."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(cfg.name_or_path),
-        revision=cfg.revision,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        # A checkpoint that already has a head of another size gets a new one.
-        ignore_mismatched_sizes=True,
-    )
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
+# --- training --------------------------------------------------------------------------------
 
 
 def class_weights(cfg: TrainConfig, label_counts: list[int]) -> list[float] | None:
@@ -106,98 +117,313 @@ def collapse_check(
     return None, majority_f1
 
 
-def encode_kind(dataset: Dataset, tokenizer: Any, labels: list[str], cfg: ModelConfig) -> Dataset:
-    """Token ids (truncated at ``max_length``, unpadded), integer labels and lengths."""
-    encoded = encode(dataset, tokenizer, labels, cfg.max_length)
-    return encoded.map(
-        lambda b: {
-            "length": [len(x) for x in b["input_ids"]],
-            "truncated": [len(x) >= cfg.max_length for x in b["input_ids"]],
-        },
-        batched=True,
-    )
-
-
-def compute_metrics(labels: list[str]) -> Callable[[EvalPrediction], dict[str, float]]:
-    """Validation accuracy and macro F1 for the Trainer (selection uses macro F1)."""
-
-    def metrics(prediction: EvalPrediction) -> dict[str, float]:
-        logits = prediction.predictions
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        y_true = np.asarray(prediction.label_ids)
-        scores = classification_metrics(y_true, np.argmax(logits, -1), labels)
-        return {k: scores[k] for k in ("accuracy", "macro_f1")}
-
-    return metrics
-
-
-def train_extras(cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
-    """Class weights for the loss (or class-balanced sampling), from the training labels."""
-    ids = np.asarray(train["labels"])
-    weights = class_weights(cfg, np.bincount(ids, minlength=len(labels)).tolist())
-    return TrainExtras(
-        compute_loss_func=weighted_loss(weights) if weights else None,
-        sampler_labels=ids if cfg.balanced_sampling else None,
-        notes={"train.class_weights": str(weights) if weights else "none"},
-    )
-
-
-def check(trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset) -> Checked:
-    """The selected model on validation: the numbers selection used, and the collapse guard."""
-    prediction = trainer.predict(validation)
+def _logits(prediction: Any) -> np.ndarray:
     logits = prediction.predictions
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    y_val, p_val = np.asarray(prediction.label_ids), np.argmax(logits, -1)
-    counts = np.bincount(np.asarray(train["labels"]), minlength=len(labels))
-    collapse, majority_f1 = collapse_check(y_val, p_val, labels, int(np.argmax(counts)))
-    return Checked(
-        validation=classification_metrics(y_val, p_val, labels),
-        reference={"majority_macro_f1": majority_f1},
-        collapse=collapse,
+    return np.asarray(logits[0] if isinstance(logits, tuple) else logits)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+class ClassificationEval(EvalResult):
+    """Test metrics of the classifier, the majority class and TF-IDF + LR, and the details."""
+
+    majority_label: str
+    confusion_matrix: list[list[int]]
+    confusion_matrix_png: str
+
+    headline_keys: tuple[str, ...] = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+    baseline_names: tuple[str, str] = ("majority baseline", "TF-IDF + LR")
+
+    def artifacts(self) -> list[str]:
+        return [self.confusion_matrix_png, self.scores_path]
+
+    def version_tags(self) -> dict[str, str]:
+        return {
+            "test.fingerprint": self.test_fingerprint,
+            "test.macro_f1": f"{self.metrics['macro_f1']:.4f}",
+        }
+
+    def details_markdown(self) -> str:
+        return f"Majority label: `{self.majority_label}`"
+
+
+PREDICTIONS_FILE = "test_predictions.json"  # per-row predictions, logged under evaluation/
+
+
+def classical_baseline(
+    train_texts: list[str], train_labels: list[int], test_texts: list[str], seed: int
+) -> np.ndarray:
+    """TF-IDF (word 1-2-grams) + logistic regression, fit on train, predicting test ids.
+
+    The yardstick a fine-tuned transformer has to beat to be worth its compute.
+    """
+    model = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=200_000),
+        LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
     )
+    model.fit(train_texts, train_labels)
+    return model.predict(test_texts)
 
 
-def evaluate_kind(
-    model_dir: str,
-    tokenized: Any,
-    labels: list[str],
-    splits: Any,
-    model_cfg: ModelConfig,
-    cfg: Any,
-    train_cfg: TrainConfig,
-    workdir: Path,
-) -> EvalResult:
-    return evaluate(model_dir, tokenized, labels, splits.train_path, splits.test_path, cfg, workdir)
+def majority_label(train_label_counts: dict[str, int]) -> str:
+    """The most frequent training label (ties go to the first in sorted order)."""
+    return max(sorted(train_label_counts), key=lambda label: train_label_counts[label])
 
 
-def promote_kind(
-    registered: Any,
-    evaluation: EvalResult,
-    labels: list[str],
-    splits: Any,
-    tokenized: Any,
-    cfg: Any,
-    blocked: str | None,
-) -> Decision:
-    return promote(registered, evaluation, labels, splits.test_path, cfg, blocked)
+def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Write the confusion matrix (rows: true label, columns: predicted) as a PNG."""
+    size = max(4.0, 0.9 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=labels).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
+    )
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
-KIND = Kind(
-    task="text-classification",
-    pipeline_task="text-classification",
-    signature=ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
-    ),
-    headline="macro_f1",
-    selection_metric="macro_f1",
-    greater_is_better=True,
-    encode=encode_kind,
-    setup_model=setup_model,
-    collator=DataCollatorWithPadding,
-    compute_metrics=compute_metrics,
-    train_extras=train_extras,
-    check=check,
-    evaluate=evaluate_kind,
-    promote=promote_kind,
-)
+def predict_ids(model_dir: str, dataset: Dataset, batch_size: int, workdir: Path) -> np.ndarray:
+    """Predicted class ids for a tokenized dataset (dynamic padding, no gradients)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(workdir / "predict"),
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            disable_tqdm=False,
+        ),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    return _logits(trainer.predict(dataset)).argmax(-1)
+
+
+# --- the kind --------------------------------------------------------------------------------
+
+
+class Classification:
+    """The text-classification kind (see :class:`tasks.kinds.Kind`)."""
+
+    task = "text-classification"
+    pipeline_task = "text-classification"
+    mlflow_task = "text-classification"
+    headline = "macro_f1"
+    selection_metric = "macro_f1"
+    greater_is_better = True
+    has_labels = True
+
+    def signature(self) -> ModelSignature:
+        return ModelSignature(
+            inputs=Schema([ColSpec("string")]),
+            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+        )
+
+    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+        return pd.DataFrame(index=frame.index)  # the contract's generic columns suffice
+
+    def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "text": frame[cfg.text_column].astype(str).to_numpy(),
+                "label": frame[cfg.label_column].to_numpy(),
+            }
+        )
+
+    def input_example(self, splits: Splits) -> Any:
+        return pd.read_parquet(splits.test_path)["text"].head(3).tolist()
+
+    def encode(
+        self,
+        dataset: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: list[str],
+        cfg: ModelConfig,
+    ) -> Dataset:
+        """Token ids (truncated at ``max_length``, unpadded), integer labels and lengths."""
+        label2id = {label: i for i, label in enumerate(labels)}
+
+        def _encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+            encoded = tokenizer(batch["text"], truncation=True, max_length=cfg.max_length)
+            ids = encoded["input_ids"]
+            return dict(encoded) | {
+                "labels": [label2id[label] for label in batch["label"]],
+                "length": [len(x) for x in ids],
+                "truncated": [len(x) >= cfg.max_length for x in ids],
+            }
+
+        return dataset.map(_encode, batched=True, remove_columns=dataset.column_names)
+
+    def setup_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+        """The pretrained encoder plus a new head sized to ``labels``, every weight trainable."""
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(cfg.name_or_path),
+            revision=cfg.revision,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            # A checkpoint that already has a head of another size gets a new one.
+            ignore_mismatched_sizes=True,
+        )
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+
+    def collator(
+        self, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, training: bool
+    ) -> DataCollatorWithPadding:
+        return DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(self, labels: list[str]) -> Callable[[EvalPrediction], dict[str, float]]:
+        """Validation accuracy and macro F1 for the Trainer (selection uses macro F1)."""
+
+        def metrics(prediction: EvalPrediction) -> dict[str, float]:
+            y_true = np.asarray(prediction.label_ids)
+            scores = classification_metrics(y_true, _logits(prediction).argmax(-1), labels)
+            return {k: scores[k] for k in ("accuracy", "macro_f1")}
+
+        return metrics
+
+    def train_extras(self, cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
+        """Class weights for the loss (or class-balanced sampling), from the training labels."""
+        ids = np.asarray(train["labels"])
+        weights = class_weights(cfg, np.bincount(ids, minlength=len(labels)).tolist())
+        return TrainExtras(
+            compute_loss_func=weighted_loss(weights) if weights else None,
+            sampler_labels=ids if cfg.balanced_sampling else None,
+            notes={"train.class_weights": str(weights) if weights else "none"},
+        )
+
+    def check(
+        self, trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset
+    ) -> Checked:
+        """The selected model on validation: the numbers selection used, and the collapse guard."""
+        prediction = trainer.predict(validation)
+        y_val, p_val = np.asarray(prediction.label_ids), _logits(prediction).argmax(-1)
+        counts = np.bincount(np.asarray(train["labels"]), minlength=len(labels))
+        collapse, majority_f1 = collapse_check(y_val, p_val, labels, int(np.argmax(counts)))
+        return Checked(
+            validation=classification_metrics(y_val, p_val, labels),
+            reference={"majority_macro_f1": majority_f1},
+            collapse=collapse,
+        )
+
+    def evaluate(
+        self,
+        model_dir: str,
+        tokenized: TokenizedData,
+        labels: list[str],
+        splits: Splits,
+        model_cfg: ModelConfig,
+        cfg: EvalConfig,
+        seed: int,
+        workdir: Path,
+    ) -> ClassificationEval:
+        """Accuracy, macro P/R/F1, per-class P/R/F1 and a confusion matrix on the test split.
+
+        The same rows are scored by the majority-class and the TF-IDF baselines, and the per-row
+        predictions are saved so that a later model can be compared with this one row by row.
+        """
+        test = load_from_disk(tokenized.path)["test"].add_column(
+            "row", list(range(tokenized.rows["test"]))
+        )
+        if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
+            test = test.shuffle(seed=seed).select(range(cfg.max_test_samples)).sort("row")
+        rows = np.asarray(test["row"])
+        y_true = np.asarray(test["labels"])
+        # Sorted by length, batches hold texts of similar length and padding stays small.
+        by_length = np.argsort(np.asarray(test["length"]), kind="stable")
+        y_pred = np.empty_like(y_true)
+        y_pred[by_length] = predict_ids(model_dir, test.select(by_length), cfg.batch_size, workdir)
+
+        train_frame = pd.read_parquet(splits.train_path)
+        test_frame = pd.read_parquet(splits.test_path).iloc[rows]
+        label_ids = {label: i for i, label in enumerate(labels)}
+        classical_pred = classical_baseline(
+            train_frame["text"].tolist(),
+            [label_ids[v] for v in train_frame["label"]],
+            test_frame["text"].tolist(),
+            seed,
+        )
+        majority = majority_label(train_frame["label"].value_counts().to_dict())
+        baseline_pred = np.full_like(y_true, labels.index(majority))
+        matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
+        png = plot_confusion(matrix, labels, workdir / "confusion_matrix.png")
+        scores_path = workdir / PREDICTIONS_FILE
+        scores_path.write_text(
+            json.dumps(
+                {
+                    "labels": labels,
+                    "y_true": y_true.tolist(),
+                    "y_pred": y_pred.tolist(),
+                }
+            )
+        )
+        return ClassificationEval(
+            metrics=classification_metrics(y_true, y_pred, labels),
+            baseline=classification_metrics(y_true, baseline_pred, labels),
+            classical=classification_metrics(y_true, classical_pred, labels),
+            majority_label=majority,
+            test_rows=len(y_true),
+            test_fingerprint=fingerprint(test_frame.reset_index(drop=True)),
+            confusion_matrix=matrix.tolist(),
+            confusion_matrix_png=str(png),
+            scores_path=str(scores_path),
+        )
+
+    def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
+        """Per-row (true label, prediction); the floors are the yardsticks' scores."""
+        logged = json.loads(Path(evaluation.scores_path).read_text())
+        statistic = gate_statistic(metric, len(logged["labels"]))
+        y_true = np.asarray(logged["y_true"])
+        return Evidence(
+            metric=metric,
+            columns=(y_true, np.asarray(logged["y_pred"])),
+            statistic=statistic,
+            higher_is_better=True,
+            floors={
+                "majority baseline": evaluation.baseline[metric],
+                "TF-IDF + logistic regression": evaluation.classical[metric],
+            },
+            correct=lambda y, p: y == p,
+        )
+
+    def champion_columns(
+        self,
+        champion: ModelVersion,
+        evaluation: EvalResult,
+        splits: Splits,
+        tokenized: TokenizedData,
+        labels: list[str],
+        batch_size: int,
+        metric: str,
+    ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
+        """The champion's predictions on this test split: logged when it saw the same rows."""
+        client = MlflowClient()
+        y_true = np.asarray(json.loads(Path(evaluation.scores_path).read_text())["y_true"])
+        if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
+            path = client.download_artifacts(str(champion.run_id), f"evaluation/{PREDICTIONS_FILE}")
+            logged = json.loads(Path(path).read_text())
+            if logged["labels"] == labels:
+                return (y_true, np.asarray(logged["y_pred"])), None, False
+        texts = pd.read_parquet(splits.test_path)["text"].tolist()
+        if len(texts) != len(y_true):
+            return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
+        import mlflow.pyfunc
+
+        log.info("champion v%s saw another test set: scoring it on this one", champion.version)
+        model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+        predicted = [
+            label
+            for start in range(0, len(texts), batch_size)
+            for label in model.predict(texts[start : start + batch_size])["label"].tolist()
+        ]
+        index = {label: i for i, label in enumerate(labels)}
+        # A champion with another label set can predict a label this test set doesn't know: wrong.
+        return (y_true, np.asarray([index.get(p, -1) for p in predicted])), None, True
+
+    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+        return {}

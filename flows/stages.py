@@ -1,0 +1,431 @@
+"""The pipeline's stages as Prefect tasks: each wraps a plain function from ``tasks/``.
+
+A wrapper adds only what belongs to orchestration: retries, content-addressed caching, and the
+MLflow logging and Prefect artifacts of the stage's result. ``prepare_data`` chains the stages
+that every flow starts with (validate -> split -> tokenize).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, ParamSpec, TypeVar
+
+import mlflow
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from transformers import PreTrainedTokenizerBase
+
+from tasks import caching, distributed, tracking
+from tasks import sources as sources_module
+from tasks import tokenize as tokenize_module
+from tasks import validate as validate_module
+from tasks.config import DataConfig, EvalConfig, ModelConfig, PromoteConfig, RunConfig, TrainConfig
+from tasks.kinds import Kind
+from tasks.promote import promote
+from tasks.register import register_model
+from tasks.results import (
+    Decision,
+    EvalResult,
+    RegisteredModel,
+    Splits,
+    TokenizedData,
+    TrainJob,
+    TrainResult,
+    ValidatedData,
+)
+from tasks.sources import fingerprint
+from tasks.split import split_data
+from tasks.tokenize import tokenize
+from tasks.train import latest_checkpoint, train
+from tasks.validate import DataValidationError, render_markdown, suite_path, validate_data
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def timed(stage: Callable[P, R]) -> Callable[P, R]:
+    """Log the stage's wall time to the run as ``time/<stage>_s``, whether it passes or fails."""
+    signature = inspect.signature(stage)
+    name = stage.__name__.removesuffix("_stage")
+
+    @functools.wraps(stage)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        run_id = signature.bind(*args, **kwargs).arguments["run_id"]
+        started = time.perf_counter()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            tracking.log_metrics(run_id, {f"time/{name}_s": time.perf_counter() - started})
+
+    return wrapper
+
+
+# Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
+# nothing to add within one run; caching across runs needs content keys, not argument hashes.
+def validation_cache(cfg: RunConfig, tokenizer_id: str) -> Path:
+    """The content-addressed folder for validation results of these inputs.
+
+    The key covers the bytes of every source, the data settings, the tokenizer (token lengths
+    are checked), ``max_length``, the suite file and the code of validation and reading.
+    """
+    data = cfg.data
+    key = caching.digest(
+        cfg.task,
+        data.model_dump(mode="json"),
+        [caching.source_identity(name) for name in (data.train, data.validation, data.test)],
+        tokenizer_id,
+        cfg.model.max_length,
+        caching.code_version(validate_module, sources_module, extra=[suite_path(cfg.task)]),
+    )
+    return caching.entry(cfg.home_dir() / "cache", "validate", key)
+
+
+def tokenization_cache(
+    splits: Splits, labels: list[str], cfg: RunConfig, kind: Kind, tokenizer_id: str
+) -> Path:
+    """The content-addressed folder for tokenized splits (contents, tokenizer, settings, code)."""
+    encode_module = inspect.getmodule(type(kind))
+    assert encode_module is not None
+    key = caching.digest(
+        cfg.task,
+        [
+            fingerprint(pd.read_parquet(p))
+            for p in (splits.train_path, splits.validation_path, splits.test_path)
+        ],
+        labels,
+        cfg.model.model_dump(mode="json"),
+        tokenizer_id,
+        caching.code_version(tokenize_module, encode_module),
+    )
+    return caching.entry(cfg.home_dir() / "cache", "tokenize", key)
+
+
+def _folder_key(context: Any, parameters: dict[str, Any]) -> str:
+    """The Prefect cache key of a cached stage: its content-addressed output folder."""
+    folder = parameters["folder"]
+    return f"{folder.parent.name}-{folder.name}"
+
+
+def cached(stage: Any, folder: Path) -> Any:
+    """The stage, told to recompute when its output folder is missing or half-written."""
+    return stage.with_options(refresh_cache=not caching.is_complete(folder))
+
+
+@task(name="validate_data", cache_key_fn=_folder_key, persist_result=True)
+@timed
+def validate_data_stage(
+    cfg: DataConfig,
+    kind: Kind,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    folder: Path,
+    run_id: str,
+) -> ValidatedData:
+    """Run the data contract on every raw table; fail the flow with a readable report.
+
+    Cached by content: ``folder`` comes from :func:`validation_cache`, so the same data, settings,
+    tokenizer and code give a Cached state and the stored result, without reading the data again.
+    """
+    shutil.rmtree(folder, ignore_errors=True)  # whatever an interrupted run left there
+    try:
+        data = validate_data(cfg, folder, kind, tokenizer, max_length)
+    except DataValidationError as err:
+        for name in ("validation.json", "validation.html"):
+            if (folder / name).exists():
+                tracking.log_artifact(run_id, folder / name, "validation")
+        create_markdown_artifact(
+            key="data-validation",
+            markdown="# Data validation failed\n\n" + render_markdown(err.failures) + "\n",
+            description="Failed expectations, with counts and example rows",
+        )
+        raise
+    caching.mark_done(folder)
+    return data
+
+
+def record_validation(data: ValidatedData, run_id: str) -> None:
+    """Attach the validation outcome to the run (also when the stage's result came from cache)."""
+    for path in (data.report_path, data.html_report_path, data.quarantine_path):
+        if path:
+            tracking.log_artifact(run_id, path, "validation")
+    tracking.set_tags(run_id, {"data.fingerprint": data.fingerprint, "data.labels": data.labels})
+    tracking.log_metrics(run_id, data.metrics())
+    if data.dropped:
+        create_markdown_artifact(
+            key="data-quarantine",
+            markdown="# Rows quarantined\n\n| rule | rows |\n|---|---|\n"
+            + "\n".join(f"| {rule} | {n} |" for rule, n in data.dropped.items())
+            + "\n",
+            description="Rows removed by on_invalid: drop",
+        )
+
+
+@task(name="split_data", cache_policy=NONE)
+@timed
+def split_data_stage(
+    data: ValidatedData,
+    cfg: DataConfig,
+    max_train_samples: int | None,
+    seed: int,
+    workdir: Path,
+    run_id: str,
+) -> Splits:
+    """Carve the seeded, stratified validation and test splits (and the train subset)."""
+    splits = split_data(data, cfg, workdir, max_train_samples, seed)
+    tracking.log_metrics(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
+    tracking.log_json(run_id, splits.label_counts, "data/label_counts.json")
+    return splits
+
+
+@task(name="tokenize", cache_key_fn=_folder_key, persist_result=True)
+@timed
+def tokenize_stage(
+    splits: Splits,
+    labels: list[str],
+    cfg: ModelConfig,
+    kind: Kind,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    run_id: str,
+) -> TokenizedData:
+    """Tokenize all splits (unpadded) into ``folder`` (see tokenization_cache)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tokenized = tokenize(splits, labels, cfg, folder, kind, tokenizer)
+    caching.mark_done(folder)
+    return tokenized
+
+
+class Prepared(NamedTuple):
+    """The data every flow trains on: validated, split and tokenized."""
+
+    data: ValidatedData
+    splits: Splits
+    tokenized: TokenizedData
+
+
+def prepare_data(
+    cfg: RunConfig,
+    kind: Kind,
+    tokenizer: PreTrainedTokenizerBase,
+    workdir: Path,
+    run_id: str,
+) -> Prepared:
+    """validate -> split -> tokenize, each cached by content, each logged to ``run_id``."""
+    tokenizer_id = caching.tokenizer_identity(tokenizer)
+    folder = validation_cache(cfg, tokenizer_id)
+    data = cached(validate_data_stage, folder)(
+        cfg.data, kind, tokenizer, cfg.model.max_length, folder, run_id
+    )
+    record_validation(data, run_id)
+    splits = split_data_stage(
+        data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
+    )
+    folder = tokenization_cache(splits, data.labels, cfg, kind, tokenizer_id)
+    tokenized = cached(tokenize_stage, folder)(
+        splits, data.labels, cfg.model, kind, tokenizer, folder, run_id
+    )
+    tracking.log_metrics(run_id, tokenized.metrics())
+    return Prepared(data, splits, tokenized)
+
+
+@task(name="train", cache_policy=NONE)
+@timed
+def train_stage(
+    job: TrainJob,
+    kind: Kind,
+    tokenizer: PreTrainedTokenizerBase,
+    num_processes: int,
+    run_id: str,
+) -> TrainResult:
+    """Full-parameter fine-tuning; loss and learning rate stream to MLflow per logging step.
+
+    With ``train.checkpoint_steps`` it checkpoints into ``job.checkpoint_dir`` and resumes from
+    the latest complete checkpoint there: after a crash, and on each retry of this task.
+    """
+    checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
+    resuming = latest_checkpoint(checkpoint_dir) is not None
+    job = job.model_copy(
+        update={
+            "after_step": tracking.last_logged_step(run_id) if resuming else -1,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        }
+    )
+    if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
+        result = distributed.launch(job, num_processes)
+    else:
+        result = train(
+            job.tokenized,
+            job.labels,
+            job.model_cfg,
+            job.cfg,
+            job.eval_batch_size,
+            Path(job.workdir),
+            kind,
+            [tracking.MlflowMetricsCallback(run_id, job.after_step)],
+            checkpoint_dir,
+            tokenizer,
+        )
+    if result.resumed_from_step:
+        tracking.set_tags(run_id, {"fulltune.resumed_from_step": result.resumed_from_step})
+    tracking.log_metrics(run_id, result.metrics(), step=result.global_step)
+    tracking.log_json(run_id, result.validation_curve, "training/validation_curve.json")
+    tracking.set_tags(run_id, result.notes | {"quality.collapse": result.collapse or "none"})
+    if result.collapse:
+        get_run_logger().warning("COLLAPSE GUARD: %s", result.collapse)
+        create_markdown_artifact(
+            key="collapse-guard",
+            markdown=f"# Collapse guard fired\n\n{result.collapse}\n\n"
+            "The model is registered for inspection but will never become champion.\n",
+            description="The trained model is no better than guessing on validation",
+        )
+    get_run_logger().info(
+        "trained %d steps on %d samples: %d/%d parameter tensors updated",
+        result.global_step,
+        result.train_samples,
+        result.tensors_updated,
+        result.tensors_total,
+    )
+    return result
+
+
+@task(name="evaluate", cache_policy=NONE)
+@timed
+def evaluate_stage(
+    model_dir: str,
+    prepared: Prepared,
+    kind: Kind,
+    model_cfg: ModelConfig,
+    cfg: EvalConfig,
+    seed: int,
+    workdir: Path,
+    run_id: str,
+) -> EvalResult:
+    """Score the model and the task's two yardsticks on the test split.
+
+    Classification: the majority class and TF-IDF + logistic regression. Causal LM: the
+    untrained model and a unigram model, plus generations from the configured prompts.
+    """
+    result = kind.evaluate(
+        model_dir,
+        prepared.tokenized,
+        prepared.data.labels,
+        prepared.splits,
+        model_cfg,
+        cfg,
+        seed,
+        workdir,
+    )
+    tracking.log_metrics(
+        run_id,
+        {f"test/{k}": v for k, v in result.metrics.items()}
+        | {f"baseline/{k}": v for k, v in result.baseline.items()}
+        | {f"classical/{k}": v for k, v in result.classical.items()},
+    )
+    tracking.set_tags(run_id, result.version_tags())
+    for path in result.artifacts():
+        tracking.log_artifact(run_id, path, "evaluation")
+    for artifact_file, rows in result.tables().items():
+        tracking.log_table(run_id, rows, artifact_file)
+    tracking.log_json(run_id, result.model_dump(), "evaluation/test_metrics.json")
+    create_markdown_artifact(
+        key="evaluation",
+        markdown=f"# Test evaluation\n\n{result.table()}\n\n{result.details_markdown()}\n",
+        description="The fine-tuned model against the task's yardsticks on the test split",
+    )
+    return result
+
+
+@task(name="register_model", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@timed
+def register_model_stage(
+    model_dir: str,
+    cfg: RunConfig,
+    kind: Kind,
+    run_id: str,
+    example: Any,
+    tags: dict[str, str],
+) -> RegisteredModel:
+    """Log the model with the transformers flavor (the kind's pipeline task), register, alias."""
+    registered = register_model(
+        model_dir,
+        cfg.registry,
+        run_id,
+        example,
+        tags,
+        kind.pipeline_task,
+        kind.mlflow_task,
+        kind.signature(),
+        kind.inference_config(cfg.eval),
+    )
+    tracking.set_tags(
+        run_id, {"registry.model": registered.name, "registry.version": registered.version}
+    )
+    return registered
+
+
+@task(name="promote", cache_policy=NONE)
+@timed
+def promote_stage(
+    registered: RegisteredModel,
+    evaluation: EvalResult,
+    prepared: Prepared,
+    kind: Kind,
+    cfg: PromoteConfig,
+    eval_batch_size: int,
+    run_id: str,
+    collapse: str | None,
+) -> Decision:
+    """Move the champion alias to the new version only if the evidence says it is better."""
+    decision = promote(
+        registered,
+        evaluation,
+        kind,
+        prepared.data.labels,
+        prepared.splits,
+        prepared.tokenized,
+        cfg,
+        eval_batch_size,
+        collapse,
+    )
+    tracking.set_tags(run_id, decision.tags())
+    tracking.log_metrics(run_id, decision.metrics())
+    create_markdown_artifact(
+        key="promotion",
+        markdown=f"# Promotion of {registered.name} v{registered.version}\n\n"
+        f"**{'promoted to @' + cfg.alias if decision.promoted else 'kept as challenger'}**\n\n"
+        f"{decision.reason}\n",
+        description="The champion/challenger gate's decision",
+    )
+    return decision
+
+
+def train_job(
+    prepared: Prepared,
+    cfg: RunConfig,
+    train_cfg: TrainConfig,
+    workdir: Path,
+    checkpoint_dir: Path | None,
+    run_id: str | None,
+) -> TrainJob:
+    """The train stage's input for this run (``train_cfg`` may be a sweep trial's recipe)."""
+    return TrainJob(
+        tokenized=prepared.tokenized,
+        labels=prepared.data.labels,
+        model_cfg=cfg.model,
+        cfg=train_cfg,
+        eval_batch_size=cfg.eval.batch_size,
+        task=cfg.task,
+        workdir=str(workdir),
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        run_id=run_id,
+    )

@@ -1,0 +1,681 @@
+"""Supervised fine-tuning (SFT) of a causal LM on instruction or chat data.
+
+Each row becomes a conversation (``{role, content}`` messages) from one of four formats: chat,
+prompt/completion, alpaca, or a labelled text table turned into instructions. The conversation is
+rendered with the tokenizer's own chat template; the loss is on the assistant answers only (every
+assistant turn, each ending with the template's end-of-turn token, so the model learns to stop),
+unless ``model.train_on_prompt``. With ``model.packing`` a batch's conversations share one row
+without padding and with positions restarting per conversation, from which transformers builds a
+block-diagonal attention mask: no conversation attends to another.
+
+The model is judged by what it generates: greedy answers to every held-out prompt, exact match
+after normalisation and, when the answers come from a closed set, accuracy, macro F1 and the rate of
+answers outside the set; next to the untouched pretrained model (zero-shot, same prompts) and a
+classical baseline (TF-IDF + logistic regression over the closed set, else the most frequent
+answer). The answer-only loss and perplexity are reported before and after fine-tuning.
+
+Why not TRL's ``SFTTrainer``: its ``assistant_only_loss`` needs a chat template with
+``{% generation %}`` markers, which most shipped templates (SmolLM2's among them) lack, and its
+data preparation and trainer would replace the shared recipe's samplers, resume and telemetry.
+The masking here works with any template: each assistant turn's span is found by rendering the
+conversation up to that turn, which is the same rule TRL applies to prompt/completion data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset, load_from_disk
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+)
+
+from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.kinds.causal_lm import IGNORE, block_losses, perplexity, setup_model
+from tasks.metrics import classification_metrics, gate_statistic
+from tasks.results import Checked, EvalResult, Evidence, Splits, TokenizedData, TrainExtras
+from tasks.sources import fingerprint
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MAX_LABELS = 20  # more distinct answers than this: open-ended, judged by exact match only
+ANSWERS_FILE = "test_answers.json"  # per-row references and generations, logged for the gate
+
+
+# --- rows -> conversations -------------------------------------------------------------------
+
+
+def detect_format(columns: list[str], cfg: DataConfig) -> str:
+    """The configured format, or for ``auto`` the first whose columns the table has."""
+    if cfg.format != "auto":
+        return cfg.format
+    candidates = [
+        ("chat", [cfg.messages_column]),
+        ("prompt-completion", [cfg.prompt_column, cfg.completion_column]),
+        ("alpaca", [cfg.instruction_column, cfg.output_column]),
+        ("labelled", [cfg.text_column, cfg.label_column]),
+    ]
+    for name, needed in candidates:
+        if all(c in columns for c in needed):
+            return name
+    return "chat"  # nothing fits: the contract reports the missing messages column
+
+
+def required_columns(fmt: str, cfg: DataConfig) -> list[str]:
+    return {
+        "chat": [cfg.messages_column],
+        "prompt-completion": [cfg.prompt_column, cfg.completion_column],
+        "alpaca": [cfg.instruction_column, cfg.output_column],
+        "labelled": [cfg.text_column, cfg.label_column],
+    }[fmt]
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    """A chat cell as a list of dicts: a list, a numpy array (Parquet) or a JSON string (CSV)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ValueError("not a list of {role, content} messages")
+    return [{"role": m.get("role"), "content": m.get("content")} for m in value]
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def to_conversation(row: dict[str, Any], fmt: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """One raw row as a conversation. Raises ValueError naming what is wrong with the row."""
+    if fmt == "chat":
+        messages = _messages(row[cfg.messages_column])
+    elif fmt == "prompt-completion":
+        prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
+        if isinstance(prompt, (list, np.ndarray)) or isinstance(completion, (list, np.ndarray)):
+            messages = _messages(prompt) + _messages(completion)  # conversational form
+        else:
+            messages = [
+                {"role": "user", "content": _text(prompt)},
+                {"role": "assistant", "content": _text(completion)},
+            ]
+    elif fmt == "alpaca":
+        extra = _text(row.get(cfg.input_column))
+        instruction = _text(row[cfg.instruction_column])
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text(row[cfg.output_column])},
+        ]
+    else:  # labelled
+        messages = [
+            {
+                "role": "user",
+                "content": cfg.prompt_template.format(text=_text(row[cfg.text_column])),
+            },
+            {"role": "assistant", "content": _text(row[cfg.label_column])},
+        ]
+    if cfg.system_prompt and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    return messages
+
+
+def roles_alternate(messages: list[dict[str, Any]]) -> bool:
+    """An optional system turn, then user and assistant turns alternating, ending on an answer."""
+    roles = [m["role"] for m in messages]
+    if roles and roles[0] == "system":
+        roles = roles[1:]
+    return (
+        len(roles) >= 2
+        and len(roles) % 2 == 0
+        and all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
+    )
+
+
+def prompt_key(messages: list[dict[str, Any]]) -> str:
+    """The prompt of a conversation (every turn but the final answer), as one comparable text.
+
+    Duplicates and train/test leakage are judged on it: two rows asking the same thing are the
+    same question, whatever their answers.
+    """
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
+
+
+# --- the chat template -----------------------------------------------------------------------
+
+
+def with_template(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer with ``model.chat_template`` when one is configured."""
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    return tokenizer
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    return str(
+        tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    )
+
+
+def answer_spans(
+    tokenizer: Any, messages: list[dict[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant turn in it.
+
+    A turn's span runs from the end of the prompt that asks for it (the conversation so far with
+    the generation prompt) to the end of the conversation including it, so it holds the answer and
+    the template's end-of-turn token. Raises ValueError when the template does not render each
+    prefix as a prefix of the whole (then no answer can be located).
+    """
+    full = render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+            raise ValueError("the chat template does not render the conversation turn by turn")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_conversation(
+    tokenizer: Any, messages: list[dict[str, Any]], max_length: int, train_on_prompt: bool
+) -> dict[str, Any]:
+    """Token ids of the rendered conversation and its labels (-100 outside the answers)."""
+    text, spans = answer_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = list(ids)
+    if not train_on_prompt:
+        in_answer = [
+            any(a <= start < b for a, b in spans) for start, _ in encoded["offset_mapping"]
+        ]
+        labels = [t if keep else IGNORE for t, keep in zip(ids, in_answer, strict=True)]
+    return {
+        "input_ids": ids[:max_length],
+        "attention_mask": [1] * min(len(ids), max_length),
+        "labels": labels[:max_length],
+        "length": min(len(ids), max_length),
+        "truncated": len(ids) > max_length,
+    }
+
+
+# --- judging answers -------------------------------------------------------------------------
+
+
+def normalise_answer(text: str) -> str:
+    """Case, accents, surrounding punctuation and whitespace removed: what exact match compares."""
+    text = unicodedata.normalize("NFKC", text).casefold().strip()
+    text = re.sub(r"\s+", " ", text)
+    return text.strip(" .,:;!?\"'`()[]{}*")
+
+
+def closed_set(answers: list[str], declared: list[str] | None) -> list[str]:
+    """The answers' label set: declared, or the distinct training answers when few; else empty."""
+    if declared:
+        return list(declared)
+    distinct = sorted({normalise_answer(a) for a in answers})
+    return distinct if len(distinct) <= MAX_LABELS and len(answers) >= 2 * len(distinct) else []
+
+
+def label_ids(answers: list[str], labels: list[str]) -> np.ndarray:
+    """Each answer's index in ``labels`` after normalisation, or -1 when it is outside the set."""
+    index = {normalise_answer(label): i for i, label in enumerate(labels)}
+    return np.asarray([index.get(normalise_answer(a), -1) for a in answers])
+
+
+def answer_metrics(
+    references: list[str], answers: list[str], labels: list[str]
+) -> dict[str, float]:
+    """Exact match; with a closed set, accuracy, macro F1 and the share of answers outside it."""
+    exact = np.mean(
+        [
+            normalise_answer(r) == normalise_answer(a)
+            for r, a in zip(references, answers, strict=True)
+        ]
+    )
+    metrics = {"exact_match": float(exact)}
+    if labels:
+        y_true, y_pred = label_ids(references, labels), label_ids(answers, labels)
+        scores = classification_metrics(y_true, y_pred, labels)
+        metrics |= {k: scores[k] for k in ("accuracy", "macro_f1")}
+        metrics |= {f"f1/{label}": scores[f"f1/{label}"] for label in labels}
+        metrics["outside_label_set"] = float(np.mean(y_pred == -1))
+    return metrics
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: PreTrainedModel, tokenizer: Any, prompts: list[str], cfg: EvalConfig
+) -> list[str]:
+    """Greedy answers to rendered prompts: batched by similar length, left-padded, capped.
+
+    Sorting by length keeps padding small; answers come back in the prompts' order.
+    """
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), cfg.batch_size):
+        rows = order[start : start + cfg.batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        out = model.generate(  # type: ignore[operator]
+            **batch,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
+        for i, ids in zip(rows, new, strict=True):
+            answers[int(i)] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return answers
+
+
+class SFTEval(EvalResult):
+    """Answers of the fine-tuned model, the zero-shot model and a classical baseline, judged."""
+
+    labels: list[str]
+    answer_loss: dict[str, float]  # answer-only loss/perplexity: fine-tuned and zero-shot
+    samples: list[dict[str, str]]
+    tokenizer: str
+
+    headline_keys: tuple[str, ...] = ("exact_match",)
+    baseline_names: tuple[str, str] = ("zero-shot model", "classical")
+
+    def version_tags(self) -> dict[str, str]:
+        tags = {"test.fingerprint": self.test_fingerprint, "test.tokenizer": self.tokenizer}
+        return tags | {f"test.{k}": f"{v:.4f}" for k, v in self.metrics.items() if "/" not in k}
+
+    def tables(self) -> dict[str, list[dict[str, str]]]:
+        return {"evaluation/answers_table.json": self.samples}
+
+    def details_markdown(self) -> str:
+        loss = self.answer_loss
+        rows = [
+            f"Answer-only perplexity: {loss['perplexity']:.3f} fine-tuned, "
+            f"{loss['zero_shot_perplexity']:.3f} zero-shot.",
+            "",
+            "| prompt | reference | fine-tuned | zero-shot |",
+            "|---|---|---|---|",
+        ]
+        rows += [
+            "| "
+            + " | ".join(_cell(s[k]) for k in ("prompt", "reference", "answer", "zero_shot"))
+            + " |"
+            for s in self.samples[:20]
+        ]
+        return "\n".join(rows)
+
+
+def _cell(text: str, limit: int = 120) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return (text[: limit - 1] + "…" if len(text) > limit else text) or " "
+
+
+def vocabulary_identity(tokenizer: Any) -> str:
+    from tasks.caching import digest
+
+    return digest(sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens)
+
+
+def conversations_of(path: str) -> list[list[dict[str, Any]]]:
+    return [json.loads(m) for m in pd.read_parquet(path)["messages"]]
+
+
+def classical_answers(
+    train: list[list[dict[str, Any]]], test_prompts: list[str], labels: list[str], seed: int
+) -> list[str]:
+    """TF-IDF + logistic regression over the closed set, or the most frequent training answer."""
+    answers = [m[-1]["content"] for m in train]
+    if not labels:
+        common = pd.Series([normalise_answer(a) for a in answers]).mode()
+        return [str(common.iloc[0])] * len(test_prompts)
+    ids = label_ids(answers, labels)
+    keep = ids >= 0
+    texts = [prompt_key(m) for m in train]
+    model = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=200_000),
+        LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
+    )
+    model.fit([t for t, k in zip(texts, keep, strict=True) if k], ids[keep])
+    return [labels[i] for i in model.predict(test_prompts)]
+
+
+class SFT:
+    """The instruction/chat SFT kind (see :class:`tasks.kinds.Kind`)."""
+
+    task = "sft"
+    pipeline_task = "text-generation"
+    mlflow_task = "llm/v1/chat"  # OpenAI-style chat requests; the chat template goes with it
+    headline = "exact_match"
+    selection_metric = "loss"  # answer-only validation loss
+    greater_is_better = False
+    has_labels = False
+
+    def signature(self) -> ModelSignature | None:
+        return None  # MLflow's chat signature for llm/v1/chat
+
+    def input_example(self, splits: Splits) -> Any:
+        first = conversations_of(splits.test_path)[0]
+        return {"messages": first[:-1]}
+
+    # -- data --
+
+    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+        """The conversation of every row and what the contract checks about it (``_`` columns)."""
+        fmt = detect_format(list(frame.columns), cfg)
+        missing = [c for c in required_columns(fmt, cfg) if c not in frame.columns]
+        rows = []
+        for row in frame.to_dict("records"):
+            rows.append(self._derive_row(row, fmt, cfg, tokenizer, missing))
+        return pd.DataFrame(rows, index=frame.index)
+
+    def _derive_row(
+        self, row: dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, missing: list[str]
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "_format_error": None,
+            "_roles_known": True,
+            "_alternates": True,
+            "_answers_present": True,
+            "_template_renders": True,
+            "_n_tokens": 0,
+            "_key_text": None,
+            "_all_text": None,
+            "_conversation": None,
+        }
+        if missing:
+            out["_format_error"] = f"columns {missing} missing for format {fmt}"
+            return out
+        try:
+            messages = to_conversation(row, fmt, cfg)
+        except (ValueError, KeyError, TypeError) as err:
+            out["_format_error"] = f"{fmt}: {err}"
+            return out
+        contents = [m["content"] for m in messages]
+        out["_roles_known"] = all(m["role"] in ROLES for m in messages)
+        out["_alternates"] = roles_alternate(messages)
+        out["_answers_present"] = all(
+            isinstance(m["content"], str) and m["content"].strip()
+            for m in messages
+            if m["role"] == "assistant"
+        )
+        if not all(isinstance(c, str) for c in contents):
+            out["_format_error"] = "a message content is not text"
+            return out
+        out["_key_text"] = prompt_key(messages)
+        out["_all_text"] = "\n".join(contents)
+        out["_conversation"] = json.dumps(messages, ensure_ascii=False)
+        if tokenizer is not None and out["_roles_known"] and out["_alternates"]:
+            try:
+                text, spans = answer_spans(tokenizer, messages)
+                out["_template_renders"] = all(
+                    m["content"].strip() in text[a:b]
+                    for m, (a, b) in zip(
+                        [m for m in messages if m["role"] == "assistant"], spans, strict=True
+                    )
+                )
+                out["_n_tokens"] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            except Exception as err:  # a template raises whatever Jinja raises
+                log.debug("chat template failed: %s", err)
+                out["_template_renders"] = False
+        return out
+
+    def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+        """The clean table: the prompt (``text``), the conversation (JSON) and, for labelled
+        data, the label (so the split is stratified as the classifier's is)."""
+        table = pd.DataFrame(
+            {"text": frame["_key_text"].to_numpy(), "messages": frame["_conversation"].to_numpy()}
+        )
+        if detect_format(list(frame.columns), cfg) == "labelled":
+            table["label"] = [_text(v) for v in frame[cfg.label_column]]
+        return table
+
+    # -- training --
+
+    def encode(
+        self,
+        dataset: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: list[str],
+        cfg: ModelConfig,
+    ) -> Dataset:
+        """Rendered conversations, truncated at ``max_length``, labels on the answers only."""
+        tokenizer = with_template(tokenizer, cfg)
+
+        def _encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            rows = [
+                encode_conversation(tokenizer, json.loads(m), cfg.max_length, cfg.train_on_prompt)
+                for m in batch["messages"]
+            ]
+            return {key: [r[key] for r in rows] for key in rows[0]}
+
+        return dataset.map(_encode, batched=True, remove_columns=dataset.column_names)
+
+    def setup_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+        return setup_model(cfg, labels)
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, training: bool) -> Any:
+        """Training with packing: a batch's conversations in one row, no padding, positions
+        restarting per conversation (the block-diagonal mask). Scoring: padded rows, whose
+        attention stays small however large the evaluation batch."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if training and cfg.packing:
+            return DataCollatorWithFlattening()
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+
+    def compute_metrics(self, labels: list[str]) -> None:
+        return None  # selection uses the answer-only validation loss
+
+    def train_extras(self, cfg: TrainConfig, train: Dataset, labels: list[str]) -> TrainExtras:
+        return TrainExtras()
+
+    def check(
+        self, trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset
+    ) -> Checked:
+        """Answer-only validation loss and perplexity of the selected model."""
+        model = trainer.model
+        assert isinstance(model, PreTrainedModel)
+        sums, counts = block_losses(
+            model, validation, trainer.processing_class, trainer.args.per_device_eval_batch_size
+        )
+        return Checked(validation=perplexity(sums, counts))
+
+    # -- evaluation --
+
+    def evaluate(
+        self,
+        model_dir: str,
+        tokenized: TokenizedData,
+        labels: list[str],
+        splits: Splits,
+        model_cfg: ModelConfig,
+        cfg: EvalConfig,
+        seed: int,
+        workdir: Path,
+    ) -> SFTEval:
+        """Generate an answer to every test prompt with the fine-tuned and the zero-shot model."""
+        conversations = conversations_of(splits.test_path)
+        test = load_from_disk(tokenized.path)["test"]
+        rows = np.arange(len(conversations))
+        if cfg.max_test_samples is not None and cfg.max_test_samples < len(rows):
+            rows = np.sort(np.random.default_rng(seed).choice(rows, cfg.max_test_samples, False))
+        test = test.select(rows.tolist())
+        chosen = [conversations[i] for i in rows]
+        train = conversations_of(splits.train_path)
+        closed = closed_set([m[-1]["content"] for m in train], labels or None)
+        tokenizer = with_template(AutoTokenizer.from_pretrained(model_dir), model_cfg)
+        prompts = [render(tokenizer, m[:-1], generation_prompt=True) for m in chosen]
+        references = [m[-1]["content"] for m in chosen]
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
+        answers = generate_answers(model, tokenizer, prompts, cfg)
+        del model
+        zero_shot = setup_model(model_cfg, [])
+        zs_sums, zs_counts = block_losses(zero_shot, test, tokenizer, cfg.batch_size)
+        zs_answers = generate_answers(zero_shot, tokenizer, prompts, cfg)
+        del zero_shot
+        classical = classical_answers(train, [prompt_key(m) for m in chosen], closed, seed)
+
+        fine = perplexity(sums, counts)
+        before = perplexity(zs_sums, zs_counts)
+        scores_path = workdir / ANSWERS_FILE
+        scores_path.write_text(
+            json.dumps(
+                {
+                    "labels": closed,
+                    "rows": rows.tolist(),
+                    "references": references,
+                    "answers": answers,
+                    "zero_shot": zs_answers,
+                    "classical": classical,
+                },
+                ensure_ascii=False,
+            )
+        )
+        samples = [
+            {"prompt": m[-2]["content"], "reference": r, "answer": a, "zero_shot": z}
+            for m, r, a, z in zip(chosen, references, answers, zs_answers, strict=True)
+        ]
+        return SFTEval(
+            metrics=answer_metrics(references, answers, closed)
+            | {"answer_loss": fine["loss"], "answer_perplexity": fine["perplexity"]},
+            baseline=answer_metrics(references, zs_answers, closed)
+            | {"answer_loss": before["loss"], "answer_perplexity": before["perplexity"]},
+            classical=answer_metrics(references, classical, closed),
+            test_rows=len(chosen),
+            test_fingerprint=fingerprint(pd.read_parquet(splits.test_path).iloc[rows]),
+            scores_path=str(scores_path),
+            labels=closed,
+            answer_loss={
+                "loss": fine["loss"],
+                "perplexity": fine["perplexity"],
+                "zero_shot_loss": before["loss"],
+                "zero_shot_perplexity": before["perplexity"],
+            },
+            samples=samples,
+            tokenizer=vocabulary_identity(tokenizer),
+            headline_keys=(
+                ("exact_match", "accuracy", "macro_f1", "outside_label_set")
+                if closed
+                else ("exact_match",)
+            ),
+        )
+
+    def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
+        """Per-row (reference, answer) ids over the closed set, or per-row exact match."""
+        logged = json.loads(Path(evaluation.scores_path).read_text())
+        columns, statistic = self._columns(logged, logged["answers"], metric)
+        zero_shot = statistic(*self._columns(logged, logged["zero_shot"], metric)[0])
+        classical = statistic(*self._columns(logged, logged["classical"], metric)[0])
+        return Evidence(
+            metric=metric,
+            columns=columns,
+            statistic=statistic,
+            higher_is_better=True,
+            floors={"zero-shot model": zero_shot, "classical baseline": classical},
+            correct=(lambda y, p: y == p) if metric == "accuracy" else None,
+        )
+
+    def _columns(
+        self, logged: dict[str, Any], answers: list[str], metric: str
+    ) -> tuple[tuple[np.ndarray, ...], Callable[..., float]]:
+        labels = logged["labels"]
+        if metric in ("accuracy", "macro_f1"):
+            if not labels:
+                raise ValueError(
+                    f"promote.metric {metric} needs answers from a closed set (data.labels)"
+                )
+            columns = (label_ids(logged["references"], labels), label_ids(answers, labels))
+            return columns, gate_statistic(metric, len(labels))
+        exact = np.asarray(
+            [
+                normalise_answer(r) == normalise_answer(a)
+                for r, a in zip(logged["references"], answers, strict=True)
+            ],
+            dtype=float,
+        )
+        return (exact,), lambda x: float(np.mean(x))
+
+    def champion_columns(
+        self,
+        champion: ModelVersion,
+        evaluation: EvalResult,
+        splits: Splits,
+        tokenized: TokenizedData,
+        labels: list[str],
+        batch_size: int,
+        metric: str,
+    ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
+        """The champion's answers to the same prompts: logged, or generated again."""
+        assert isinstance(evaluation, SFTEval)
+        logged = json.loads(Path(evaluation.scores_path).read_text())
+        client = MlflowClient()
+        answers = None
+        if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
+            try:
+                path = client.download_artifacts(str(champion.run_id), f"evaluation/{ANSWERS_FILE}")
+                answers = json.loads(Path(path).read_text())["answers"]
+            except (MlflowException, OSError, KeyError):
+                answers = None
+        rescored = False
+        if answers is None or len(answers) != len(logged["references"]):
+            import mlflow.transformers
+
+            log.info("champion v%s saw other prompts: generating its answers", champion.version)
+            parts = mlflow.transformers.load_model(
+                f"models:/{champion.name}/{champion.version}", return_type="components"
+            )
+            tokenizer = parts["tokenizer"]
+            conversations = conversations_of(splits.test_path)
+            prompts = [
+                render(tokenizer, conversations[i][:-1], generation_prompt=True)
+                for i in logged["rows"]
+            ]
+            answers = generate_answers(
+                parts["model"], tokenizer, prompts, EvalConfig(batch_size=batch_size)
+            )
+            rescored = True
+        columns, _ = self._columns(logged, answers, metric)
+        return columns, None, rescored
+
+    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+        """Generation settings stored with the registered model (greedy, capped)."""
+        return {"max_new_tokens": cfg.max_new_tokens, "do_sample": False}

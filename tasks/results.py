@@ -1,0 +1,294 @@
+"""What the stages hand each other: small typed results (paths, ids, metrics), never models.
+
+Every stage imports its result types from here and no stage owns them, so a stage that only needs
+another stage's output never has to import that stage's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from tasks.config import ModelConfig, TrainConfig
+
+
+class ValidatedData(BaseModel):
+    """What passed validation: normalised tables on disk (``text``, and ``label`` when the task
+    has labels; ``labels`` is then the frozen label set, else empty)."""
+
+    train_path: str
+    validation_path: str | None
+    test_path: str | None
+    labels: list[str]
+    fingerprint: str
+    rows: dict[str, int]
+    report_path: str
+    html_report_path: str
+    quarantine_path: str | None
+    dropped: dict[str, int]
+    encoding_fallback_lines: int
+    truncated_fraction: dict[str, float]
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        """The validation outcome as run metrics (``data/...``)."""
+        return (
+            {f"data/rows_{k}": v for k, v in self.rows.items()}
+            | {f"data/dropped/{rule}": n for rule, n in self.dropped.items()}
+            | {f"data/truncated_fraction_{k}": v for k, v in self.truncated_fraction.items()}
+            | {
+                "data/encoding_fallback_lines": self.encoding_fallback_lines,
+                "data/validation_s": self.seconds,
+            }
+        )
+
+
+class Splits(BaseModel):
+    """Paths of the three splits (Parquet: ``text``, and ``label`` when labelled) and sizes."""
+
+    train_path: str
+    validation_path: str
+    test_path: str
+    rows: dict[str, int]
+    label_counts: dict[str, dict[str, int]]
+
+
+class TokenizedData(BaseModel):
+    """A ``DatasetDict`` on disk: ``input_ids``, ``attention_mask``, ``labels``, ``length``."""
+
+    path: str
+    rows: dict[str, int]
+    tokens: dict[str, int]  # non-pad tokens per split
+    mean_tokens: dict[str, float]
+    truncated_fraction: dict[str, float]
+
+    def metrics(self) -> dict[str, float]:
+        """Token counts per split as run metrics (``data/...``)."""
+        return (
+            {f"data/mean_tokens_{k}": v for k, v in self.mean_tokens.items()}
+            | {f"data/tokens_{k}": float(v) for k, v in self.tokens.items()}
+            | {f"data/examples_{k}": float(v) for k, v in self.rows.items()}
+            | {f"data/truncated_fraction_{k}": v for k, v in self.truncated_fraction.items()}
+        )
+
+
+class TrainExtras(BaseModel):
+    """Task-specific additions to the shared training recipe."""
+
+    # Any: a Trainer ``compute_loss_func`` closure and a numpy array are not pydantic types.
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    compute_loss_func: Callable[..., Any] | None = None
+    sampler_labels: np.ndarray | None = None  # per-row class ids: draw batches class-balanced
+    notes: dict[str, str] = {}  # tags for the run, e.g. the class weights used
+
+
+class Checked(BaseModel):
+    """The selected model's validation scores and what the task's guards found."""
+
+    validation: dict[str, float]
+    reference: dict[str, float] = {}  # a yardstick on the same rows (e.g. the majority class)
+    collapse: str | None = None  # why the model may never be promoted
+
+
+class TrainResult(BaseModel):
+    """Where the fine-tuned model was saved, and what training did."""
+
+    model_dir: str
+    global_step: int
+    train_samples: int
+    epochs: float
+    learning_rate: float
+    best_step: int | None
+    stopped_early: bool
+    notes: dict[str, str]
+    train_loss: float
+    first_logged_loss: float | None
+    last_logged_loss: float | None
+    runtime_s: float
+    samples_per_s: float
+    params_total: int
+    params_updated: int
+    tensors_total: int
+    tensors_updated: int
+    validation: dict[str, float]
+    validation_curve: list[dict[str, float]]
+    reference: dict[str, float]
+    collapse: str | None
+    batch_size: int
+    gradient_accumulation_steps: int
+    step_time_s: float
+    non_pad_tokens: int
+    tokens_per_s: float
+    mfu: float
+    matmul_peak_flops: float
+    peak_rss_bytes: int
+    preflight_estimate_bytes: int
+    resumed_from_step: int | None = None
+    weights_digest: str = ""  # sha256 of the trained weights: equal across data-parallel ranks
+    num_processes: int = 1
+
+    def metrics(self) -> dict[str, float]:
+        """What training did, as run metrics (``train/``, ``efficiency/``, ``val_selected/``)."""
+        return (
+            {
+                "train/runtime_s": self.runtime_s,
+                "train/samples_per_s": self.samples_per_s,
+                "train/mean_loss": self.train_loss,
+                "train/epochs": self.epochs,
+                "train/peak_learning_rate": self.learning_rate,
+                "train/best_step": float(self.best_step or self.global_step),
+                "train/stopped_early": float(self.stopped_early),
+                "train/params_total": self.params_total,
+                "train/params_updated_fraction": self.params_updated / self.params_total,
+                "train/tensors_updated_fraction": self.tensors_updated / self.tensors_total,
+                "train/tokens_seen": self.non_pad_tokens,
+                "train/num_processes": self.num_processes,
+                "efficiency/step_time_s": self.step_time_s,
+                "efficiency/tokens_per_s": self.tokens_per_s,
+                "efficiency/samples_per_s": self.samples_per_s,
+                "efficiency/mfu": self.mfu,
+                "efficiency/matmul_peak_flops": self.matmul_peak_flops,
+                "efficiency/peak_rss_bytes": self.peak_rss_bytes,
+                "efficiency/preflight_estimate_bytes": self.preflight_estimate_bytes,
+                "efficiency/non_pad_tokens": self.non_pad_tokens,
+            }
+            | {f"val_selected/{k}": v for k, v in self.validation.items()}
+            | {f"val_selected/{k}": v for k, v in self.reference.items()}
+        )
+
+
+class TrainJob(BaseModel):
+    """Everything one training process needs (the train stage's input, also as JSON for ranks)."""
+
+    tokenized: TokenizedData
+    labels: list[str]
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    eval_batch_size: int
+    task: str
+    workdir: str
+    checkpoint_dir: str | None
+    run_id: str | None  # MLflow run that rank 0 streams the training metrics to
+    after_step: int = -1
+    tracking_uri: str | None = None
+
+    def result_path(self, rank: int) -> Path:
+        """Where rank ``rank`` writes its :class:`TrainResult`."""
+        return Path(self.workdir) / f"train-result-rank{rank}.json"
+
+
+class EvalResult(BaseModel):
+    """Test-split metrics of the model and of the task's two yardsticks, and where details are.
+
+    Each kind extends it with what its evaluation adds (a confusion matrix, generations); the
+    flow, the summary and the gate read only these fields.
+    """
+
+    metrics: dict[str, float]
+    baseline: dict[str, float]  # the first yardstick (majority class, untrained model)
+    classical: dict[str, float]  # the second (TF-IDF + LR, unigram model)
+    test_rows: int
+    test_fingerprint: str
+    scores_path: str  # per-example test scores, for the gate's paired comparison
+
+    headline_keys: tuple[str, ...] = ()
+    baseline_names: tuple[str, str] = ("baseline", "classical")
+
+    def artifacts(self) -> list[str]:
+        return [self.scores_path]
+
+    def version_tags(self) -> dict[str, str]:
+        return {"test.fingerprint": self.test_fingerprint}
+
+    def tables(self) -> dict[str, list[dict[str, str]]]:
+        return {}
+
+    def details_markdown(self) -> str:
+        return ""
+
+    def table(self) -> str:
+        """The headline test metrics next to the two yardsticks, as Markdown."""
+        first, second = self.baseline_names
+        rows = [f"| metric | fine-tuned | {first} | {second} |", "|---|---|---|---|"]
+        for key in self.headline_keys:
+            values = (self.metrics[key], self.baseline[key], self.classical[key])
+            rows.append(f"| {key} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+        return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the promotion gate compares: per-example columns and how they become one score.
+
+    ``statistic(*columns)`` is the metric on any subset of rows (the bootstrap resamples rows, the
+    same rows for challenger and champion). Scores are in the statistic's own unit; ``reported``
+    turns one into the metric people read (a mean token loss into a perplexity).
+    """
+
+    metric: str
+    columns: tuple[np.ndarray, ...]
+    statistic: Callable[..., float]
+    higher_is_better: bool
+    floors: dict[str, float]  # yardstick scores (same statistic) the first champion must beat
+    correct: Callable[..., np.ndarray] | None = None  # per-example 0/1, for McNemar's test
+    reported: Callable[[float], float] = field(default=lambda score: score)
+
+
+class Decision(BaseModel):
+    """The gate's verdict for one model version."""
+
+    promoted: bool
+    reason: str
+    version: str
+    champion_before: str | None
+    metric: str
+    challenger_score: float
+    champion_score: float | None = None
+    delta: float | None = None  # positive: the challenger is better (in the statistic's unit)
+    ci_low: float | None = None
+    ci_high: float | None = None
+    mcnemar_p: float | None = None
+    reevaluated_champion: bool = False
+
+    def tags(self) -> dict[str, str]:
+        """The decision as model-version tags."""
+        tags = {
+            "promotion.decision": "promoted" if self.promoted else "kept",
+            "promotion.reason": self.reason,
+            "promotion.metric": self.metric,
+            "promotion.compared_to": self.champion_before or "none",
+        }
+        if self.delta is not None:
+            tags |= {
+                "promotion.delta": f"{self.delta:.4f}",
+                "promotion.ci95": f"[{self.ci_low:.4f}, {self.ci_high:.4f}]",
+            }
+        if self.mcnemar_p is not None:
+            tags["promotion.mcnemar_p"] = f"{self.mcnemar_p:.4g}"
+        return tags
+
+    def metrics(self) -> dict[str, float]:
+        """The decision as run metrics (``promotion/...``)."""
+        metrics = {"promotion/promoted": float(self.promoted)}
+        if self.delta is not None:
+            metrics |= {
+                "promotion/delta": self.delta,
+                "promotion/ci_low": self.ci_low or 0.0,
+                "promotion/ci_high": self.ci_high or 0.0,
+            }
+        return metrics
+
+
+class RegisteredModel(BaseModel):
+    """A registered model version and how to load it."""
+
+    name: str
+    version: str
+    alias: str
+    model_uri: str

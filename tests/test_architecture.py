@@ -1,0 +1,74 @@
+"""The code's shape: no import cycles, no stage importing another stage, kinds on the core only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = {"tasks.config", "tasks.results", "tasks.sources", "tasks.caching", "tasks.tracking"}
+CORE |= {"tasks.efficiency", "tasks.metrics"}
+CORE |= {"tasks.kinds"}  # the kinds' interface: the protocol and get_kind
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Project modules ``path`` imports at run time (``if TYPE_CHECKING:`` blocks excluded)."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    found.add(full if full in known else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                visit([n for n in getattr(node, field, []) if isinstance(n, ast.stmt)])
+
+    visit(ast.parse(path.read_text()).body)
+    return {m for m in found if m in known}
+
+
+def graph() -> dict[str, set[str]]:
+    paths = [*ROOT.glob("tasks/**/*.py"), *ROOT.glob("flows/*.py")]
+    known = {module_name(p) for p in paths}
+    return {module_name(p): imports(p, known) - {module_name(p)} for p in paths}
+
+
+def test_no_import_cycles():
+    edges = graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in edges[node]:
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*stack, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for node in edges:
+        if node not in state:
+            visit(node, [])
+
+
+def test_tasks_never_import_flows_and_stages_never_import_stages():
+    for module, targets in graph().items():
+        if not module.startswith("tasks"):
+            continue
+        assert not any(t.startswith("flows") for t in targets), module
+        kind_module = module.startswith("tasks.kinds.")
+        allowed = CORE - ({"tasks.kinds"} if kind_module else set())
+        if module == "tasks.kinds":
+            allowed = allowed | {f"tasks.kinds.{k}" for k in ("classification", "causal_lm", "sft")}
+        if module == "tasks.kinds.sft":  # SFT trains and scores a causal LM: it reuses that kind
+            allowed = allowed | {"tasks.kinds.causal_lm"}
+        stray = {t for t in targets if t.startswith("tasks")} - allowed
+        assert not stray, f"{module} imports {sorted(stray)}"
