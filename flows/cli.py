@@ -164,6 +164,12 @@ def bench(
     overhead: Annotated[
         bool, typer.Option(help="Also time a whole `fulltune run` for the overhead.")
     ] = True,
+    sft_steps: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Steps of each SFT arm on SmolLM2 (packed, padded, bare TRL); 0 skips."
+        ),
+    ] = 0,
 ) -> None:
     """Measure training throughput, MFU, memory and overhead against bare HF Trainer recipes."""
     import json
@@ -171,7 +177,7 @@ def bench(
     from flows.bench import benchmark, table
 
     _setup_logging()
-    result = benchmark(steps, seed_steps, overhead)
+    result = benchmark(steps, seed_steps, overhead, sft_steps)
     if not as_json:
         typer.echo(table(result))
     typer.echo(json.dumps(result, default=float))
@@ -184,10 +190,18 @@ def predict(
     ],
     text: Annotated[
         list[str] | None,
-        typer.Option("--text", "-t", help="A text to classify or continue (repeatable)."),
+        typer.Option(
+            "--text", "-t", help="A text to classify, continue, or ask a chat model (repeatable)."
+        ),
     ] = None,
     input_path: Annotated[
-        Path | None, typer.Option("--input", "-i", help="CSV, TSV, JSONL or Parquet file of texts.")
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="CSV, TSV, JSONL or Parquet file of texts (for a chat model: or a `messages` "
+            "column of conversations).",
+        ),
     ] = None,
     output_path: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write predictions here (.csv/.jsonl).")
@@ -211,37 +225,48 @@ def predict(
         name, version = resolve_model_uri(model)
     except ValueError as err:
         _fail(str(err))
-    if input_path is not None:
-        try:
-            frame = read_table(str(input_path)).frame
-        except SourceError as err:
-            _fail(str(err))
-        if text_column not in frame.columns:
-            _fail(f"{input_path}: no column {text_column!r} (columns: {list(frame.columns)})")
-        if frame.empty:
-            _fail(f"{input_path}: no rows")
-        texts = frame[text_column].astype(str).tolist()
-    else:
-        frame, texts = pd.DataFrame({"text": text}), list(text or [])
-
     import mlflow.pyfunc
 
     from tasks.config import EvalConfig
 
     batch_size = batch_size or EvalConfig().batch_size
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    parts = [loaded.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    if isinstance(parts[0], pd.DataFrame):  # a classifier: a label and its score per text
-        predictions = pd.concat(parts, ignore_index=True)
-        out = frame.reset_index(drop=True).assign(
-            label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
-        )
-        rows = zip(out["label"], out["score"], texts, strict=True)
-        lines = [f"{label}\t{score:.4f}\t{t}" for label, score, t in rows]
-    else:  # a text-generation model: the text continued
-        generated = [str(g) for part in parts for g in part]
-        out = frame.reset_index(drop=True).assign(generated_text=generated)
-        lines = generated
+    flavor = loaded.metadata.flavors.get("transformers", {})
+    chat = flavor.get("inference_task") == "llm/v1/chat"
+    if input_path is not None:
+        try:
+            frame = read_table(str(input_path)).frame
+        except SourceError as err:
+            _fail(str(err))
+        column = "messages" if chat and "messages" in frame.columns else text_column
+        if column not in frame.columns:
+            _fail(f"{input_path}: no column {column!r} (columns: {list(frame.columns)})")
+        if frame.empty:
+            _fail(f"{input_path}: no rows")
+        inputs = frame[column].tolist()
+    else:
+        frame, inputs = pd.DataFrame({"text": text}), list(text or [])
+
+    if chat:  # one conversation per request: a plain text is one user turn
+        answers = [answer_chat(loaded, value) for value in inputs]
+        out = frame.reset_index(drop=True).assign(answer=answers)
+        lines = answers
+    else:
+        texts = [str(t) for t in inputs]
+        parts = [
+            loaded.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)
+        ]
+        if isinstance(parts[0], pd.DataFrame):  # a classifier: a label and its score per text
+            predictions = pd.concat(parts, ignore_index=True)
+            out = frame.reset_index(drop=True).assign(
+                label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
+            )
+            rows = zip(out["label"], out["score"], texts, strict=True)
+            lines = [f"{label}\t{score:.4f}\t{t}" for label, score, t in rows]
+        else:  # a text-generation model: the text continued
+            generated = [str(g) for part in parts for g in part]
+            out = frame.reset_index(drop=True).assign(generated_text=generated)
+            lines = generated
     if output_path is None:
         for line in lines:
             typer.echo(line)
@@ -251,6 +276,17 @@ def predict(
     else:
         out.to_csv(output_path, index=False)
     typer.echo(f"wrote {len(out)} predictions of {name} v{version} to {output_path}")
+
+
+def answer_chat(model: Any, value: Any) -> str:
+    """A chat model's answer to a text (one user turn) or a list of messages (JSON or parsed)."""
+    import json
+
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = json.loads(value)
+    messages = [{"role": "user", "content": str(value)}] if isinstance(value, str) else list(value)
+    reply = model.predict({"messages": [dict(m) for m in messages]})
+    return str(reply[0]["choices"][0]["message"]["content"]).strip()
 
 
 @app.command()

@@ -280,6 +280,19 @@ class TrainConfig(_Section):
         False, description="Recompute activations in the backward pass: less memory, more time."
     )
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    optim: Literal["adamw_torch", "adamw_bnb_8bit"] = Field(
+        "adamw_torch",
+        description="The optimizer: AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW (CUDA "
+        "only; its two moments take 2 bytes per parameter instead of 8).",
+    )
+    fsdp: Literal["none", "full_shard"] = Field(
+        "none",
+        description="`full_shard`: shard weights, gradients and optimizer state over the "
+        "`num_processes` ranks (FSDP through the Trainer), each transformer block wrapped.",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="With `fsdp: full_shard`, keep the shards in host memory (CUDA runs)."
+    )
 
     @field_validator("epochs", "learning_rate", mode="before")
     @classmethod

@@ -112,23 +112,32 @@ def estimate_training_memory(
     seq_len: int,
     bytes_per_value: int = 4,
     baseline: int = 0,
+    shards: int = 1,
+    checkpointing: bool = False,
+    optimizer_bytes: int = 8,
 ) -> MemoryEstimate:
-    """Peak memory of one training step of an encoder, from its config.
+    """Peak memory of one training step of a transformer on one process, from its config.
 
-    Weights, gradients and AdamW's two moments take 4 values per parameter. Activations kept for
-    the backward pass follow Korthikanti et al. (2022) for a transformer layer, in values:
-    ``s*b*h*(17 + 2.5*a*s/h)`` per layer (34 + 5as/h bytes at 16 bits), plus the embeddings'
-    output and the classifier's. ``baseline`` is what the process holds already (libraries, data).
+    Weights, gradients and AdamW's two moments take 4 values per parameter (the moments 2 bytes
+    each with an 8-bit optimizer: ``optimizer_bytes``); FSDP's full sharding divides all three by
+    the number of ranks (``shards``). Activations kept for the backward pass follow Korthikanti
+    et al. (2022) for a transformer layer, in values: ``s*b*h*(17 + 2.5*a*s/h)`` per layer (34 +
+    5as/h bytes at 16 bits), plus the embeddings' output and the head's; with activation
+    checkpointing only each layer's input is kept, and one layer is recomputed at a time.
+    ``baseline`` is what the process holds already (libraries, data).
     """
     layers = config.num_hidden_layers
     hidden = config.hidden_size
     heads = config.num_attention_heads
     per_layer = seq_len * batch_size * hidden * (17 + 2.5 * heads * seq_len / hidden)
-    activations = (layers * per_layer + 2 * seq_len * batch_size * hidden) * bytes_per_value
+    kept = (
+        layers * seq_len * batch_size * hidden + per_layer if checkpointing else layers * per_layer
+    )
+    activations = (kept + 2 * seq_len * batch_size * hidden) * bytes_per_value
     return MemoryEstimate(
-        weights=n_params * bytes_per_value,
-        gradients=n_params * bytes_per_value,
-        optimizer=2 * n_params * 4,  # AdamW moments stay fp32
+        weights=n_params * bytes_per_value // shards,
+        gradients=n_params * bytes_per_value // shards,
+        optimizer=n_params * optimizer_bytes // shards,
         activations=int(activations),
         baseline=baseline,
     )

@@ -100,6 +100,8 @@ def decide(
     if blocked:
         return Decision(promoted=False, reason=f"not eligible: {blocked}", **base)
     better = (lambda a, b: a > b) if evidence.higher_is_better else (lambda a, b: a < b)
+    if champion is None and evidence.yardstick is not None:
+        return first_against_yardstick(cfg, evidence, base)
     if champion is None:
         floors = {name: evidence.reported(value) for name, value in evidence.floors.items()}
         beaten = [
@@ -137,6 +139,36 @@ def decide(
         ci_low=low,
         ci_high=high,
         mcnemar_p=p_value,
+        **base,
+    )
+
+
+def first_against_yardstick(
+    cfg: PromoteConfig, evidence: Evidence, base: dict[str, Any]
+) -> Decision:
+    """The first model against a yardstick scored on the same rows: the 95% CI of the paired
+    improvement must lie above 0, and the point estimate must beat every floor."""
+    assert evidence.yardstick is not None
+    name, columns = evidence.yardstick
+    delta, low, high = paired_bootstrap(evidence, columns, cfg.bootstrap_samples, cfg.seed)
+    better = (lambda a, b: a > b) if evidence.higher_is_better else (lambda a, b: a < b)
+    score = evidence.statistic(*evidence.columns)
+    beaten = [n for n, v in evidence.floors.items() if not better(score, v)]
+    promoted = low > 0 and not beaten
+    yardstick = evidence.reported(evidence.statistic(*columns))
+    reason = (
+        f"first model: {evidence.metric} {base['challenger_score']:.4f} vs {name} "
+        f"{yardstick:.4f}: improvement {delta:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]) "
+        + ("beats it with a CI above 0" if low > 0 else "does not beat it with a CI above 0")
+        + (f"; does not beat {', '.join(beaten)}" if beaten else "")
+    )
+    return Decision(
+        promoted=promoted,
+        reason=reason,
+        champion_score=yardstick,
+        delta=delta,
+        ci_low=low,
+        ci_high=high,
         **base,
     )
 

@@ -238,6 +238,9 @@ class Evidence:
     floors: dict[str, float]  # yardstick scores (same statistic) the first champion must beat
     correct: Callable[..., np.ndarray] | None = None  # per-example 0/1, for McNemar's test
     reported: Callable[[float], float] = field(default=lambda score: score)
+    # A yardstick scored row by row on the same rows (the zero-shot model): the first champion
+    # must beat it with a paired bootstrap CI above 0, not just on the point estimate.
+    yardstick: tuple[str, tuple[np.ndarray, ...]] | None = None
 
 
 class Decision(BaseModel):

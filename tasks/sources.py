@@ -27,6 +27,7 @@ from tasks.config import ModelConfig
 log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
+GGUF_CONVERSION = 2  # part of a converted model's cache key: bump when the conversion changes
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}
 
 
@@ -249,7 +250,7 @@ def materialize_gguf(name_or_path: str, gguf_file: str | None, cache_root: Path)
         key = file_digest(local)
     else:  # a hub repo: its id, file and revision name the content
         key = hashlib.sha256(f"{folder}/{file_name}".encode()).hexdigest()
-    target = cache_root / "models" / key[:20]
+    target = cache_root / "models" / f"{key[:20]}-v{GGUF_CONVERSION}"
     if (target / "DONE").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,12 @@ def _convert_gguf(folder: str, file_name: str, target: Path) -> None:
     started = time.perf_counter()
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    # The weights are dequantized fp32 now: a config that still says "gguf quantized" would make
+    # the Trainer refuse full fine-tuning (and claim a format the folder no longer has).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     # The GGUF origin is recorded beside the weights: what they are, and that they were quantized.
     model.config.fulltune_gguf_source = f"{folder}/{file_name}"

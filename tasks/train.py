@@ -245,7 +245,16 @@ def preflight(
     n_params = model.num_parameters()
 
     def need(batch: int) -> MemoryEstimate:
-        return estimate_training_memory(model.config, n_params, batch, seq_len, baseline=baseline)
+        return estimate_training_memory(
+            model.config,
+            n_params,
+            batch,
+            seq_len,
+            baseline=baseline,
+            shards=world_size() if cfg.fsdp == "full_shard" else 1,
+            checkpointing=cfg.gradient_checkpointing,
+            optimizer_bytes=2 if cfg.optim == "adamw_bnb_8bit" else 8,
+        )
 
     estimate = need(cfg.batch_size)
     if not cfg.check_memory or estimate.total - baseline <= free:
@@ -293,6 +302,20 @@ def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
     return data
 
 
+def optimizer_for(on_gpu: bool) -> str:
+    return "adamw_torch_fused" if on_gpu else "adamw_torch"
+
+
+def fsdp_option(cfg: TrainConfig, on_gpu: bool) -> str:
+    """``TrainingArguments.fsdp`` for ``train.fsdp``; checks what only CUDA offers."""
+    if cfg.optim == "adamw_bnb_8bit" and not on_gpu:
+        raise ValueError("train.optim adamw_bnb_8bit needs CUDA (bitsandbytes); use adamw_torch")
+    if cfg.fsdp == "none":
+        return ""
+    offload = " offload" if cfg.fsdp_cpu_offload and on_gpu else ""
+    return f"full_shard auto_wrap{offload}"
+
+
 def setup_args(
     cfg: TrainConfig,
     output_dir: Path,
@@ -320,7 +343,7 @@ def setup_args(
         warmup_steps=cfg.warmup_fraction,  # a float in [0, 1) is a share of the total steps
         lr_scheduler_type="linear",
         max_grad_norm=cfg.max_grad_norm,
-        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        optim=cfg.optim if cfg.optim != "adamw_torch" else optimizer_for(on_gpu),
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -350,12 +373,24 @@ def setup_args(
         torch_compile=cfg.compile and on_gpu,
         # Under torchrun (train.num_processes > 1): DDP over NCCL on GPUs, gloo on CPUs.
         ddp_backend=("nccl" if on_gpu else "gloo") if distributed else None,
+        # FSDP (train.fsdp): every transformer block its own shard unit (the model's
+        # _no_split_modules); on the CPU the shards stay in host memory already.
+        fsdp=fsdp_option(cfg, on_gpu),
+        fsdp_config={"activation_checkpointing": False} if cfg.fsdp != "none" else None,
     )
+
+
+def full(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on the CPU. Under FSDP each rank holds a shard (a DTensor):
+    gathering it is a collective, so every rank must call this for the same parameters."""
+    value = param.detach()
+    gather = getattr(value, "full_tensor", None)
+    return (gather() if gather is not None else value).cpu()
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every parameter, to prove afterwards that each one was updated."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+    return {name: full(p).clone() for name, p in model.named_parameters()}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -363,7 +398,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, param in model.named_parameters():
         h.update(name.encode())
-        h.update(param.detach().cpu().contiguous().numpy().tobytes())
+        h.update(full(param).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -373,7 +408,7 @@ def count_updated(
     """(params_total, params_updated, tensors_total, tensors_updated) against a snapshot."""
     params_total = params_updated = tensors_updated = 0
     for name, param in model.named_parameters():
-        changed = param.detach().cpu() != before[name]
+        changed = full(param) != before[name]
         params_total += param.numel()
         params_updated += int(changed.sum())
         tensors_updated += int(bool(changed.any()))
@@ -453,9 +488,7 @@ def train(
     assert isinstance(selected, torch.nn.Module)
     params_total, params_updated, tensors_total, tensors_updated = count_updated(selected, before)
     if tensors_updated < tensors_total:
-        frozen = [
-            n for n, p in selected.named_parameters() if torch.equal(p.detach().cpu(), before[n])
-        ]
+        frozen = [n for n, p in selected.named_parameters() if torch.equal(full(p), before[n])]
         log.warning("%d parameter tensors were not updated: %s", len(frozen), frozen[:10])
 
     checked = kind.check(trainer, data["validation"], labels, data["train"])

@@ -157,6 +157,24 @@ def tiny_overrides(
     The one builder of tiny run configs: ``task="causal-lm"`` gives the LM variant (the tiny
     GPT-2 on a ``.txt`` of generated sentences); every test adds only what it is about.
     """
+    if task == "sft":
+        return [
+            "task=sft",
+            f"home={home}",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.max_length=64",
+            f"data.train={data}",
+            "data.validation_fraction=0.125",
+            "data.test_fraction=0.125",
+            "train.batch_size=8",
+            "train.learning_rate=0.01",
+            "train.warmup_fraction=0.0",
+            "train.logging_steps=5",
+            "train.early_stopping_patience=null",
+            "eval.max_new_tokens=4",
+            "eval.batch_size=16",
+            "registry.model_name=tiny-chat",
+        ]
     if task == "causal-lm":
         return [
             "task=causal-lm",
@@ -203,3 +221,66 @@ def restore_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+# ChatML, as SmolLM2 and Qwen render it: each turn ends with <|im_end|>, which is also EOS.
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLOURS = {"apple": "red", "grass": "green", "sky": "blue", "cherry": "red", "leaf": "green"}
+COLOURS |= {"sea": "blue", "ruby": "red", "frog": "green", "sapphire": "blue", "tomato": "red"}
+
+
+def colour_rows(n: int, seed: int = 0) -> pd.DataFrame:
+    """Instruction rows a tiny model can learn: a thing's colour, from a closed set of three."""
+    rng = random.Random(seed)
+    things = sorted(COLOURS)
+    rows = []
+    for i in range(n):
+        thing = things[i % len(things)]
+        extra = " ".join(rng.sample(["please", "now", "quickly", "kindly", "today"], 2))
+        rows.append({"prompt": f"colour of the {thing} {extra} {i}?", "completion": COLOURS[thing]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 Llama with a ChatML template and a BPE tokenizer trained here."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = [
+        f"{r.prompt} {r.completion} user assistant system" for r in colour_rows(200).itertuples()
+    ]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from flows.finetune import finetune
 from tasks.config import load_config
 
-from .conftest import make_rows, tiny_overrides
+from .conftest import colour_rows, make_rows, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +52,42 @@ def test_two_processes_train_in_step_and_register_once(
     assert run.data.metrics["train/num_processes"] == 2
     versions = client.search_model_versions("name='tiny-sentiment'")
     assert [str(v.version) for v in versions] == ["1"]  # registered once, by the flow
+
+
+def test_fsdp_shards_a_tiny_llama_over_two_cpu_processes(
+    tiny_llama_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """FSDP (full_shard, gloo) through the Trainer: every rank ends with the same full weights,
+    and each rank's preflight estimate holds half the weights, gradients and optimizer state."""
+    data = tmp_path / "colours.csv"
+    colour_rows(96).to_csv(data, index=False)
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tiny_llama_dir, data, tmp_path / "home", task="sft"),
+            "train.num_processes=2",
+            "train.fsdp=full_shard",
+            "train.max_steps=12",
+            "train.batch_size=4",
+            "train.select_best=false",
+            "promote.enabled=false",
+        ],
+    )
+    summary = finetune(config=cfg)
+    workdir = Path(summary.workdir)
+    ranks = [json.loads((workdir / f"train-result-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"] != ""
+    assert ranks[0]["tensors_updated"] == ranks[0]["tensors_total"]
+    assert summary.metrics["answer_loss"] < summary.baseline["answer_loss"]
+    from transformers import AutoConfig
+
+    from tasks.efficiency import estimate_training_memory
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    one = estimate_training_memory(config, 10_000, 4, 32, shards=1)
+    two = estimate_training_memory(config, 10_000, 4, 32, shards=2)
+    assert (
+        two.weights + two.gradients + two.optimizer
+        == (one.weights + one.gradients + one.optimizer) // 2
+    )
+    assert ranks[0]["preflight_estimate_bytes"] > 0

