@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark, at most 5 minutes on one H200: BERT-base-sized random-init classifier, seq 128,
-# batch 64; samples/s and MFU for fulltune's train task and a bare HF Trainer.
+# batch 64; samples/s and MFU for fulltune's train task and a bare HF Trainer; then the FSDP test.
 #   bash bench/device.sh            (from the project root, on a machine with CUDA)
 # Sets the project up first when .venv is missing; on a CUDA machine install a CUDA torch build
 # into .venv (TORCH_INDEX=https://download.pytorch.org/whl/cu126 bash bench/device.sh).
@@ -13,4 +13,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install --quiet -e .
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-exec timeout 300 .venv/bin/python bench/device.py "$@"
+timeout 300 .venv/bin/python bench/device.py "$@"
+# FSDP (train.fsdp: full_shard) runs only on accelerators: the gpu-marked test trains the tiny
+# Llama sharded over every GPU here (it skips with fewer than two).
+.venv/bin/pip install --quiet -e ".[dev]"
+timeout 300 .venv/bin/pytest -m gpu -q -p no:cacheprovider tests/test_distributed.py

@@ -135,7 +135,8 @@ def finetune(
         example = kind.input_example(prepared.splits)
         registered = register_model_stage(
             trained.model_dir,
-            cfg,
+            cfg.registry,
+            kind.inference_config(cfg.eval),
             kind,
             run_id,
             example,

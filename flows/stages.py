@@ -27,7 +27,15 @@ from tasks import caching, distributed, tracking
 from tasks import sources as sources_module
 from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
-from tasks.config import DataConfig, EvalConfig, ModelConfig, PromoteConfig, RunConfig, TrainConfig
+from tasks.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PromoteConfig,
+    RegistryConfig,
+    RunConfig,
+    TrainConfig,
+)
 from tasks.kinds import Kind
 from tasks.promote import promote
 from tasks.register import register_model
@@ -349,7 +357,8 @@ def evaluate_stage(
 @timed
 def register_model_stage(
     model_dir: str,
-    cfg: RunConfig,
+    cfg: RegistryConfig,
+    inference_config: dict[str, Any],
     kind: Kind,
     run_id: str,
     example: Any,
@@ -358,14 +367,14 @@ def register_model_stage(
     """Log the model with the transformers flavor (the kind's pipeline task), register, alias."""
     registered = register_model(
         model_dir,
-        cfg.registry,
+        cfg,
         run_id,
         example,
         tags,
         kind.pipeline_task,
         kind.mlflow_task,
         kind.signature(),
-        kind.inference_config(cfg.eval),
+        inference_config,
     )
     tracking.set_tags(
         run_id, {"registry.model": registered.name, "registry.version": registered.version}

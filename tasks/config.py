@@ -288,7 +288,8 @@ class TrainConfig(_Section):
     fsdp: Literal["none", "full_shard"] = Field(
         "none",
         description="`full_shard`: shard weights, gradients and optimizer state over the "
-        "`num_processes` ranks (FSDP through the Trainer), each transformer block wrapped.",
+        "`num_processes` ranks (FSDP2 through the Trainer, each transformer block a unit). CUDA "
+        "only: accelerate runs FSDP on accelerators, so a CPU run asking for it is refused.",
     )
     fsdp_cpu_offload: bool = Field(
         False, description="With `fsdp: full_shard`, keep the shards in host memory (CUDA runs)."

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import ModelConfig, TrainConfig
 
+# What a registered model is shown as its input example: texts, or a chat request.
+InputExample = list[str] | dict[str, list[dict[str, str]]]
+
 
 class ValidatedData(BaseModel):
     """What passed validation: normalised tables on disk (``text``, and ``label`` when the task

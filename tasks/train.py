@@ -306,14 +306,34 @@ def optimizer_for(on_gpu: bool) -> str:
     return "adamw_torch_fused" if on_gpu else "adamw_torch"
 
 
-def fsdp_option(cfg: TrainConfig, on_gpu: bool) -> str:
-    """``TrainingArguments.fsdp`` for ``train.fsdp``; checks what only CUDA offers."""
+def sharding_arguments(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` for ``train.fsdp``, ``train.optim`` and checkpointing.
+
+    FSDP2 through accelerate, every transformer block a shard unit (the model's
+    ``_no_split_modules``), resharded after each forward (full sharding). accelerate enables FSDP
+    only on accelerators: on CPU processes it would quietly train plain DDP instead, so a CPU run
+    that asks for FSDP is refused rather than mislabelled.
+    """
     if cfg.optim == "adamw_bnb_8bit" and not on_gpu:
         raise ValueError("train.optim adamw_bnb_8bit needs CUDA (bitsandbytes); use adamw_torch")
     if cfg.fsdp == "none":
-        return ""
-    offload = " offload" if cfg.fsdp_cpu_offload and on_gpu else ""
-    return f"full_shard auto_wrap{offload}"
+        return {"activation_checkpointing": cfg.gradient_checkpointing}
+    if not on_gpu:
+        raise ValueError(
+            "train.fsdp full_shard needs CUDA: accelerate runs FSDP only on GPUs, and on CPU "
+            "processes it would train plain DDP. Use train.fsdp: none (DDP over gloo) here."
+        )
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,
+            "cpu_offload": cfg.fsdp_cpu_offload,
+            # Under FSDP, checkpointing is FSDP's own (the Trainer refuses both at once).
+            "activation_checkpointing": cfg.gradient_checkpointing,
+        },
+        "activation_checkpointing": False,
+    }
 
 
 def setup_args(
@@ -369,14 +389,10 @@ def setup_args(
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         tf32=on_gpu,
         dataloader_pin_memory=on_gpu,
-        activation_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.compile and on_gpu,
         # Under torchrun (train.num_processes > 1): DDP over NCCL on GPUs, gloo on CPUs.
         ddp_backend=("nccl" if on_gpu else "gloo") if distributed else None,
-        # FSDP (train.fsdp): every transformer block its own shard unit (the model's
-        # _no_split_modules); on the CPU the shards stay in host memory already.
-        fsdp=fsdp_option(cfg, on_gpu),
-        fsdp_config={"activation_checkpointing": False} if cfg.fsdp != "none" else None,
+        **sharding_arguments(cfg, on_gpu),
     )
 
 

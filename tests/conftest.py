@@ -9,8 +9,17 @@ tests train or run the pipeline on tiny models; `integration` tests start servic
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -284,3 +293,55 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served_model(model_uri: str, tracking_uri: str) -> Iterator[int]:
+    """`mlflow models serve` on a free loopback port, in its own process group; yields the port."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    # mlflow starts `uvicorn` by name: the virtual environment's bin must be on PATH.
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager"]
+    command += ["local", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180  # a bound on a hung start, not a speed assertion
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "the server exited"
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(1)
+        yield port
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def invoke(port: int, payload: dict) -> dict:
+    """POST ``payload`` to the served model's /invocations and return the JSON answer."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())

@@ -80,12 +80,20 @@ def test_memory_options_shrink_the_estimate_as_they_should(tiny):
     assert checkpointed.activations < full.activations
 
 
-def test_eight_bit_adamw_is_refused_without_cuda():
-    from tasks.train import fsdp_option
+def test_what_only_cuda_offers_is_refused_on_the_cpu_by_name():
+    from tasks.train import sharding_arguments
 
     with pytest.raises(ValueError, match=r"train\.optim adamw_bnb_8bit needs CUDA"):
-        fsdp_option(TrainConfig(optim="adamw_bnb_8bit"), on_gpu=False)
-    assert fsdp_option(TrainConfig(fsdp="full_shard"), on_gpu=False) == "full_shard auto_wrap"
-    assert fsdp_option(TrainConfig(fsdp="full_shard", fsdp_cpu_offload=True), on_gpu=True) == (
-        "full_shard auto_wrap offload"
+        sharding_arguments(TrainConfig(optim="adamw_bnb_8bit"), on_gpu=False)
+    # accelerate would quietly run DDP instead of FSDP on CPU processes: refused, not mislabelled.
+    with pytest.raises(ValueError, match=r"train\.fsdp full_shard needs CUDA"):
+        sharding_arguments(TrainConfig(fsdp="full_shard"), on_gpu=False)
+    sharded = sharding_arguments(
+        TrainConfig(fsdp="full_shard", fsdp_cpu_offload=True, gradient_checkpointing=True), True
     )
+    assert sharded["fsdp"] is True and sharded["fsdp_config"]["cpu_offload"] is True
+    assert sharded["fsdp_config"]["activation_checkpointing"] is True
+    assert sharded["activation_checkpointing"] is False
+    assert sharding_arguments(TrainConfig(gradient_checkpointing=True), False) == {
+        "activation_checkpointing": True
+    }

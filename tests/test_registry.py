@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +14,7 @@ from flows.cli import app
 from flows.finetune import finetune
 from tasks.config import load_config
 
-from .conftest import LABELS, make_rows, tiny_overrides
+from .conftest import LABELS, invoke, make_rows, served_model, tiny_overrides
 
 pytestmark = pytest.mark.flow
 
@@ -178,62 +172,11 @@ def test_reproduce_refuses_when_the_data_changed(store):
     assert "data fingerprint changed" in result.output and "--force" in result.output
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_invocations(store):
     cfg = store[0]
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    # mlflow starts `uvicorn` by name: the virtual environment's bin must be on PATH.
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": cfg.tracking_uri(),
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    mlflow_bin = bin_dir / "mlflow"
-    server = subprocess.Popen(
-        [
-            str(mlflow_bin),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "the server exited"
-                assert time.monotonic() < deadline, "the server did not come up in 120 s"
-                time.sleep(1)
-        body = json.dumps({"inputs": ["love this wonderful day", "awful broken mess"]}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
-        assert len(predictions) == 2
-        assert {p["label"] for p in predictions} <= set(LABELS)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    with served_model(f"models:/{MODEL}@champion", cfg.tracking_uri()) as port:
+        reply = invoke(port, {"inputs": ["love this wonderful day", "awful broken mess"]})
+    predictions = reply["predictions"]
+    assert len(predictions) == 2
+    assert {p["label"] for p in predictions} <= set(LABELS)

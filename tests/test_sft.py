@@ -180,8 +180,91 @@ def test_answers_are_judged_after_normalisation_and_against_the_closed_set():
     assert closed_set(["red", "Red", "blue", "blue"], None) == ["blue", "red"]
     assert closed_set([f"answer {i}" for i in range(50)], None) == []  # open-ended
     assert label_ids(["Red!", "purple"], ["blue", "red"]).tolist() == [1, -1]
+    # A verbose answer counts for the one label it names; naming two is no answer.
+    verbose = ["The colour is red.", "red or blue", "Blue, clearly"]
+    assert label_ids(verbose, ["blue", "red"]).tolist() == [1, -1, 0]
     m = answer_metrics(["red", "blue", "red"], ["Red.", "purple", "blue"], ["blue", "red"])
     assert m["exact_match"] == pytest.approx(1 / 3)
     assert m["accuracy"] == pytest.approx(1 / 3)
     assert m["outside_label_set"] == pytest.approx(1 / 3)
     assert "macro_f1" in m and "accuracy" not in answer_metrics(["x"], ["x"], [])
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt-completion", "alpaca", "labelled"])
+def test_each_format_is_validated_split_and_tokenized(
+    fmt: str, tiny_llama_dir: Path, tmp_path: Path
+):
+    """Generated data in each format goes through the contract, the split and the encoding."""
+    from .conftest import prepare
+
+    rows = colour_rows(48)
+    if fmt == "chat":
+        messages = [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+            for p, c in zip(rows["prompt"], rows["completion"], strict=True)
+        ]
+        path = write_jsonl(tmp_path / "data.jsonl", [{"messages": m} for m in messages])
+    elif fmt == "alpaca":
+        frame = pd.DataFrame(
+            {
+                "instruction": "Name the colour.",
+                "input": rows["prompt"],
+                "output": rows["completion"],
+            }
+        )
+        path = tmp_path / "data.jsonl"
+        frame.to_json(path, orient="records", lines=True)
+    elif fmt == "labelled":
+        path = tmp_path / "data.csv"
+        rows.rename(columns={"prompt": "text", "completion": "label"}).to_csv(path, index=False)
+    else:
+        path = tmp_path / "data.parquet"
+        rows.to_parquet(path)
+    cfg = DataConfig(
+        train=str(path),
+        format=fmt,
+        validation_fraction=0.125,
+        test_fraction=0.125,
+        prompt_template="{text}",
+    )
+    _, splits, tokenized = prepare(
+        cfg, ModelConfig(name_or_path=str(tiny_llama_dir), max_length=64), tmp_path, "sft"
+    )
+    assert sum(splits.rows.values()) == 48
+    from datasets import load_from_disk
+
+    train = load_from_disk(tokenized.path)["train"]
+    for ids, labels in zip(train["input_ids"], train["labels"], strict=True):
+        answer = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+        assert 0 < len(answer) < len(ids)  # some tokens trained, the prompt not
+    assert ("label" in pd.read_parquet(splits.train_path)) == (fmt == "labelled")
+
+
+def test_answer_only_logits_give_the_models_own_loss(tiny_llama_dir: Path):
+    """The packed training batch asks for logits only where a target follows; the loss read from
+    them equals the model's own loss over the whole row."""
+    from tasks.kinds.sft import answer_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    rows = [
+        to_conversation(r, "prompt-completion", DataConfig())
+        for r in colour_rows(4).to_dict("records")
+    ]
+    features = [encode_conversation(tokenizer, m, 256, False) for m in rows]
+    features = [{k: f[k] for k in ("input_ids", "labels")} for f in features]
+    batch = SFT().collator(tokenizer, ModelConfig(packing=True), training=True)(features)
+    keep = batch["logits_to_keep"]
+    targets = int((batch["labels"][0, 1:] != IGNORE).sum())
+    assert len(keep) == targets < batch["input_ids"].shape[1] // 4  # few positions are answers
+    with torch.no_grad():
+        common = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        own = model(**common, labels=batch["labels"], use_cache=False).loss
+        kept = model(**common, logits_to_keep=keep, use_cache=False)
+        full = model(**common, use_cache=False)
+    assert kept.logits.shape[1] == targets
+    torch.testing.assert_close(answer_loss(kept, batch["labels"]), own, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(answer_loss(full, batch["labels"]), own, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        answer_loss(kept, batch["labels"], torch.tensor(targets)), own, atol=1e-5, rtol=1e-5
+    )

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.config import load_config
 
-from .conftest import colour_rows, tiny_overrides
+from .conftest import colour_rows, invoke, served_model, tiny_overrides
 
 pytestmark = pytest.mark.flow
 
@@ -88,3 +88,33 @@ def test_a_second_identical_run_is_compared_with_the_champion(sft_run, tiny_llam
     assert again.decision is not None and again.decision.champion_before == summary.model.version
     assert again.decision.delta == pytest.approx(0.0, abs=1e-9)
     assert not again.decision.promoted
+
+
+def test_the_model_learned_to_stop_after_its_answer(sft_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, summary = sft_run
+    model_dir = Path(summary.workdir) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "colour of the grass please now 3?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids["input_ids"].shape[1] :]
+    assert tokenizer.eos_token_id in out.tolist()  # it ends its answer well before the cap
+    answer = out.tolist()[: out.tolist().index(tokenizer.eos_token_id)]
+    assert tokenizer.decode(answer).strip() == "green"
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_a_chat_request(sft_run):
+    cfg, summary = sft_run
+    uri = f"models:/tiny-chat/{summary.model.version}"
+    with served_model(uri, cfg.tracking_uri()) as port:
+        reply = invoke(port, {"messages": [{"role": "user", "content": "colour of the sea?"}]})
+    choices = reply[0]["choices"] if isinstance(reply, list) else reply["choices"]
+    assert choices[0]["message"]["role"] == "assistant"
+    assert choices[0]["message"]["content"].strip() == "blue"

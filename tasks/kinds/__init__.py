@@ -17,13 +17,14 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.models import ModelSignature
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+    from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
     from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
     from tasks.results import (
         Checked,
         EvalResult,
         Evidence,
+        InputExample,
         Splits,
         TokenizedData,
         TrainExtras,
@@ -45,11 +46,13 @@ class Kind(Protocol):
         """The MLflow signature of the registered model (None: MLflow's own for the task)."""
         ...
 
-    def input_example(self, splits: Splits) -> Any:
+    def input_example(self, splits: Splits) -> InputExample:
         """An input example for the registered model, from the test split."""
         ...
 
-    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+    def derive(
+        self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
+    ) -> pd.DataFrame:
         """Columns (``_``-prefixed) the kind derives from raw rows for its data contract."""
         ...
 
@@ -76,7 +79,9 @@ class Kind(Protocol):
         """The batch collator: dynamic padding, or packing for training when the kind packs."""
         ...
 
-    def compute_metrics(self, labels: list[str]) -> Callable[[Any], dict[str, float]] | None:
+    def compute_metrics(
+        self, labels: list[str]
+    ) -> Callable[[EvalPrediction], dict[str, float]] | None:
         """The Trainer's validation metrics, or None when the loss is the metric."""
         ...
 
@@ -121,7 +126,7 @@ class Kind(Protocol):
         """The champion's per-example columns on this test split: (columns, why not, rescored)."""
         ...
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
         """Settings stored with the registered model (generation length, ...)."""
         ...
 

@@ -39,7 +39,15 @@ from transformers import (
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.results import Checked, EvalResult, Evidence, Splits, TokenizedData, TrainExtras
+from tasks.results import (
+    Checked,
+    EvalResult,
+    Evidence,
+    InputExample,
+    Splits,
+    TokenizedData,
+    TrainExtras,
+)
 from tasks.sources import fingerprint, resolve_model
 
 log = logging.getLogger(__name__)
@@ -88,7 +96,7 @@ def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
 
 @torch.no_grad()
 def block_losses(
-    model: PreTrainedModel, dataset: Dataset, tokenizer: Any, batch_size: int
+    model: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed next-token loss, predicted tokens) per example, in the dataset's order."""
     model.eval()
@@ -117,6 +125,16 @@ def perplexity(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(counts.sum())}
 
 
+def validation_perplexity(trainer: Trainer, validation: Dataset) -> Checked:
+    """The selected model's loss and perplexity over the validation split's scored tokens."""
+    model, tokenizer = trainer.model, trainer.processing_class
+    assert isinstance(model, PreTrainedModel) and isinstance(tokenizer, PreTrainedTokenizerBase)
+    sums, counts = block_losses(
+        model, validation, tokenizer, trainer.args.per_device_eval_batch_size
+    )
+    return Checked(validation=perplexity(sums, counts))
+
+
 def unigram_perplexity(train: Dataset, test: Dataset, vocab_size: int) -> dict[str, float]:
     """A unigram model of the training tokens (add-one smoothing) on the test's predicted tokens.
 
@@ -132,7 +150,7 @@ def unigram_perplexity(train: Dataset, test: Dataset, vocab_size: int) -> dict[s
 
 
 def generate(
-    model: PreTrainedModel, tokenizer: Any, cfg: EvalConfig, seed: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, seed: int
 ) -> list[dict[str, str]]:
     """Completions of ``cfg.prompts``: greedy, or top-p sampled with a fixed seed."""
     model.eval()
@@ -147,8 +165,8 @@ def generate(
             top_p=0.9 if cfg.do_sample else None,
             pad_token_id=tokenizer.pad_token_id,
         )
-        completion = tokenizer.decode(
-            generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+        completion = str(
+            tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         )
         out.append({"prompt": prompt, "completion": completion})
     return out
@@ -188,7 +206,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or " "
 
 
-def vocabulary_identity(tokenizer: Any) -> str:
+def vocabulary_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the vocabulary and the special tokens: what makes two token counts comparable.
 
     Not the tokenizer's path: every run saves its own copy of the same tokenizer.
@@ -223,13 +241,15 @@ class CausalLM:
             inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])
         )
 
-    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+    def derive(
+        self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
+    ) -> pd.DataFrame:
         return pd.DataFrame(index=frame.index)  # the contract's generic columns suffice
 
     def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         return pd.DataFrame({"text": frame[cfg.text_column].astype(str).to_numpy()})
 
-    def input_example(self, splits: Splits) -> Any:
+    def input_example(self, splits: Splits) -> InputExample:
         return pd.read_parquet(splits.test_path)["text"].head(3).tolist()
 
     def encode(
@@ -288,12 +308,7 @@ class CausalLM:
         self, trainer: Trainer, validation: Dataset, labels: list[str], train: Dataset
     ) -> Checked:
         """Validation loss and perplexity of the selected model, over tokens."""
-        model = trainer.model
-        assert isinstance(model, PreTrainedModel)
-        sums, counts = block_losses(
-            model, validation, trainer.processing_class, trainer.args.per_device_eval_batch_size
-        )
-        return Checked(validation=perplexity(sums, counts))
+        return validation_perplexity(trainer, validation)
 
     def evaluate(
         self,
@@ -395,6 +410,6 @@ class CausalLM:
         )
         return block_losses(parts["model"], test, parts["tokenizer"], batch_size), None, True
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
         """Generation settings stored with the registered model (pyfunc ``predict`` uses them)."""
         return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}

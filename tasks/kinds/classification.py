@@ -41,6 +41,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.modeling_outputs import ModelOutput
+from transformers.trainer_utils import PredictionOutput
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.metrics import classification_metrics, gate_statistic
@@ -48,6 +50,7 @@ from tasks.results import (
     Checked,
     EvalResult,
     Evidence,
+    InputExample,
     Splits,
     TokenizedData,
     TrainExtras,
@@ -85,7 +88,9 @@ def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
     """A ``Trainer`` ``compute_loss_func``: class-weighted cross-entropy."""
     weight = torch.tensor(weights)
 
-    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    def loss(
+        outputs: ModelOutput, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
         logits = outputs["logits"].float()
         w = weight.to(logits.device)
         if num_items_in_batch is None:
@@ -117,7 +122,7 @@ def collapse_check(
     return None, majority_f1
 
 
-def _logits(prediction: Any) -> np.ndarray:
+def _logits(prediction: EvalPrediction | PredictionOutput) -> np.ndarray:
     logits = prediction.predictions
     return np.asarray(logits[0] if isinstance(logits, tuple) else logits)
 
@@ -222,7 +227,9 @@ class Classification:
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
         )
 
-    def derive(self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: Any) -> pd.DataFrame:
+    def derive(
+        self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
+    ) -> pd.DataFrame:
         return pd.DataFrame(index=frame.index)  # the contract's generic columns suffice
 
     def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
@@ -233,7 +240,7 @@ class Classification:
             }
         )
 
-    def input_example(self, splits: Splits) -> Any:
+    def input_example(self, splits: Splits) -> InputExample:
         return pd.read_parquet(splits.test_path)["text"].head(3).tolist()
 
     def encode(
@@ -425,5 +432,5 @@ class Classification:
         # A champion with another label set can predict a label this test set doesn't know: wrong.
         return (y_true, np.asarray([index.get(p, -1) for p in predicted])), None, True
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, Any]:
+    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
         return {}
