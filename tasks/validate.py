@@ -415,6 +415,8 @@ def validate_data(
                 frame[cfg.label_column] = labels_as_strings(frame[cfg.label_column])
         if cfg.label_column in frames["train"]:
             labels = cfg.labels or infer_labels(frames["train"][cfg.label_column])
+    elif cfg.labels:
+        labels = list(cfg.labels)  # a declared answer set (sft): what the answers are judged on
 
     drop = cfg.on_invalid == "drop"
     results = check_tables(frames, cfg, suite, labels, tokenizer, max_length, complete=drop)

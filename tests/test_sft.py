@@ -3,10 +3,10 @@ contract on instruction data, and how answers are judged."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -90,33 +90,48 @@ def test_only_answer_tokens_are_trained_and_each_answer_ends_with_eos(tiny_llama
     assert cut["length"] == 8 and cut["truncated"]
 
 
-def test_packed_batch_gives_the_same_logits_as_each_conversation_alone(tiny_llama_dir: Path):
+@pytest.mark.parametrize("row_length", [256, 48])
+def test_packed_rows_give_the_same_logits_as_each_conversation_alone(
+    row_length: int, tiny_llama_dir: Path
+):
     """Positions restart per conversation and transformers masks block-diagonally: no
-    conversation in a packed row attends to another."""
+    conversation in a packed row attends to another (one row, or several of ``row_length``)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    kind = SFT()
     rows = [
         to_conversation(r, "prompt-completion", DataConfig())
-        for r in colour_rows(3).to_dict("records")
+        for r in colour_rows(5).to_dict("records")
     ]
     features = [encode_conversation(tokenizer, m, 256, False) for m in rows]
     features = [{k: f[k] for k in ("input_ids", "labels")} for f in features]
-    packed = kind.collator(tokenizer, ModelConfig(packing=True), training=True)(features)
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    config = ModelConfig(packing=True, max_length=row_length)
+    packed = SFT().collator(tokenizer, config, training=True)(features)
+    assert "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] <= row_length
+    assert packed["input_ids"].shape[0] == (1 if row_length == 256 else 3)
     # use_cache=False as in training (the Trainer sets it): a KV cache turns packing detection off.
     with torch.no_grad():
         ids, positions = packed["input_ids"], packed["position_ids"]
-        together = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
-        alone = [model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features]
-    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
-    # Without the restarting positions the second conversation would see the first: different.
-    with torch.no_grad():
-        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
-    assert not torch.allclose(leaky, torch.cat(alone), atol=1e-3)
-    # The loss of the packed row never asks a conversation to predict the next one's first token.
-    starts = np.cumsum([0] + [len(f["input_ids"]) for f in features[:-1]])
-    assert all(packed["labels"][0, s] == IGNORE for s in starts)
+        together = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        leaky = model(input_ids=ids, use_cache=False).logits
+    alone = {
+        tuple(f["input_ids"]): model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+        for f in features
+    }
+    found, differs = 0, False
+    for r in range(ids.shape[0]):
+        starts = [*(positions[r] == 0).nonzero()[:, 0].tolist(), ids.shape[1]]
+        for a, b in itertools.pairwise(starts):
+            segment = tuple(ids[r, a:b].tolist())
+            if segment not in alone:
+                continue  # the padding tail of the last row
+            found += 1
+            torch.testing.assert_close(together[r, a:b], alone[segment], atol=1e-5, rtol=1e-4)
+            assert packed["labels"][r, a] == IGNORE  # never a target of the previous conversation
+            differs |= a > 0 and not torch.allclose(leaky[r, a:b], alone[segment], atol=1e-3)
+    assert found == len(features)
+    # Without the restarting positions a later conversation would see the earlier ones.
+    assert differs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -256,6 +271,7 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_llama_dir: Path):
     batch = SFT().collator(tokenizer, ModelConfig(packing=True), training=True)(features)
     keep = batch["logits_to_keep"]
     targets = int((batch["labels"][0, 1:] != IGNORE).sum())
+    assert batch["input_ids"].shape[0] == 1  # four short conversations: one row
     assert len(keep) == targets < batch["input_ids"].shape[1] // 4  # few positions are answers
     with torch.no_grad():
         common = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}

@@ -48,7 +48,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
-    DataCollatorWithFlattening,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -344,27 +343,65 @@ def generate_answers(
     return answers
 
 
-class AnswerLogits:
-    """A packing collator that also tells the model which positions need logits.
+class PackedRows:
+    """Pack a batch's conversations into as few rows of ``row_length`` tokens as fit, no padding
+    between them, and ask the model for logits only where an answer token follows.
 
-    With the loss on answers only, a handful of a row's positions predict a target; the rest need
-    no vocabulary projection. ``logits_to_keep`` (an index tensor) makes the model project only
-    those, which saves the LM head's share of the step (a 49k-token vocabulary on a 576-wide
-    model is about a sixth of SmolLM2's FLOPs per token). :func:`answer_loss` reads them back.
+    Each conversation keeps its own positions (``position_ids`` restart at 0), from which
+    transformers builds a block-diagonal mask: no conversation attends to another, and a
+    conversation's first token is never the target of the one before it. Rows of at most
+    ``model.max_length`` (first fit, longest first) rather than one row for the whole batch keep
+    the attention matrices small: on a CPU the masked attention over one long row computes every
+    pair of positions, most of them masked out. Only the last row's tail is padding, a block of its
+    own that nothing attends to and no loss reads.
+
+    With the loss on answers only, a handful of positions per conversation predict a target; the
+    others need no vocabulary projection. ``logits_to_keep`` (the positions, over all rows) makes
+    the model project only those: for SmolLM2 (a 49k-token vocabulary, 576 wide) that saves about
+    a sixth of the FLOPs per token. :func:`answer_loss` reads the kept logits back.
     """
 
-    def __init__(self, inner: DataCollatorWithFlattening) -> None:
-        self.inner = inner
+    def __init__(self, row_length: int, pad_token_id: int) -> None:
+        self.row_length = row_length
+        self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.inner(features)
-        batch["logits_to_keep"] = target_positions(batch["labels"])
-        return batch
+        rows: list[list[dict[str, Any]]] = []
+        used: list[int] = []
+        for feature in sorted(features, key=lambda f: -len(f["input_ids"])):
+            size = len(feature["input_ids"])
+            fits = [r for r, n in enumerate(used) if n + size <= self.row_length]
+            if fits:
+                rows[fits[0]].append(feature)
+                used[fits[0]] += size
+            else:
+                rows.append([feature])
+                used.append(size)
+        width = max(used)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            offset = 0
+            for feature in row:
+                size = len(feature["input_ids"])
+                input_ids[r, offset : offset + size] = torch.as_tensor(feature["input_ids"])
+                labels[r, offset : offset + size] = torch.as_tensor(feature["labels"])
+                labels[r, offset] = IGNORE  # never predicted from the previous conversation
+                positions[r, offset : offset + size] = torch.arange(size)
+                offset += size
+            positions[r, offset:] = torch.arange(width - offset)  # the tail: a block of its own
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": positions,
+            "logits_to_keep": target_positions(labels),
+        }
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions of a packed row (batch of one) whose next token is a target."""
-    return (labels[0, 1:] != IGNORE).nonzero()[:, 0]
+    """Positions (in any row) whose next token is a target: where logits are needed."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero()[:, 0]
 
 
 def answer_loss(
@@ -374,10 +411,13 @@ def answer_loss(
     full logits (padded scoring batches), summed over targets and divided as the model would."""
     logits = outputs["logits"].float()
     if logits.shape[1] == labels.shape[1]:
-        logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        logits, targets = logits[:, :-1], labels[:, 1:]
     else:
-        logits, targets = logits[0], labels[0, target_positions(labels) + 1]
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        targets = labels[:, target_positions(labels) + 1]
+    vocabulary = logits.shape[-1]
+    total = F.cross_entropy(
+        logits.reshape(-1, vocabulary), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
     return total / count
 
@@ -575,14 +615,14 @@ class SFT:
 
     def collator(
         self, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, training: bool
-    ) -> AnswerLogits | DataCollatorForSeq2Seq:
+    ) -> PackedRows | DataCollatorForSeq2Seq:
         """Training with packing: a batch's conversations in one row, no padding, positions
         restarting per conversation (the block-diagonal mask). Scoring: padded rows, whose
         attention stays small however large the evaluation batch."""
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if training and cfg.packing:
-            return AnswerLogits(DataCollatorWithFlattening())
+            return PackedRows(cfg.max_length, int(tokenizer.pad_token_id))
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
 
     def compute_metrics(self, labels: list[str]) -> None:
