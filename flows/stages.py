@@ -52,7 +52,7 @@ from tasks.results import (
 from tasks.sources import fingerprint
 from tasks.split import split_data
 from tasks.tokenize import tokenize
-from tasks.train import latest_checkpoint, train
+from tasks.train import latest_checkpoint, run_job
 from tasks.validate import DataValidationError, render_markdown, suite_path, validate_data
 
 log = logging.getLogger(__name__)
@@ -271,18 +271,8 @@ def train_stage(
     if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
         result = distributed.launch(job, num_processes)
     else:
-        result = train(
-            job.tokenized,
-            job.labels,
-            job.model_cfg,
-            job.cfg,
-            job.eval_batch_size,
-            Path(job.workdir),
-            kind,
-            [tracking.MlflowMetricsCallback(run_id, job.after_step)],
-            checkpoint_dir,
-            tokenizer,
-        )
+        callbacks = [tracking.MlflowMetricsCallback(run_id, job.after_step)]
+        result = run_job(job, kind, callbacks, tokenizer)
     if result.resumed_from_step:
         tracking.set_tags(run_id, {"fulltune.resumed_from_step": result.resumed_from_step})
     tracking.log_metrics(run_id, result.metrics(), step=result.global_step)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from datasets import DatasetDict, load_from_disk
 from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -585,6 +587,27 @@ def training_history(
     return losses, curve
 
 
+def run_job(
+    job: TrainJob,
+    kind: Kind,
+    callbacks: Sequence[TrainerCallback],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> TrainResult:
+    """:func:`train` on a :class:`TrainJob` (the train stage's input, and each rank's)."""
+    return train(
+        job.tokenized,
+        job.labels,
+        job.model_cfg,
+        job.cfg,
+        job.eval_batch_size,
+        Path(job.workdir),
+        kind,
+        list(callbacks),
+        Path(job.checkpoint_dir) if job.checkpoint_dir else None,
+        tokenizer,
+    )
+
+
 def main(job_path: str) -> None:
     """One torchrun rank: run the recipe; every rank writes its result (its weights' digest)."""
     from tasks.kinds import get_kind
@@ -600,17 +623,7 @@ def main(job_path: str) -> None:
     callbacks: list[TrainerCallback] = (
         [MlflowMetricsCallback(job.run_id, job.after_step)] if job.run_id else []
     )
-    result = train(
-        job.tokenized,
-        job.labels,
-        job.model_cfg,
-        job.cfg,
-        job.eval_batch_size,
-        Path(job.workdir),
-        get_kind(job.task),
-        callbacks,
-        Path(job.checkpoint_dir) if job.checkpoint_dir else None,
-    )
+    result = run_job(job, get_kind(job.task), callbacks)
     job.result_path(int(os.environ.get("RANK", "0"))).write_text(result.model_dump_json())
 
 

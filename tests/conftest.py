@@ -170,6 +170,7 @@ def tiny_overrides(
         return [
             "task=sft",
             f"home={home}",
+            "data.labels=null",  # open answers (the demo config declares sentiment labels)
             f"model.name_or_path={tiny_model_dir}",
             "model.max_length=64",
             f"data.train={data}",

@@ -478,7 +478,7 @@ def classical_answers(
 ) -> list[str]:
     """TF-IDF + logistic regression over the closed set, or the most frequent training answer."""
     answers = [m[-1]["content"] for m in train]
-    if not labels:
+    if not labels or not (label_ids(answers, labels) >= 0).any():
         common = pd.Series([normalise_answer(a) for a in answers]).mode()
         return [str(common.iloc[0])] * len(test_prompts)
     ids = label_ids(answers, labels)
@@ -536,6 +536,7 @@ class SFT:
             "_roles_known": True,
             "_alternates": True,
             "_answers_present": True,
+            "_answer_in_labels": True,
             "_template_renders": True,
             "_n_tokens": 0,
             "_key_text": None,
@@ -558,6 +559,10 @@ class SFT:
             for m in messages
             if m["role"] == "assistant"
         )
+        if cfg.labels and isinstance(messages[-1]["content"], str):
+            # A declared answer set: the final answer must be one of its labels.
+            allowed = {normalise_answer(label) for label in cfg.labels}
+            out["_answer_in_labels"] = normalise_answer(messages[-1]["content"]) in allowed
         if not all(isinstance(c, str) for c in contents):
             out["_format_error"] = "a message content is not text"
             return out
