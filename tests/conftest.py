@@ -164,61 +164,50 @@ def tiny_overrides(
     """`--set` overrides that make a whole run take seconds on a tiny model.
 
     The one builder of tiny run configs: ``task="causal-lm"`` gives the LM variant (the tiny
-    GPT-2 on a ``.txt`` of generated sentences); every test adds only what it is about.
+    GPT-2 on a ``.txt`` of generated sentences), ``task="sft"`` the chat variant (the tiny Llama
+    on generated questions); every test adds only what it is about.
     """
+    common = [
+        f"home={home}",
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.train={data}",
+        "data.validation_fraction=0.125",
+        "data.test_fraction=0.125",
+        "train.batch_size=8",
+        "train.warmup_fraction=0.0",
+        "train.early_stopping_patience=null",  # a tiny model learns late: let it run
+    ]
+    generative = ["train.learning_rate=0.01", "train.logging_steps=5"]
     if task == "sft":
         return [
+            *common,
+            *generative,
             "task=sft",
-            f"home={home}",
             "data.labels=null",  # open answers (the demo config declares sentiment labels)
-            f"model.name_or_path={tiny_model_dir}",
             "model.max_length=64",
-            f"data.train={data}",
-            "data.validation_fraction=0.125",
-            "data.test_fraction=0.125",
-            "train.batch_size=8",
-            "train.learning_rate=0.01",
-            "train.warmup_fraction=0.0",
-            "train.logging_steps=5",
-            "train.early_stopping_patience=null",
             "eval.max_new_tokens=4",
             "eval.batch_size=16",
             "registry.model_name=tiny-chat",
         ]
     if task == "causal-lm":
         return [
+            *common,
+            *generative,
             "task=causal-lm",
             "promote.metric=perplexity",
-            f"home={home}",
-            f"model.name_or_path={tiny_model_dir}",
             "model.max_length=32",
-            f"data.train={data}",
-            "data.validation_fraction=0.125",
-            "data.test_fraction=0.125",
-            "train.batch_size=8",
-            "train.learning_rate=0.01",
-            "train.warmup_fraction=0.0",
-            "train.logging_steps=5",
-            "train.early_stopping_patience=null",
             "eval.prompts=['the cat']",
             "eval.max_new_tokens=8",
             "registry.model_name=tiny-lm",
         ]
     return [
-        f"home={home}",
-        f"model.name_or_path={tiny_model_dir}",
+        *common,
         "model.max_length=32",
-        f"data.train={data}",
         "data.text_column=review",
         "data.label_column=sentiment",
-        "data.validation_fraction=0.125",
-        "data.test_fraction=0.125",
         "train.max_steps=30",
-        "train.batch_size=8",
         "train.learning_rate=0.003",
-        "train.warmup_fraction=0.0",
         "train.logging_steps=1",
-        "train.early_stopping_patience=null",  # a tiny model learns late: let it run
         "registry.model_name=tiny-sentiment",
     ]
 

@@ -27,10 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
-from sklearn.pipeline import make_pipeline
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -45,7 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.trainer_utils import PredictionOutput
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.metrics import classification_metrics, gate_statistic
+from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
     EvalResult,
@@ -154,21 +151,6 @@ class ClassificationEval(EvalResult):
 
 
 PREDICTIONS_FILE = "test_predictions.json"  # per-row predictions, logged under evaluation/
-
-
-def classical_baseline(
-    train_texts: list[str], train_labels: list[int], test_texts: list[str], seed: int
-) -> np.ndarray:
-    """TF-IDF (word 1-2-grams) + logistic regression, fit on train, predicting test ids.
-
-    The yardstick a fine-tuned transformer has to beat to be worth its compute.
-    """
-    model = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=200_000),
-        LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
-    )
-    model.fit(train_texts, train_labels)
-    return model.predict(test_texts)
 
 
 def majority_label(train_label_counts: dict[str, int]) -> str:
@@ -349,7 +331,7 @@ class Classification:
         train_frame = pd.read_parquet(splits.train_path)
         test_frame = pd.read_parquet(splits.test_path).iloc[rows]
         label_ids = {label: i for i, label in enumerate(labels)}
-        classical_pred = classical_baseline(
+        classical_pred = tfidf_baseline(
             train_frame["text"].tolist(),
             [label_ids[v] for v in train_frame["label"]],
             test_frame["text"].tolist(),

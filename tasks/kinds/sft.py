@@ -41,9 +41,6 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -61,8 +58,9 @@ from tasks.kinds.causal_lm import (
     perplexity,
     setup_model,
     validation_perplexity,
+    vocabulary_identity,
 )
-from tasks.metrics import classification_metrics, gate_statistic
+from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
     EvalResult,
@@ -463,12 +461,6 @@ def _cell(text: str, limit: int = 120) -> str:
     return (text[: limit - 1] + "…" if len(text) > limit else text) or " "
 
 
-def vocabulary_identity(tokenizer: PreTrainedTokenizerBase) -> str:
-    from tasks.caching import digest
-
-    return digest(sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens)
-
-
 def conversations_of(path: str) -> list[Conversation]:
     return [json.loads(m) for m in pd.read_parquet(path)["messages"]]
 
@@ -483,13 +475,8 @@ def classical_answers(
         return [str(common.iloc[0])] * len(test_prompts)
     ids = label_ids(answers, labels)
     keep = ids >= 0
-    texts = [prompt_key(m) for m in train]
-    model = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=200_000),
-        LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
-    )
-    model.fit([t for t, k in zip(texts, keep, strict=True) if k], ids[keep])
-    return [labels[i] for i in model.predict(test_prompts)]
+    texts = [prompt_key(m) for m, k in zip(train, keep, strict=True) if k]
+    return [labels[i] for i in tfidf_baseline(texts, ids[keep].tolist(), test_prompts, seed)]
 
 
 class SFT:
