@@ -27,7 +27,6 @@ from typing import Any
 
 import pandas as pd
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from tasks.config import EvalConfig, ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops
@@ -177,19 +176,6 @@ def run_overhead(samples: int, home: Path) -> dict[str, Any]:
 SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft-demo.yaml"
 
 
-class StepClock(TrainerCallback):
-    """Seconds inside optimizer steps (evaluation, saving and logging excluded)."""
-
-    def __init__(self) -> None:
-        self.seconds, self._started = 0.0, 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seconds += time.perf_counter() - self._started
-
-
 def sft_rows(n: int) -> Dataset:
     """``n`` demo tweets as the SFT demo's conversations (its template, its labels)."""
     cfg = load_config(SFT_CONFIG)
@@ -260,7 +246,9 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     data = Dataset.from_dict(
         {"prompt": [m[:-1] for m in conversations], "completion": [m[-1:] for m in conversations]}
     )
-    clock = StepClock()
+    from tasks.train import StepTimer
+
+    clock = StepTimer()
     args = SFTConfig(
         output_dir=str(workdir / "trl"),
         max_steps=steps,
