@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -38,18 +40,93 @@ OverridesOption = Annotated[
 ]
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DEBUG = {"on": os.environ.get("FULLTUNE_DEBUG", "") not in ("", "0")}
+
+
 @app.callback()
-def main() -> None:
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print full tracebacks on the terminal too.")
+    ] = False,
+) -> None:
     """fulltune: validate, tokenize, fully fine-tune, evaluate and register a model."""
+    DEBUG["on"] = DEBUG["on"] or debug
+
+
+class _WithoutTracebacks(logging.Formatter):
+    """The terminal's formatter: one line per record; tracebacks go to the run's log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def _setup_logging() -> None:
     # force: each invocation writes to the current stderr (tests call the app repeatedly).
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    if not DEBUG["on"]:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_WithoutTracebacks(LOG_FORMAT))
     for noisy in ("httpx", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_file(home: Path, command: str) -> Path:
+    """Send this invocation's whole log, tracebacks included, to ``<home>/logs/``."""
+    import time
+
+    folder = home / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{command}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
+def _named_cause(err: Exception) -> bool:
+    """Errors whose message already names the setting, file or rule at fault."""
+    from tasks.distributed import DistributedError
+    from tasks.preflight import PreflightError
+    from tasks.sources import SourceError
+    from tasks.split import SplitError
+    from tasks.train import MemoryPreflightError
+    from tasks.validate import DataValidationError
+
+    named = (DataValidationError, PreflightError, SourceError, SplitError, MemoryPreflightError)
+    return isinstance(err, (*named, DistributedError))
+
+
+@contextmanager
+def _orchestrated(cfg: RunConfig, command: str) -> Iterator[RunConfig]:
+    """The run's log file, its Prefect API (the home's local server unless one is configured),
+    and its config as the flow may store it: a tracking URI with credentials travels in the
+    environment, never as a flow parameter, so Prefect's database and UI never hold it."""
+    from flows.local_server import ServerError, prefect_api
+    from tasks.config import redact_uri
+    from tasks.preflight import check_home
+
+    for problem in check_home(cfg):  # the log file and the Prefect server live in the home
+        _fail(f"the run cannot start:\n  {problem}")
+    log_path = _log_file(cfg.home_dir(), command)
+    uri = cfg.registry.tracking_uri
+    if uri is not None and redact_uri(uri) != uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        cfg = cfg.redacted()
+    try:
+        with prefect_api(cfg.home_dir()):
+            yield cfg
+    except ServerError as err:
+        _fail(f"the local Prefect server: {err}")
+    except Exception as err:  # every failure ends here: say what it was, exit non-zero
+        logging.getLogger("fulltune").debug("failure", exc_info=True)
+        message = str(err) if _named_cause(err) else f"{type(err).__name__}: {err}"
+        _fail(f"{message}\n(full log with tracebacks: {log_path})")
 
 
 def _load_config(config: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -83,13 +160,13 @@ def _use_tracking(uri: str | None) -> str:
 def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     from flows.finetune import finetune
 
-    try:
-        summary = finetune(config=cfg, extra_tags=extra_tags or {})
-    except Exception as err:  # every failure ends here: say what it was, exit non-zero
-        _fail(f"{type(err).__name__}: {err}")
+    with _orchestrated(cfg, "run") as stored:
+        summary = finetune(config=stored, extra_tags=extra_tags or {})
     typer.echo("")
     typer.echo(f"MLflow run id:    {summary.mlflow_run_id}")
-    typer.echo(f"Tracking URI:     {cfg.tracking_uri()}")
+    from tasks.config import redact_uri
+
+    typer.echo(f"Tracking URI:     {redact_uri(cfg.tracking_uri())}")
     typer.echo(
         f"Registered model: {summary.model.name} version {summary.model.version} "
         f"(alias @{summary.model.alias})"
@@ -121,10 +198,8 @@ def sweep(
     cfg = _load_config(config, overrides)
     from flows.sweep import sweep as sweep_flow
 
-    try:
-        summary = sweep_flow(config=cfg, trials=trials)
-    except Exception as err:
-        _fail(f"{type(err).__name__}: {err}")
+    with _orchestrated(cfg, "sweep") as stored:
+        summary = sweep_flow(config=stored, trials=trials)
     typer.echo("")
     typer.echo(f"Sweep parent run: {summary.parent_run_id}")
     for t in summary.trials:
@@ -146,14 +221,84 @@ def serve(
         Path | None,
         typer.Option("--config", "-c", help="Default config of the deployments (the demo's)."),
     ] = None,
+    allow: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow",
+            help="A folder triggered runs may read data from and keep their home in "
+            "(repeatable; default: the config's home and data folders).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the `finetune/nightly` (cron) and `finetune/adhoc` deployments from this machine."""
+    """Serve the `finetune/nightly` (cron) and `finetune/adhoc` deployments from this machine.
+
+    Anyone who can reach the Prefect API can trigger `adhoc` with their own parameters, so runs
+    are confined: data, model and home paths outside the allowed folders, and any tracking store
+    but the config's, are refused before anything runs.
+    """
     from prefect import serve as prefect_serve
 
     from flows.deploy import deployments
+    from flows.local_server import prefect_api
+    from tasks.preflight import ALLOWED_ROOTS_ENV, ALLOWED_TRACKING_ENV
 
-    _setup_logging()
-    prefect_serve(*deployments(config))
+    cfg = _load_config(config, None)
+    roots = [p.resolve() for p in allow] if allow else default_roots(cfg)
+    os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(map(str, roots))
+    os.environ[ALLOWED_TRACKING_ENV] = cfg.tracking_uri()
+    typer.echo(f"runs confined to: {', '.join(map(str, roots))}")
+    with prefect_api(cfg.home_dir()) as url:
+        typer.echo(f"serving on the Prefect API at {url}")
+        prefect_serve(*deployments(config))
+
+
+def default_roots(cfg: RunConfig) -> list[Path]:
+    """The served config's home and the folders its local data and model live in."""
+
+    roots = [cfg.home_dir()]
+    names = [cfg.data.train, cfg.data.validation, cfg.data.test, cfg.model.name_or_path]
+    for name in names:
+        if name is None or name.startswith("pkg://"):
+            continue
+        path = Path(name).expanduser()
+        if path.exists():
+            roots.append(path.resolve() if path.is_dir() else path.resolve().parent)
+    return list(dict.fromkeys(roots))
+
+
+server_app = typer.Typer(help="The home's local Prefect server, shared by every run.")
+app.add_typer(server_app, name="server")
+HomeOption = Annotated[Path, typer.Option("--home", help="The fulltune home whose server this is.")]
+
+
+@server_app.command("start")
+def server_start(home: HomeOption = Path(".fulltune")) -> None:
+    """Start the home's Prefect server (or find the running one) and print its URLs."""
+    from flows.local_server import ServerError, ensure_server
+
+    try:
+        info = ensure_server(home.resolve())
+    except ServerError as err:
+        _fail(str(err))
+    typer.echo(f"Prefect API: {info.url}\nPrefect UI:  {info.ui_url}\npid:         {info.pid}")
+
+
+@server_app.command("stop")
+def server_stop(home: HomeOption = Path(".fulltune")) -> None:
+    """Stop the home's Prefect server (its flow runs stay in its database)."""
+    from flows.local_server import stop_server
+
+    stopped = stop_server(home.resolve())
+    typer.echo(f"stopped pid {stopped.pid}" if stopped else "no server was running")
+
+
+@server_app.command("status")
+def server_status(home: HomeOption = Path(".fulltune")) -> None:
+    """Print whether the home's Prefect server runs, and where."""
+    from flows.local_server import describe
+
+    for key, value in describe(home.resolve()).items():
+        typer.echo(f"{key:<10}  {value}")
 
 
 @app.command()

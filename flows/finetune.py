@@ -27,12 +27,14 @@ from flows.stages import (
     prepare_data,
     promote_stage,
     register_model_stage,
+    retry_transient,
     train_job,
     train_stage,
 )
 from tasks import caching, tracking
-from tasks.config import RunConfig
+from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
+from tasks.preflight import preflight
 from tasks.register import lineage_tags
 from tasks.results import Decision, RegisteredModel
 from tasks.sources import load_tokenizer, materialize_model
@@ -100,6 +102,8 @@ def finetune(
     """Validate, split, tokenize, fully fine-tune, evaluate, register and gate one model."""
     cfg = config
     started = time.perf_counter()
+    # Settings that cannot work fail here, naming the setting: before a run, a model or data.
+    preflight(cfg)
     flow_run_id = flow_run.get_id()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
@@ -111,7 +115,7 @@ def finetune(
         "fulltune.config_hash": cfg.digest(),
     } | (extra_tags or {})
     run_id, checkpoint_dir, lock = claim_run(cfg, tags, str(flow_run.get_name()))
-    get_run_logger().info("MLflow run %s (tracking URI %s)", run_id, cfg.tracking_uri())
+    get_run_logger().info("MLflow run %s (tracking URI %s)", run_id, redact_uri(cfg.tracking_uri()))
     kind = get_kind(cfg.task)
     try:
         # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
@@ -120,6 +124,7 @@ def finetune(
         prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id)
         trained = train_stage.with_options(
             retries=cfg.train.retries,
+            retry_condition_fn=retry_transient,
             retry_delay_seconds=exponential_backoff(backoff_factor=10),
             timeout_seconds=cfg.train.timeout_hours * 3600 if cfg.train.timeout_hours else None,
         )(
@@ -169,7 +174,10 @@ def finetune(
         },
     )
     tracking.end_run(run_id, "FINISHED")
-    if checkpoint_dir is not None:  # the model is saved and registered: the checkpoints are done
+    # The model is registered (its weights are in the artifact store): the working copy and the
+    # checkpoints are done. The splits and reports stay, for lineage.
+    shutil.rmtree(trained.model_dir, ignore_errors=True)
+    if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if lock is not None:
         lock.close()

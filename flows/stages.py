@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
-import mlflow
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -77,6 +76,37 @@ def timed(stage: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def is_transient(err: BaseException) -> bool:
+    """Whether trying again may succeed: I/O, a connection, a busy store, a killed process.
+
+    A config, data or shape error (ValueError, TypeError, a RuntimeError from a tensor op, a
+    missing file) fails the same way every time: retrying it only wastes the run's time.
+    """
+    if isinstance(
+        err, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+    ):
+        return False
+    if isinstance(err, OSError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(err, distributed.DistributedError):
+        return err.signalled  # a rank killed from outside (OOM killer, preemption), not a bug
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        transient_codes = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"}
+        return err.error_code in transient_codes or "database is locked" in str(err)
+    return "database is locked" in str(err)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a stage only when its failure was transient."""
+    err = state.data
+    transient = isinstance(err, BaseException) and is_transient(err)
+    if isinstance(err, BaseException) and not transient:
+        get_run_logger().info("not retrying %s: %s is not transient", task.name, type(err).__name__)
+    return transient
+
+
 # Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
 def validation_cache(cfg: RunConfig, tokenizer_id: str) -> Path:
@@ -118,14 +148,24 @@ def tokenization_cache(
 
 
 def _folder_key(context: Any, parameters: dict[str, Any]) -> str:
-    """The Prefect cache key of a cached stage: its content-addressed output folder."""
-    folder = parameters["folder"]
-    return f"{folder.parent.name}-{folder.name}"
+    """The Prefect cache key of a cached stage: its content-addressed output folder, by its full
+    path. A cached result holds paths into that folder, so it is valid in this home only: another
+    project with the same data and settings gets another key, and computes its own."""
+    folder = parameters["folder"].resolve()
+    return f"{folder.parent.name}-{folder.name}-{caching.digest(str(folder))[:12]}"
 
 
 def cached(stage: Any, folder: Path) -> Any:
-    """The stage, told to recompute when its output folder is missing or half-written."""
-    return stage.with_options(refresh_cache=not caching.is_complete(folder))
+    """The stage, told to recompute when its output folder is missing or half-written.
+
+    Its result is stored as JSON (the typed result's fields: paths, counts, fingerprints; not a
+    pickle) in the home's own ``cache/results``, beside the folders it points into.
+    """
+    return stage.with_options(
+        refresh_cache=not caching.is_complete(folder),
+        result_storage=folder.parent.parent / "results",
+        result_serializer="json",
+    )
 
 
 @task(name="validate_data", cache_key_fn=_folder_key, persist_result=True)
@@ -263,10 +303,7 @@ def train_stage(
     checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
     resuming = latest_checkpoint(checkpoint_dir) is not None
     job = job.model_copy(
-        update={
-            "after_step": tracking.last_logged_step(run_id) if resuming else -1,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        }
+        update={"after_step": tracking.last_logged_step(run_id) if resuming else -1}
     )
     if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
         result = distributed.launch(job, num_processes)
@@ -343,7 +380,13 @@ def evaluate_stage(
     return result
 
 
-@task(name="register_model", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(
+    name="register_model",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+)
 @timed
 def register_model_stage(
     model_dir: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -438,17 +439,49 @@ class RunConfig(BaseModel):
         """Where a newly created experiment keeps its artifacts when the store is local."""
         return (self.home_dir() / "mlartifacts").as_uri()
 
+    def redacted(self) -> RunConfig:
+        """This config as it may be shown or stored: no password in the tracking URI."""
+        uri = self.registry.tracking_uri
+        if uri is None or redact_uri(uri) == uri:
+            return self
+        registry = self.registry.model_copy(update={"tracking_uri": redact_uri(uri)})
+        return self.model_copy(update={"registry": registry})
+
     def flat(self) -> dict[str, str]:
-        """The config as ``section.key -> value`` strings, for MLflow params."""
+        """The config as ``section.key -> value`` strings, for MLflow params (credentials out)."""
         return {
             k: json.dumps(v) if isinstance(v, list) else str(v)
-            for k, v in _flatten(self.model_dump()).items()
+            for k, v in _flatten(self.redacted().model_dump()).items()
         }
 
     def digest(self) -> str:
         """A stable hash of the resolved config."""
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "sslpassword")
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``; secret query values too.
+
+    A URI without credentials comes back unchanged, character for character.
+    """
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return uri
+    redacted = uri
+    credentials, at, _ = parsed.netloc.rpartition("@")
+    if at and ":" in credentials:
+        user = credentials.split(":", 1)[0]
+        redacted = redacted.replace(f"//{credentials}@", f"//{user}:***@", 1)
+    for key, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
+        if value and any(s in key.lower() for s in SECRET_QUERY_KEYS):
+            redacted = redacted.replace(f"{key}={urllib.parse.quote(value, safe='')}", f"{key}=***")
+            redacted = redacted.replace(f"{key}={value}", f"{key}=***")
+    return redacted
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -489,6 +522,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    overridden: dict[tuple[str, ...], str] = {}
     for item in overrides or []:
         keys, value = parse_override(item)
         node = tree
@@ -498,18 +532,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"--set {item!r}: {key!r} is not a section")
             node = child
         node[keys[-1]] = value
+        overridden[tuple(keys)] = item
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid config\n{_describe(err)}") from err
+        raise ConfigError(_describe(err, source, overridden)) from err
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, source: Path, overridden: dict[tuple[str, ...], str]) -> str:
+    """One line per invalid field, blamed on the ``--set`` that wrote it, else on the file."""
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        loc = tuple(str(p) for p in e["loc"])
+        field = ".".join(loc) or "(top level)"
+        # A union member reports extra path parts, a section's own check reports the section:
+        # the override is to blame when either path starts with the other.
+        origin = next(
+            (
+                item
+                for keys, item in overridden.items()
+                if loc[: len(keys)] == keys or keys[: len(loc)] == loc
+            ),
+            None,
+        )
+        where = f"--set {origin!r}" if origin else str(source)
+        if e["type"] == "extra_forbidden":
+            hint = nearest_key(loc)
+            suggestion = f"; did you mean {hint}?" if hint else ""
+            lines.append(f"{where}: {field}: no such setting{suggestion}")
+        else:
+            given = e.get("input")
+            got = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"{where}: {field}: {e['msg']}{got}")
+    return "invalid config\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def nearest_key(loc: tuple[str, ...]) -> str | None:
+    """The known setting closest in spelling to an unknown ``section.key`` (or top-level key)."""
+    import difflib
+
+    model: type[BaseModel] = RunConfig
+    prefix = ""
+    if len(loc) > 1:
+        field = RunConfig.model_fields.get(loc[0])
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model, prefix = annotation, f"{loc[0]}."
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f"{prefix}{match[0]}" if match else None
 
 
 def reference_markdown() -> str:

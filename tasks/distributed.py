@@ -13,9 +13,12 @@ Usage (what :func:`launch` runs; each rank runs :func:`tasks.train.main`)::
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import mlflow
 
 from tasks.results import TrainJob, TrainResult
 
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 
 class DistributedError(RuntimeError):
     """The multi-process run failed, or its ranks ended with different weights."""
+
+    def __init__(self, message: str, signalled: bool = False):
+        super().__init__(message)
+        self.signalled = signalled  # a rank was killed by a signal: worth a retry
 
 
 def launch(job: TrainJob, num_processes: int) -> TrainResult:
@@ -50,12 +57,17 @@ def launch(job: TrainJob, num_processes: int) -> TrainResult:
         str(job_path),
     ]
     log.info("launching %d training processes: %s", num_processes, " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path.cwd())
+    # The store's URI reaches the ranks in their environment, never in the job file: it may hold
+    # credentials.
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path.cwd(), env=env)
     (workdir / "train-ranks.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
+        output = done.stdout + done.stderr
         raise DistributedError(
             f"torchrun with {num_processes} processes exited with {done.returncode}; "
-            f"last output:\n{(done.stdout + done.stderr)[-4000:]}"
+            f"last output:\n{output[-4000:]}",
+            signalled=done.returncode < 0 or "Signal " in output or "SIGKILL" in output,
         )
     results = [
         TrainResult.model_validate_json(job.result_path(rank).read_text())

@@ -104,6 +104,23 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str]:
         raise ValueError(f"{model_uri}: no such registered model version ({err.message})") from err
 
 
+LOGGED_MODEL = "model"
+
+
+def logged_model_uri(client: MlflowClient, run_id: str) -> str | None:
+    """The model this run logged completely (READY) in an earlier attempt, if any."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment = client.get_run(run_id).info.experiment_id
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{LOGGED_MODEL}'",
+        output_format="list",
+    )
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
+
+
 def register_model(
     model_dir: str,
     cfg: RegistryConfig,
@@ -123,26 +140,37 @@ def register_model(
     The tokenizer saved beside the model is logged with it, so ``mlflow.pyfunc.load_model``
     returns something that takes raw strings: a classifier predicts labels from the declared set,
     a text-generation model continues the text (with ``inference_config``'s generation settings).
+
+    Idempotent, so a retry after a failure part-way (a lost connection) finishes the job instead of
+    repeating it: a model the run already logged completely is reused, a version already
+    registered from the run is reused, and a version is created with its tags in the same call,
+    so no version ever exists without them.
     """
-    # A pipeline object rather than the folder path: mlflow's path-based flavor config does not
-    # understand transformers 5's pipeline registry.
-    model = pipeline(task, model=model_dir, tokenizer=model_dir)  # type: ignore[call-overload]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model=model,
-            name="model",
-            task=mlflow_task,
-            registered_model_name=cfg.model_name,
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=pip_requirements(),
-            model_config=inference_config or None,
-        )
-    version_ = str(info.registered_model_version)
     client = MlflowClient()
+    model_uri = logged_model_uri(client, run_id)
+    if model_uri is None:
+        # A pipeline object rather than the folder path: mlflow's path-based flavor config does
+        # not understand transformers 5's pipeline registry.
+        model = pipeline(task, model=model_dir, tokenizer=model_dir)  # type: ignore[call-overload]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.transformers.log_model(
+                transformers_model=model,
+                name=LOGGED_MODEL,
+                task=mlflow_task,
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=pip_requirements(),
+                model_config=inference_config or None,
+            )
+        model_uri = info.model_uri
+    existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run_id}'")
+    if existing:
+        version_ = str(existing[0].version)
+        for key, value in version_tags.items():
+            client.set_model_version_tag(cfg.model_name, version_, key, value)
+    else:
+        version_ = str(mlflow.register_model(model_uri, cfg.model_name, tags=version_tags).version)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version_)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(cfg.model_name, version_, key, value)
     return RegisteredModel(
         name=cfg.model_name,
         version=version_,

@@ -179,7 +179,6 @@ class TrainJob(BaseModel):
     checkpoint_dir: str | None
     run_id: str | None  # MLflow run that rank 0 streams the training metrics to
     after_step: int = -1
-    tracking_uri: str | None = None
 
     def result_path(self, rank: int) -> Path:
         """Where rank ``rank`` writes its :class:`TrainResult`."""

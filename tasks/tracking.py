@@ -11,14 +11,18 @@ import fcntl
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from transformers import TrainerCallback
 
 from tasks.config import RunConfig
@@ -60,36 +64,96 @@ def create_sqlite_store(uri: str) -> None:
         MlflowClient(uri, registry_uri=uri).search_registered_models(max_results=1)
 
 
+def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
+    """The configured experiment's id, created if missing; safe when runs race to create it.
+
+    Two first runs on a new store both find no experiment and both create it: the loser gets
+    RESOURCE_ALREADY_EXISTS (the store's unique constraint) and takes the winner's.
+    """
+    name = cfg.registry.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    uri = cfg.tracking_uri()
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    try:
+        return str(
+            client.create_experiment(
+                name, artifact_location=cfg.artifact_location() if local else None
+            )
+        )
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        experiment = client.get_experiment_by_name(name)
+        assert experiment is not None, f"experiment {name!r} exists but cannot be read"
+        return str(experiment.experiment_id)
+
+
+def process_tags() -> dict[str, str]:
+    """Which process writes a run: a RUNNING run whose process is gone was killed."""
+    me = psutil.Process()
+    return {
+        "fulltune.host": socket.gethostname(),
+        "fulltune.pid": str(me.pid),
+        "fulltune.process_started": f"{me.create_time():.2f}",
+    }
+
+
+def process_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process a run's tags name still runs (the same process, not a reused pid)."""
+    try:
+        process = psutil.Process(int(tags["fulltune.pid"]))
+        return abs(process.create_time() - float(tags["fulltune.process_started"])) < 1
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def mark_killed_runs(client: MlflowClient, experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; their ids.
+
+    A killed run keeps its checkpoints: ``claim_run`` still resumes it (it looks for any run
+    that did not finish).
+    """
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`fulltune.host` = '{host}'",
+        max_results=200,
+    )
+    killed = [run.info.run_id for run in runs if not process_alive(run.data.tags)]
+    for run_id in killed:
+        client.set_terminated(run_id, status="KILLED")
+        client.set_tag(run_id, "fulltune.killed_note", "its process ended without finishing")
+    return killed
+
+
 def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None) -> str:
     """Create the run for one flow run, log the flattened config as params, return its id."""
     configure(cfg)
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(cfg.registry.experiment)
-    if experiment is None:
-        local = (
-            cfg.tracking_uri().startswith(("sqlite:", "file:")) or "://" not in cfg.tracking_uri()
-        )
-        experiment_id = client.create_experiment(
-            cfg.registry.experiment, artifact_location=cfg.artifact_location() if local else None
-        )
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    experiment = experiment_id(client, cfg)
+    mark_killed_runs(client, experiment)
+    run = client.create_run(experiment, run_name=run_name, tags=tags | process_tags())
     run_id = run.info.run_id
     params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in cfg.flat().items()]
     for i in range(0, len(params), PARAM_BATCH):
         client.log_batch(run_id, params=params[i : i + PARAM_BATCH])
-    client.log_dict(run_id, cfg.model_dump(mode="json"), "config/config.json")
+    client.log_dict(run_id, cfg.redacted().model_dump(mode="json"), "config/config.json")
     return run_id
 
 
 def find_unfinished_runs(cfg: RunConfig, resume_key: str) -> list[str]:
-    """Runs of this config and data that did not finish (killed, failed, or still going)."""
+    """Runs of this config and data that did not finish (killed, failed, or still going).
+
+    Runs left RUNNING by a process that is gone are marked KILLED first, on every run.
+    """
     configure(cfg)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.registry.experiment)
     if experiment is None:
         return []
+    mark_killed_runs(client, experiment.experiment_id)
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`fulltune.resume_key` = '{resume_key}' and "
@@ -104,7 +168,7 @@ def reattach_run(run_id: str, tags: dict[str, str]) -> None:
     """Mark an interrupted run RUNNING again, under this flow run."""
     client = MlflowClient()
     client.update_run(run_id, status="RUNNING")
-    set_tags(run_id, tags)
+    set_tags(run_id, tags | process_tags())
 
 
 def last_logged_step(run_id: str, key: str = "train/loss") -> int:

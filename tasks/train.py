@@ -615,10 +615,7 @@ def main(job_path: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")
     job = TrainJob.model_validate_json(Path(job_path).read_text())
-    if job.tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(job.tracking_uri)
+    # The tracking store comes from MLFLOW_TRACKING_URI, set by the launcher.
     # The callback logs on the main process only (Trainer's is_world_process_zero).
     callbacks: list[TrainerCallback] = (
         [MlflowMetricsCallback(job.run_id, job.after_step)] if job.run_id else []

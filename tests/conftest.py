@@ -285,6 +285,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def registered_weights(tracking_uri: str, model_uri: str, into: Path) -> Path:
+    """The registered version's transformers folder (weights, tokenizer), downloaded."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    root = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(into)))
+    [weights] = root.rglob("model.safetensors")
+    return weights.parent
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from flows.finetune import finetune
 from tasks.config import load_config
 
-from .conftest import LABELS, tiny_overrides
+from .conftest import LABELS, registered_weights, tiny_overrides
 
 pytestmark = pytest.mark.flow
 
@@ -65,10 +65,11 @@ def test_training_loss_went_down(finished_run):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
-def test_every_parameter_tensor_changed(finished_run, tiny_model_dir: Path):
-    _cfg, summary = finished_run
+def test_every_parameter_tensor_changed(finished_run, tiny_model_dir: Path, tmp_path: Path):
+    cfg, summary = finished_run
     initial = load_file(tiny_model_dir / "model.safetensors")
-    trained = load_file(Path(summary.workdir) / "model" / "model.safetensors")
+    folder = registered_weights(cfg.tracking_uri(), summary.model.model_uri, tmp_path)
+    trained = load_file(folder / "model.safetensors")
     encoder = {k: v for k, v in initial.items() if not k.startswith("classifier")}
     assert encoder, "the initial checkpoint has encoder weights"
     unchanged = [k for k, v in encoder.items() if torch.equal(v, trained[k])]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.config import load_config
 
-from .conftest import colour_rows, invoke, served_model, tiny_overrides
+from .conftest import colour_rows, invoke, registered_weights, served_model, tiny_overrides
 
 pytestmark = pytest.mark.flow
 
@@ -90,11 +90,11 @@ def test_a_second_identical_run_is_compared_with_the_champion(sft_run, tiny_llam
     assert not again.decision.promoted
 
 
-def test_the_model_learned_to_stop_after_its_answer(sft_run):
+def test_the_model_learned_to_stop_after_its_answer(sft_run, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, summary = sft_run
-    model_dir = Path(summary.workdir) / "model"
+    cfg, summary = sft_run
+    model_dir = registered_weights(cfg.tracking_uri(), summary.model.model_uri, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     prompt = tokenizer.apply_chat_template(

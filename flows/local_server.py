@@ -1,0 +1,229 @@
+"""One local Prefect server per fulltune home, started on first use and shared by every run.
+
+Without ``PREFECT_API_URL``, Prefect starts a temporary server inside each flow run, all of them on
+one shared SQLite file: runs started together time out waiting for their server or fail with
+``database is locked``. Here the first run on a home starts ``prefect server start`` as its own
+long-lived process (its database under ``<home>/prefect``, so only that process writes it), under a
+file lock so two runs never start two servers, and every later run, ``fulltune serve`` and
+``fulltune ui`` connect to it. Its flow runs stay visible in its UI after the runs end.
+
+``fulltune server stop`` stops it; ``PREFECT_API_URL`` (or a Prefect profile's API URL) points
+fulltune at another server instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from pydantic import BaseModel
+
+# How long to wait for a starting server before giving up: a bound on a hung start, generous
+# because a busy 2-core machine needs a minute or more where an idle one needs 15 s.
+START_TIMEOUT_S = float(os.environ.get("FULLTUNE_SERVER_START_TIMEOUT", "600"))
+
+
+PREFECT_SERVER = (sys.executable, "-m", "prefect", "server", "start")
+
+
+class ServerError(RuntimeError):
+    """The local Prefect server could not be started or reached."""
+
+
+class ServerInfo(BaseModel):
+    """What ``<home>/prefect/server.json`` records about the running server."""
+
+    pid: int
+    port: int
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def server_dir(home: Path) -> Path:
+    return home / "prefect"
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API the user chose (environment or profile), if any."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def healthy(url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet collected, does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def read_info(home: Path) -> ServerInfo | None:
+    path = server_dir(home) / "server.json"
+    try:
+        return ServerInfo.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_environment(folder: Path, port: int) -> dict[str, str]:
+    """The server process's settings: its own Prefect home and database, its UI's API URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return env | {
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+
+def wait_until_healthy(info: ServerInfo, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not healthy(info.url):
+        if not alive(info.pid):
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise ServerError(f"the Prefect server exited while starting; {log_path}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise ServerError(
+                f"the Prefect server (pid {info.pid}) did not answer on {info.url} within "
+                f"{timeout:.0f} s (FULLTUNE_SERVER_START_TIMEOUT); its log: {log_path}"
+            )
+        time.sleep(0.5)
+
+
+def ensure_server(home: Path, timeout: float = START_TIMEOUT_S) -> ServerInfo:
+    """The home's running Prefect server; started (under a file lock) if none answers."""
+    folder = server_dir(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = read_info(home)
+    if info is not None and alive(info.pid) and healthy(info.url):
+        return info  # the common case: no lock needed
+    with (folder / "server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per home; the others wait and reuse it
+        info = read_info(home)
+        if info is not None and alive(info.pid):
+            # Running but slow to answer (a busy machine, or still starting): wait for it
+            # rather than start a second server on the same database.
+            wait_until_healthy(info, folder / "server.log", timeout)
+            return info
+        port = free_port()
+        log_path = folder / "server.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [*PREFECT_SERVER, "--host", "127.0.0.1", "--port", str(port)],
+                env=server_environment(folder, port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives this run; stopped as a group
+            )
+        info = ServerInfo(pid=process.pid, port=port, started_at=time.time())
+        (folder / "server.json").write_text(info.model_dump_json())
+        wait_until_healthy(info, log_path, timeout)
+        return info
+
+
+def stop_server(home: Path, timeout: float = 30.0) -> ServerInfo | None:
+    """Stop the home's server (its whole process group); the one stopped, or None."""
+    folder = server_dir(home)
+    info = read_info(home)
+    if info is None:
+        return None
+    with (folder / "server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if alive(info.pid):
+            with suppress(ProcessLookupError):
+                os.killpg(info.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while alive(info.pid) and time.monotonic() < deadline:
+                _reap(info.pid)
+                time.sleep(0.2)
+            if alive(info.pid):
+                os.killpg(info.pid, signal.SIGKILL)
+                _reap(info.pid)
+        (folder / "server.json").unlink(missing_ok=True)
+    return info
+
+
+def _reap(pid: int) -> None:
+    with suppress(ChildProcessError):  # a server this process started is its child: collect it
+        os.waitpid(pid, os.WNOHANG)
+
+
+@contextmanager
+def prefect_api(home: Path) -> Iterator[str]:
+    """Point Prefect at the user's API if set, else at this home's local server (started once).
+
+    The URL is also exported to the environment for processes this one starts (``prefect
+    serve`` runs each flow run in a subprocess).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = configured_api_url()
+    if url is not None:
+        yield url
+        return
+    url = ensure_server(home).url
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
+def describe(home: Path) -> dict[str, object]:
+    """The home's server as ``fulltune server status`` prints it."""
+    info = read_info(home)
+    if info is None:
+        return {"running": False, "home": str(home)}
+    return {
+        "running": alive(info.pid) and healthy(info.url),
+        "pid": info.pid,
+        "api": info.url,
+        "ui": info.ui_url,
+        "log": str(server_dir(home) / "server.log"),
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.started_at)),
+    }
+
+
+if __name__ == "__main__":  # python -m flows.local_server HOME: start (or find) and print it
+    print(json.dumps(ensure_server(Path(sys.argv[1]).resolve()).model_dump()))

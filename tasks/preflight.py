@@ -1,0 +1,243 @@
+"""Everything about a run that can be known before it starts, checked before anything starts.
+
+The flow calls :func:`preflight` before it creates an MLflow run or loads a model. Each problem
+names the setting at fault and what was found; all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tasks.config import RunConfig, redact_uri
+from tasks.sources import SourceError, gguf_source, resolve_local
+
+# A served deployment sets these (``fulltune serve --allow``): the only folders a triggered run may
+# read data from or write its home in, and the only tracking stores it may write to.
+ALLOWED_ROOTS_ENV = "FULLTUNE_ALLOWED_ROOTS"
+ALLOWED_TRACKING_ENV = "FULLTUNE_ALLOWED_TRACKING_URIS"
+
+
+class PreflightError(ValueError):
+    """One or more settings that would make the run fail; each line names its setting."""
+
+
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Check the run's settings; return the facts learned (the model's config).
+
+    Raises:
+        PreflightError: listing every problem found, each with its setting.
+    """
+    problems: list[str] = []
+    problems += check_allowed(cfg)
+    problems += check_home(cfg)
+    problems += check_data(cfg)
+    problems += check_registry(cfg)
+    model_config, model_problems = check_model(cfg)
+    problems += model_problems
+    if not problems:  # a store check on a home that cannot be written would only repeat it
+        problems += check_tracking(cfg)
+    if problems:
+        raise PreflightError("the run cannot start:\n" + "\n".join(f"  {p}" for p in problems))
+    return model_config
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be created, and a file can be written in it.
+
+    Tried for real (create the folder, write and delete a probe): permission bits say nothing
+    for root, and nothing about read-only mounts or a parent that is a file.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_home(cfg: RunConfig) -> list[str]:
+    home = cfg.home_dir()
+    if home.exists() and not home.is_dir():
+        return [f"home: {home} exists and is not a folder"]
+    if not _writable(home):
+        return [f"home: {home} cannot be created or written (check the path and permissions)"]
+    return []
+
+
+def check_data(cfg: RunConfig) -> list[str]:
+    problems = []
+    for setting in ("train", "validation", "test"):
+        name = getattr(cfg.data, setting)
+        if name is None:
+            continue
+        try:
+            path = resolve_local(name)
+        except SourceError as err:
+            problems.append(f"data.{setting}: {err}")
+            continue
+        if path is None:  # a hub dataset id: read (and checked) by validation
+            continue
+        if not os.access(path, os.R_OK):
+            problems.append(f"data.{setting}: {path} is not readable (check its permissions)")
+        elif path.is_dir() and not _is_saved_dataset(path):
+            problems.append(
+                f"data.{setting}: {path} is a folder, but not one saved by HF datasets "
+                "(save_to_disk); give a CSV, TSV, JSONL, Parquet or .txt file"
+            )
+    return problems
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any(
+        (path / marker).exists()
+        for marker in ("dataset_dict.json", "dataset_info.json", "state.json")
+    )
+
+
+def check_registry(cfg: RunConfig) -> list[str]:
+    """Names MLflow would refuse, checked with MLflow's own validators."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import (
+        _validate_experiment_name,
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+        _validate_model_name,
+    )
+
+    checks = [
+        ("registry.experiment", _validate_experiment_name, cfg.registry.experiment),
+        ("registry.model_name", _validate_model_name, cfg.registry.model_name),
+        ("registry.alias", _validate_model_alias_name, cfg.registry.alias),
+        ("registry.alias", _validate_model_alias_name_reserved, cfg.registry.alias),
+        ("promote.alias", _validate_model_alias_name, cfg.promote.alias),
+        ("promote.alias", _validate_model_alias_name_reserved, cfg.promote.alias),
+    ]
+    problems = []
+    for setting, validate, value in checks:
+        try:
+            validate(value)
+        except MlflowException as err:
+            problems.append(f"{setting}: {err.message}")
+    if cfg.promote.enabled and cfg.registry.alias == cfg.promote.alias:
+        problems.append(
+            f"registry.alias: {cfg.registry.alias!r} is also promote.alias; the new version's "
+            "alias and the champion's must differ"
+        )
+    return problems
+
+
+def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
+    """The model's config as a dict (read without loading weights), and problems found."""
+    from transformers import AutoConfig
+
+    model = cfg.model
+    setting = "model.name_or_path"
+    try:
+        gguf = gguf_source(model.name_or_path, model.gguf_file)
+        if gguf is not None:
+            folder, file_name = gguf
+            local = Path(folder) / file_name
+            if Path(folder).exists() and not local.is_file():
+                return {}, [f"model.gguf_file: {file_name!r} is not in {folder}"]
+            config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
+        else:
+            path = resolve_local(model.name_or_path)
+            if path is not None and not (path / "config.json").is_file():
+                return {}, [f"{setting}: {path} has no config.json (not a model folder)"]
+            config = AutoConfig.from_pretrained(
+                str(path) if path else model.name_or_path, revision=model.revision
+            )
+    except SourceError as err:
+        return {}, [f"{setting}: {err}"]
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return {}, [
+            f"{setting}: {model.name_or_path!r} is neither a local model folder nor a model the "
+            f"Hugging Face hub (or its local cache, when offline) could provide: {first}"
+        ]
+    facts = json.loads(config.to_json_string())
+    limit = max_positions(facts)
+    problems = []
+    if limit is not None and model.max_length > limit:
+        problems.append(
+            f"model.max_length: {model.max_length} is more than the {limit} positions "
+            f"{model.name_or_path} was trained with (max_position_embeddings); use at most {limit}"
+        )
+    return facts, problems
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest input a model's position embeddings cover, when its config says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_tracking(cfg: RunConfig) -> list[str]:
+    """The tracking store can be written (a local file) or answers (a server)."""
+    uri = cfg.tracking_uri()
+    setting = (
+        "MLFLOW_TRACKING_URI"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else ("registry.tracking_uri" if cfg.registry.tracking_uri else "home (its mlflow.db)")
+    )
+    shown = redact_uri(uri)
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("sqlite", "file", ""):
+        raw = uri.removeprefix("sqlite:///") if parsed.scheme == "sqlite" else parsed.path or uri
+        path = Path(urllib.parse.unquote(raw))
+        if parsed.scheme == "sqlite" and path.is_dir():
+            return [f"{setting}: {shown}: {path} is a folder, not a database file"]
+        if not _writable(path.parent if parsed.scheme == "sqlite" else path):
+            return [f"{setting}: {shown}: {path} cannot be created or written"]
+        if parsed.scheme == "sqlite" and path.exists() and not os.access(path, os.W_OK):
+            return [f"{setting}: {shown}: {path} is read-only"]
+        return []
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=15):
+                return []
+        except OSError as err:
+            return [f"{setting}: the MLflow server at {shown} does not answer ({err})"]
+    return []  # a database URI: MLflow connects on first use and names it if it cannot
+
+
+def check_allowed(cfg: RunConfig) -> list[str]:
+    """Under a served deployment's allow-list: every local path and the store must be on it."""
+    roots_env = os.environ.get(ALLOWED_ROOTS_ENV)
+    uris_env = os.environ.get(ALLOWED_TRACKING_ENV)
+    problems = []
+    if roots_env:
+        roots = [Path(r).expanduser().resolve() for r in roots_env.split(os.pathsep) if r]
+        paths = {"home": cfg.home}
+        paths |= {
+            f"data.{s}": getattr(cfg.data, s)
+            for s in ("train", "validation", "test")
+            if getattr(cfg.data, s) is not None and not getattr(cfg.data, s).startswith("pkg://")
+        }
+        if not cfg.model.name_or_path.startswith("pkg://"):
+            paths["model.name_or_path"] = cfg.model.name_or_path
+        for setting, value in paths.items():
+            path = Path(value).expanduser()
+            local = setting == "home" or path.exists() or value.startswith((".", "/", "~"))
+            if local and not any(path.resolve().is_relative_to(root) for root in roots):
+                problems.append(
+                    f"{setting}: {path.resolve()} is outside the deployment's allowed folders "
+                    f"({', '.join(map(str, roots))}; {ALLOWED_ROOTS_ENV})"
+                )
+    if uris_env:
+        allowed = [u for u in uris_env.split(" ") if u]
+        if cfg.tracking_uri() not in allowed:
+            problems.append(
+                f"registry.tracking_uri: {redact_uri(cfg.tracking_uri())} is not one of the "
+                f"deployment's tracking stores ({ALLOWED_TRACKING_ENV})"
+            )
+    return problems
