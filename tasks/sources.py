@@ -126,6 +126,8 @@ def read_table(name: str, split: str = "train", documents: str = "line") -> Tabl
     if path.is_dir():
         return Table(_read_saved_dataset(path, split), origin=str(path))
     suffix = path.suffix.lower()
+    if suffix in {".csv", ".tsv", ".txt", ".jsonl", ".json"}:
+        refuse_binary(path)
     try:
         if suffix in {".csv", ".tsv"}:
             text, fallbacks = decode_mixed(path.read_bytes())
@@ -160,6 +162,30 @@ def read_table(name: str, split: str = "train", documents: str = "line") -> Tabl
     raise SourceError(
         f"{path}: unsupported file type {suffix!r} (use one of {sorted(TABLE_SUFFIXES)})"
     )
+
+
+# The first bytes of binary formats a text table is most often confused with.
+MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"PK\x03\x04": "a ZIP archive (or an Excel/Word file)",
+    b"\x1f\x8b": "a gzip archive",
+    b"PAR1": "a Parquet file (name it .parquet)",
+    b"\xd0\xcf\x11\xe0": "an old Excel/Word file",
+}
+
+
+def refuse_binary(path: Path) -> None:
+    """Fail on a binary file behind a text extension, saying what it looks like."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    for magic, what in MAGIC.items():
+        if head.startswith(magic):
+            raise SourceError(f"{path}: not a text table: the file starts like {what}")
+    if b"\x00" in head:
+        raise SourceError(f"{path}: not a text table: it holds NUL bytes (a binary file?)")
 
 
 def _to_frame(dataset: Any) -> pd.DataFrame:

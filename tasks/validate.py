@@ -29,7 +29,20 @@ log = logging.getLogger(__name__)
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "data" / "expectations"
 EXAMPLES_SHOWN = 3
-DERIVED = ("_n_tokens", "_duplicate", "_in_train", "_label_count", "_imbalance_ratio")
+DERIVED = (
+    "_not_string",
+    "_n_tokens",
+    "_duplicate",
+    "_in_train",
+    "_label_count",
+    "_imbalance_ratio",
+)
+# The report keeps at most this much of any value and this many entries of any list: a 5 MB row
+# must not become a 15 MB report.
+REPORT_CHARS = 300
+# Derived flags about a row's text: a failure is reported on the text column, with the texts.
+TEXT_FLAGS = ("_not_string", "_duplicate", "_in_train")
+REPORT_ITEMS = 20
 
 
 class DataValidationError(ValueError):
@@ -98,11 +111,22 @@ def derive_columns(
     # A kind may say which text duplicates and leakage are judged on (an SFT row's prompt).
     key = "_key_text" if "_key_text" in out else cfg.text_column
     has_text = key in out
+    if has_text:
+        # A number, list or object where text belongs is flagged, then checked as its JSON text
+        # (a dict cannot even be compared for duplicates).
+        out["_not_string"] = [not _is_missing(v) and not isinstance(v, str) for v in out[key]]
+        out[key] = pd.Series(
+            [v if _is_missing(v) or isinstance(v, str) else _as_text(v) for v in out[key]],
+            index=out.index,
+            dtype=object,
+        )
+    else:
+        out["_not_string"] = False
     texts = out[key] if has_text else pd.Series([None] * len(out), index=out.index)
     strings = [t if isinstance(t, str) else "" for t in texts]
     if "_n_tokens" in out:
         pass  # counted by the kind (an SFT row: its rendered conversation)
-    elif tokenizer is not None and has_text:
+    elif tokenizer is not None and has_text and strings:
         # Count without truncating: the contract reports how much truncation will cut.
         out["_n_tokens"] = [len(ids) for ids in tokenizer(strings, truncation=False)["input_ids"]]
     else:
@@ -117,6 +141,21 @@ def derive_columns(
         out["_label_count"] = 0
         out["_imbalance_ratio"] = 1.0
     return out
+
+
+def _as_plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (shown as 1000, not np.int64(1000))."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, str) else value
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_text(value: Any) -> str:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (parquet lists)
+        value = value.tolist()
+    return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
 
 
 def suite_parameters(cfg: DataConfig, labels: list[str], max_length: int, is_train: bool) -> dict:
@@ -163,9 +202,25 @@ def run_suite(
 
 
 def summarize_failures(
-    result: dict[str, Any], origin: str, columns: list[str]
+    result: dict[str, Any],
+    origin: str,
+    frame: pd.DataFrame,
+    text_column: str,
+    labels: list[str],
 ) -> list[dict[str, Any]]:
-    """One row per failed expectation: which file, column, rule, how many rows, examples."""
+    """One row per failed expectation: which file, column, rule, how many rows, examples.
+
+    The cause is reported once: a missing column fails its "required column" rule and not every
+    rule that reads it, and an empty table fails "at least one row" and not the rules about its
+    classes. A derived flag (a duplicate, a text seen in train) is shown by its row's text.
+    """
+    columns = [c for c in frame.columns if not str(c).startswith("_")]
+    missing = {
+        item["expectation_config"]["kwargs"]["column"]
+        for item in result["results"]
+        if item["expectation_config"]["type"] == "expect_column_to_exist" and not item["success"]
+    }
+    empty = len(frame) == 0
     failures = []
     for item in result["results"]:
         if item["success"]:
@@ -173,32 +228,93 @@ def summarize_failures(
         config = item["expectation_config"]
         outcome = item.get("result") or {}
         column = config["kwargs"].get("column")
+        derived = column is not None and column.startswith("_")
+        exists_rule = config["type"] == "expect_column_to_exist"
+        if not exists_rule and (column in missing or ((derived or empty) and missing)):
+            continue  # a knock-on failure of a missing column
+        if empty and config["type"] != "expect_table_row_count_to_be_between" and not exists_rule:
+            continue  # no rows: the row count is the cause
         raised = (item.get("exception_info") or {}).get("raised_exception")
-        if raised and column is not None and column.startswith("_"):
-            continue  # a derived rule cannot run because a required column is missing
-        missing = column is not None and not column.startswith("_") and column not in columns
+        if raised and derived:
+            continue
         indices = outcome.get("partial_unexpected_index_list") or outcome.get(
             "unexpected_index_list", []
         )
         values = outcome.get("partial_unexpected_list") or outcome.get("unexpected_list", [])
+        shown_column = column
+        if column in TEXT_FLAGS and text_column in frame:
+            values = [frame[text_column].get(i) for i in indices]  # the text, not `True`
+            shown_column = text_column
         failures.append(
             {
                 "source": origin,
-                "column": column,
+                "column": shown_column,
                 "rule": (config.get("meta") or {}).get("rule", config["type"]),
                 "expectation": config["type"],
                 "unexpected_count": outcome.get("unexpected_count"),
                 "element_count": outcome.get("element_count"),
                 "examples": [
-                    {"row": i, "value": v}
+                    {"row": i, "value": _clip(_as_plain(v), REPORT_CHARS)}
                     for i, v in list(zip(indices, values, strict=False))[:EXAMPLES_SHOWN]
                 ],
-                "observed": (
-                    f"columns found: {columns}" if missing else outcome.get("observed_value")
-                ),
+                "observed": _observed(config, outcome, columns, column in missing, labels),
             }
         )
     return failures
+
+
+def _observed(
+    config: dict[str, Any],
+    outcome: dict[str, Any],
+    columns: list[str],
+    missing: bool,
+    labels: list[str],
+) -> Any:
+    """What the data showed for a failed rule, in words that point at the fix."""
+    observed = outcome.get("observed_value")
+    kind = config["type"]
+    if missing:
+        hint = ""
+        if len(columns) == 1 and "\t" in str(columns[0]):
+            hint = "; the file looks tab-separated: name it .tsv"
+        elif len(columns) == 1 and ";" in str(columns[0]):
+            hint = "; the file looks semicolon-separated: save it with commas"
+        return f"columns found: {columns}{hint}"
+    if kind == "expect_table_row_count_to_be_between":
+        return f"{observed} rows"
+    if "partial_missing_list" in outcome:
+        return f"missing: {outcome['partial_missing_list']} (declared: {labels})"
+    return observed
+
+
+def explain_label_mismatch(
+    failures: list[dict[str, Any]], frame: pd.DataFrame, cfg: DataConfig, labels: list[str]
+) -> None:
+    """When no row has a declared label, say so plainly: the two label sets and the fix."""
+    for f in failures:
+        if (
+            f["expectation"] == "expect_column_values_to_be_in_set"
+            and f["column"] == cfg.label_column
+            and f["unexpected_count"]
+            and f["unexpected_count"] == f["element_count"]
+            and cfg.labels
+        ):
+            found = infer_labels(frame[cfg.label_column])
+            shown = found if len(found) <= 20 else [*found[:20], "..."]
+            f["observed"] = (
+                f"no row has a declared label: the config declares {labels}, the data has "
+                f"{shown}; `--set data.labels=null` infers the label set from the data"
+            )
+
+
+def explain_leakage(failures: list[dict[str, Any]], split: str, train_origin: str) -> None:
+    """Name both tables of a leakage failure."""
+    for f in failures:
+        if "leakage" in f["rule"]:
+            f["observed"] = (
+                f"{f['unexpected_count']} {split} text(s) also occur in the train table "
+                f"({train_origin})"
+            )
 
 
 def render_failures(failures: list[dict[str, Any]], report_path: Path | None = None) -> str:
@@ -327,7 +443,11 @@ def check_tables(
     """The GE result of every table; held-out tables are also checked for leakage from train."""
     train = frames["train"]
     key = "_key_text" if "_key_text" in train else cfg.text_column
-    train_texts = set(train[key].dropna()) if key in train else None
+    train_texts = (
+        {t if isinstance(t, str) else _as_text(t) for t in train[key] if not _is_missing(t)}
+        if key in train
+        else None
+    )
     results = {}
     for split, frame in frames.items():
         derived = derive_columns(frame, cfg, None if split == "train" else train_texts, tokenizer)
@@ -364,6 +484,38 @@ def quarantine(
     pd.concat(quarantined).to_csv(path, index_label="_row")
     log.warning("quarantined rows by rule: %s (see %s)", dropped, path)
     return kept, dropped, str(path)
+
+
+def emptied_by_drop(
+    origin: str, split: str, dropped: dict[str, int], workdir: Path
+) -> dict[str, Any]:
+    """The failure of a table that ``on_invalid: drop`` quarantined completely."""
+    return {
+        "source": origin,
+        "column": None,
+        "rule": f"no rows left in the {split} table after on_invalid: drop",
+        "expectation": "quarantine",
+        "unexpected_count": None,
+        "element_count": None,
+        "examples": [],
+        "observed": f"rows quarantined by rule: {dropped} (see {workdir / 'quarantine.csv'})",
+    }
+
+
+def capped(value: Any) -> Any:
+    """A JSON-able tree with long strings clipped and long lists cut (for the stored report)."""
+    if isinstance(value, str):
+        return _clip(value, REPORT_CHARS)
+    if isinstance(value, dict):
+        return {k: capped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [capped(v) for v in value[:REPORT_ITEMS]]
+        return (
+            [*items, f"... {len(value) - REPORT_ITEMS} more"]
+            if len(value) > REPORT_ITEMS
+            else items
+        )
+    return value
 
 
 def truncated_fractions(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -427,15 +579,23 @@ def validate_data(
         results = check_tables(frames, cfg, suite, labels, tokenizer, max_length, complete=False)
 
     failures = []
+    key = "_key_text" if "_key_text" in frames["train"] else cfg.text_column
     for split, result in results.items():
-        failures += summarize_failures(result, tables[split].origin, list(frames[split].columns))
+        found = summarize_failures(result, tables[split].origin, frames[split], key, labels)
+        if has_labels:
+            explain_label_mismatch(found, frames[split], cfg, labels)
+        explain_leakage(found, split, tables["train"].origin)
+        failures += found
+    for split, frame in frames.items():
+        if drop and frame.empty and dropped:
+            failures.insert(0, emptied_by_drop(tables[split].origin, split, dropped, workdir))
     report_path = workdir / "validation.json"
     report = {
         "success": not failures,
         "labels": labels,
         "dropped": dropped,
-        "results": results,
-        "failures": failures,
+        "results": capped(results),
+        "failures": capped(failures),
     }
     report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     html_path = workdir / "validation.html"
