@@ -55,15 +55,21 @@ def main(
 
 
 class _WithoutTracebacks(logging.Formatter):
-    """The terminal's formatter: one line per record; tracebacks go to the run's log file."""
+    """The terminal's formatter: tracebacks go to the run's log file, not the terminal, and
+    Prefect's records (whose failure states repeat the whole error) show 200 characters: the
+    error itself is printed once, in full, at the end."""
 
     def format(self, record: logging.LogRecord) -> str:
         saved = record.exc_info, record.exc_text, record.stack_info
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         try:
-            return super().format(record)
+            line = super().format(record)
         finally:
             record.exc_info, record.exc_text, record.stack_info = saved
+        if record.name.startswith("prefect"):
+            first = line.splitlines()[0] if line else line
+            return first if len(first) <= 200 else first[:199] + "…"
+        return line
 
 
 def _setup_logging() -> None:
