@@ -98,7 +98,7 @@ def main() -> None:
 
     # (a) the pipeline's train task
     tokenized = TokenizedData(
-        path=str(work / "tokenized"), rows={}, tokens={}, mean_tokens={}, truncated_fraction={}
+        path=str(work / "tokenized"), rows={}, tokens={}, mean_tokens={}
     )
     cfg = TrainConfig(
         max_steps=steps,

@@ -61,7 +61,6 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
     train_ds = kind.encode(
         Dataset.from_pandas(rows), tokenizer, LABELS, ModelConfig(max_length=128)
     )
-    train_ds = train_ds.remove_columns("truncated")
     from datasets import DatasetDict
 
     path = workdir / "tokenized"
@@ -69,7 +68,7 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
         str(path)
     )
     tokenized = TokenizedData(
-        path=str(path), rows={}, tokens={}, mean_tokens={}, truncated_fraction={}
+        path=str(path), rows={}, tokens={}, mean_tokens={}
     )
     cfg = TrainConfig(
         max_steps=steps,
@@ -199,13 +198,13 @@ def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict
     model_cfg = model_cfg.model_copy(update={"packing": packing})
     tokenizer = load_tokenizer(model_cfg.name_or_path)
     kind = get_kind("sft")
-    encoded = kind.encode(rows, tokenizer, [], model_cfg).remove_columns("truncated")
+    encoded = kind.encode(rows, tokenizer, [], model_cfg)
     from datasets import DatasetDict
 
     path = workdir / f"sft-{packing}"
     DatasetDict({"train": encoded, "validation": encoded.select(range(16))}).save_to_disk(str(path))
     tokenized = TokenizedData(
-        path=str(path), rows={}, tokens={}, mean_tokens={}, truncated_fraction={}
+        path=str(path), rows={}, tokens={}, mean_tokens={}
     )
     train_cfg = cfg.train.model_copy(
         update={"max_steps": steps, "select_best": False, "early_stopping_patience": None}

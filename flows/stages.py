@@ -206,7 +206,7 @@ def record_validation(data: ValidatedData, run_id: str) -> None:
         if path:
             tracking.log_artifact(run_id, path, "validation")
     tracking.set_tags(run_id, {"data.fingerprint": data.fingerprint, "data.labels": data.labels})
-    tracking.log_metrics(run_id, data.metrics())
+    tracking.log_metrics_once(run_id, data.metrics())
     if data.dropped:
         create_markdown_artifact(
             key="data-quarantine",
@@ -229,7 +229,7 @@ def split_data_stage(
 ) -> Splits:
     """Carve the seeded, stratified validation and test splits (and the train subset)."""
     splits = split_data(data, cfg, workdir, max_train_samples, seed)
-    tracking.log_metrics(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
+    tracking.log_metrics_once(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
     tracking.log_json(run_id, splits.label_counts, "data/label_counts.json")
     return splits
 
@@ -282,7 +282,7 @@ def prepare_data(
     tokenized = cached(tokenize_stage, folder)(
         splits, data.labels, cfg.model, kind, tokenizer, folder, run_id
     )
-    tracking.log_metrics(run_id, tokenized.metrics())
+    tracking.log_metrics_once(run_id, tokenized.metrics())
     return Prepared(data, splits, tokenized)
 
 

@@ -68,7 +68,6 @@ class TokenizedData(BaseModel):
     rows: dict[str, int]
     tokens: dict[str, int]  # non-pad tokens per split
     mean_tokens: dict[str, float]
-    truncated_fraction: dict[str, float]
 
     def metrics(self) -> dict[str, float]:
         """Token counts per split as run metrics (``data/...``)."""
@@ -76,7 +75,6 @@ class TokenizedData(BaseModel):
             {f"data/mean_tokens_{k}": v for k, v in self.mean_tokens.items()}
             | {f"data/tokens_{k}": float(v) for k, v in self.tokens.items()}
             | {f"data/examples_{k}": float(v) for k, v in self.rows.items()}
-            | {f"data/truncated_fraction_{k}": v for k, v in self.truncated_fraction.items()}
         )
 
 

@@ -30,7 +30,7 @@ def tokenize(
     """Tokenize the three splits the task's way and save them under ``workdir/tokenized``.
 
     The kind's ``encode`` returns ``input_ids``, ``labels``, ``length`` (tokens per example, for
-    length-grouped batching) and ``truncated`` (whether text was cut), per split.
+    length-grouped batching), per split.
     """
     paths = {
         "train": splits.train_path,
@@ -41,8 +41,6 @@ def tokenize(
     encoded = DatasetDict(
         {name: kind.encode(ds, tokenizer, labels, cfg) for name, ds in raw.items()}
     )
-    truncated = {name: ds["truncated"] for name, ds in encoded.items()}
-    encoded = encoded.remove_columns("truncated")
     path = workdir / "tokenized"
     encoded.save_to_disk(str(path))
     lengths = {name: ds["length"] for name, ds in encoded.items()}
@@ -51,5 +49,4 @@ def tokenize(
         rows={name: len(ds) for name, ds in encoded.items()},
         tokens={name: int(sum(v)) for name, v in lengths.items()},
         mean_tokens={name: sum(v) / max(len(v), 1) for name, v in lengths.items()},
-        truncated_fraction={name: sum(v) / max(len(v), 1) for name, v in truncated.items()},
     )

@@ -191,6 +191,13 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
     MlflowClient().log_batch(run_id, metrics=batch)
 
 
+def log_metrics_once(run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log a stage's summary values unless the run has them already (a resumed run repeats its
+    stages, and each repeat would add a second point at step 0)."""
+    logged = MlflowClient().get_run(run_id).data.metrics
+    log_metrics(run_id, {k: v for k, v in metrics.items() if _metric_key(k) not in logged})
+
+
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

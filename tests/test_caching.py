@@ -58,3 +58,30 @@ def test_same_inputs_hit_the_cache_and_any_change_misses(
         done.unlink()
     again = run()
     assert again["validate_data"] == again["tokenize"] == "Completed"
+
+
+def test_a_cache_hit_never_crosses_homes(prefect_harness, tiny_model_dir: Path, tmp_path: Path):
+    """Two projects with the same data and settings: each computes and reads its own results,
+    and deleting one project leaves the other working."""
+    import shutil
+
+    data = tmp_path / "rows.csv"
+    make_rows(72).to_csv(data, index=False)
+
+    def run(home: Path) -> dict[str, str]:
+        overrides = [*tiny_overrides(tiny_model_dir, data, home), "train.max_steps=2"]
+        state = finetune(
+            config=load_config(None, [*overrides, "promote.enabled=false"]), return_state=True
+        )
+        assert state.is_completed(), state
+        return task_states(state)
+
+    first, second = tmp_path / "project-a", tmp_path / "project-b"
+    assert run(first)["validate_data"] == "Completed"
+    assert run(second)["validate_data"] == "Completed", "another home computes its own"
+    shutil.rmtree(first)
+    assert run(second)["validate_data"] == "Cached", "and reuses it, with the first one gone"
+    for result in (second / "cache" / "results").iterdir():
+        stored = result.read_text()
+        assert str(first) not in stored
+        assert '"serializer":{"type":"json"' in stored.replace(" ", "")  # JSON, not a pickle

@@ -67,7 +67,11 @@ class Kind(Protocol):
         labels: list[str],
         cfg: ModelConfig,
     ) -> Dataset:
-        """Rows -> ``input_ids``, ``attention_mask``, ``labels``, ``length``, ``truncated``."""
+        """Rows -> ``input_ids``, ``attention_mask``, ``labels``, ``length``.
+
+        How many texts ``max_length`` cuts is measured once, by the data contract on the raw
+        tables (``data/truncated_fraction_*``).
+        """
         ...
 
     def setup_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:

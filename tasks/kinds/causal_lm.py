@@ -270,16 +270,14 @@ class CausalLM:
             ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
             documents = [[*doc, eos] for doc in ids]
             if cfg.packing:
-                examples, truncated = pack(documents, cfg.max_length), None
+                examples = pack(documents, cfg.max_length)
             else:
                 examples = [doc[: cfg.max_length] for doc in documents]
-                truncated = [len(doc) > cfg.max_length for doc in documents]
             return {
                 "input_ids": examples,
                 "attention_mask": [[1] * len(x) for x in examples],
                 "labels": examples,
                 "length": [len(x) for x in examples],
-                "truncated": truncated or [False] * len(examples),
             }
 
         # One batch for the whole split: a packed stream has a single short tail, not one per batch.

@@ -241,7 +241,6 @@ class Classification:
             return dict(encoded) | {
                 "labels": [label2id[label] for label in batch["label"]],
                 "length": [len(x) for x in ids],
-                "truncated": [len(x) >= cfg.max_length for x in ids],
             }
 
         return dataset.map(_encode, batched=True, remove_columns=dataset.column_names)

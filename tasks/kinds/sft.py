@@ -248,7 +248,6 @@ def encode_conversation(
         "attention_mask": [1] * min(len(ids), max_length),
         "labels": labels[:max_length],
         "length": min(len(ids), max_length),
-        "truncated": len(ids) > max_length,
     }
 
 
