@@ -55,6 +55,13 @@ def test_run_has_config_metrics_and_artifacts(finished_run):
     assert "evaluation/confusion_matrix.png" in evaluation
 
 
+def test_only_what_lineage_needs_stays_in_the_work_folder(finished_run):
+    _cfg, summary = finished_run
+    work = Path(summary.workdir)
+    assert not (work / "model").exists(), "the registered weights are not kept twice"
+    assert (work / "test.parquet").exists(), "the split the version was scored on stays"
+
+
 def test_training_loss_went_down(finished_run):
     cfg, summary = finished_run
     history = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri()).get_metric_history(

@@ -96,6 +96,8 @@ def test_kill_9_mid_training_then_resume(prefect_harness, tiny_model_dir: Path, 
     steps = [m.step for m in losses]
     assert len(steps) == len(set(steps)), "no metric step logged twice"
     assert max(steps) == STEPS
+    for summary in ("data/truncated_fraction_train", "data/split_train", "data/tokens_train"):
+        assert len(client.get_metric_history(run.info.run_id, summary)) == 1, summary
     assert len(client.search_model_versions("name='tiny-sentiment'")) == 1
     for key in ("test/accuracy", "test/macro_f1", "val_selected/macro_f1"):
         assert run.data.metrics[key] == pytest.approx(reference.data.metrics[key], abs=1e-6), key

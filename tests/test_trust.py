@@ -167,3 +167,43 @@ def test_an_experiment_created_by_a_racing_run_is_taken_not_fought(
         lambda self, name: next(lookups, None) or original(self, name),
     )
     assert tracking.experiment_id(client, cfg) == winner
+
+
+@pytest.mark.flow
+def test_registration_retried_after_a_failure_registers_once(tiny_model_dir: Path, tmp_path: Path):
+    """A retry of the register stage reuses the model the first attempt logged and the version it
+    created; every version carries its lineage tags from the moment it exists."""
+    import mlflow
+
+    from tasks.config import RegistryConfig
+    from tasks.kinds import get_kind
+    from tasks.register import register_model
+
+    uri, client = store(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    run_id = client.create_run(client.create_experiment("fulltune")).info.run_id
+    kind = get_kind("text-classification")
+    cfg = RegistryConfig(model_name="tiny", alias="challenger")
+
+    def attempt():
+        return register_model(
+            str(tiny_model_dir),
+            cfg,
+            run_id,
+            ["a text"],
+            {"lineage.mlflow_run_id": run_id},
+            kind.pipeline_task,
+            kind.mlflow_task,
+            kind.signature(),
+            {},
+        )
+
+    first, retry = attempt(), attempt()
+    assert first == retry
+    [version] = client.search_model_versions("name = 'tiny'")
+    assert version.tags["lineage.mlflow_run_id"] == run_id
+    logged = mlflow.search_logged_models(
+        experiment_ids=[client.get_run(run_id).info.experiment_id], output_format="list"
+    )
+    assert len(logged) == 1, "the model's artifacts are written once"
