@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,10 +19,9 @@ def test_compose_file_has_the_services_and_their_wiring() -> None:
     compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"postgres", "minio", "prefect-server", "mlflow", "worker"} <= set(services)
-    assert (
-        "postgresql+asyncpg://"
-        in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    )
+    prefect_db = services["prefect-server"]["environment"]
+    assert prefect_db["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
+    assert prefect_db["PREFECT_SERVER_DATABASE_HOST"] == "postgres"
     mlflow_command = services["mlflow"]["command"]
     assert "--backend-store-uri postgresql://" in mlflow_command
     assert "s3://mlflow/" in mlflow_command
@@ -34,6 +34,23 @@ def test_compose_file_has_the_services_and_their_wiring() -> None:
         assert set(service.get("depends_on", {})) <= set(services), name
     init = services["postgres"]["volumes"][1].split(":")[0]
     assert (INFRA / init).is_file()
+
+
+def test_compose_binds_loopback_and_takes_secrets_only_from_the_env_file() -> None:
+    text = (INFRA / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+        command = str(service.get("command", "")) + str(service.get("entrypoint", ""))
+        assert "PASSWORD" not in command.replace("$$MINIO_ROOT_PASSWORD", ""), name
+        assert not re.search(r"://[^/@\s]+:[^/@\s]+@", command), f"{name}: a password in a URI"
+    # Every secret is required (no default value to fall back on).
+    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_ROOT_USER"):
+        uses = re.findall(r"\$\{" + secret + r"([^}]*)\}", text)
+        assert uses and all(u.startswith(":?") for u in uses), secret
+    assert "infra/.env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert (INFRA / ".env.example").is_file()
 
 
 def compose_command() -> list[str] | None:
@@ -52,10 +69,12 @@ def test_compose_config_passes_the_compose_client() -> None:
     command = compose_command()
     if command is None:
         pytest.skip("no docker compose client here (apt-get install docker-compose)")
+    secrets = {"POSTGRES_PASSWORD": "p", "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "m"}
     result = subprocess.run(
         [*command, "-f", str(INFRA / "docker-compose.yml"), "config", "--quiet"],
         capture_output=True,
         text=True,
+        env=os.environ | secrets,
     )
     assert result.returncode == 0, result.stderr
 
