@@ -97,9 +97,7 @@ def main() -> None:
     }
 
     # (a) the pipeline's train task
-    tokenized = TokenizedData(
-        path=str(work / "tokenized"), rows={}, tokens={}, mean_tokens={}
-    )
+    tokenized = TokenizedData(path=str(work / "tokenized"), rows={}, tokens={}, mean_tokens={})
     cfg = TrainConfig(
         max_steps=steps,
         batch_size=args.batch,

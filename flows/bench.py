@@ -67,9 +67,7 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
     DatasetDict({"train": train_ds, "validation": train_ds.select(range(64))}).save_to_disk(
         str(path)
     )
-    tokenized = TokenizedData(
-        path=str(path), rows={}, tokens={}, mean_tokens={}
-    )
+    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
     cfg = TrainConfig(
         max_steps=steps,
         select_best=False,
@@ -203,9 +201,7 @@ def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict
 
     path = workdir / f"sft-{packing}"
     DatasetDict({"train": encoded, "validation": encoded.select(range(16))}).save_to_disk(str(path))
-    tokenized = TokenizedData(
-        path=str(path), rows={}, tokens={}, mean_tokens={}
-    )
+    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
     train_cfg = cfg.train.model_copy(
         update={"max_steps": steps, "select_best": False, "early_stopping_patience": None}
     )

@@ -337,6 +337,33 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
+def registered_weights(name: str, version: str, into: Path) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a registered version, downloaded into ``into``.
+
+    The gate loads a champion from these with transformers (safetensors, no remote code), never
+    through ``mlflow.pyfunc``, which would run whatever Python the registry holds.
+    """
+    import mlflow
+
+    uri = f"models:/{name}/{version}"
+    root = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(into)))
+    model = root / "model"
+    tokenizer = root / "components" / "tokenizer"
+    if not (model / "config.json").is_file():
+        raise SourceError(f"{uri}: no transformers model folder in its artifacts")
+    return model, tokenizer if tokenizer.is_dir() else model
+
+
+def load_registered(name: str, version: str, auto_class: Any, into: Path) -> tuple[Any, Any]:
+    """A registered version as (model, tokenizer): weights from safetensors only, no remote code."""
+    from transformers import AutoTokenizer
+
+    model_dir, tokenizer_dir = registered_weights(name, version, into)
+    model = auto_class.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    return model, tokenizer
+
+
 def fingerprint(frame: pd.DataFrame) -> str:
     """A content hash of a table: equal rows in equal order give an equal fingerprint."""
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()

@@ -400,13 +400,16 @@ class CausalLM:
         test = load_from_disk(tokenized.path)["test"]
         if evaluation.test_rows < len(test):
             return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
-        import mlflow.transformers
+        import tempfile
+
+        from tasks.sources import load_registered
 
         log.info("champion v%s saw another test set: scoring it on this one", champion.version)
-        parts = mlflow.transformers.load_model(
-            f"models:/{champion.name}/{champion.version}", return_type="components"
-        )
-        return block_losses(parts["model"], test, parts["tokenizer"], batch_size), None, True
+        with tempfile.TemporaryDirectory() as tmp:
+            model, tokenizer = load_registered(
+                champion.name, champion.version, AutoModelForCausalLM, Path(tmp)
+            )
+        return block_losses(model, test, tokenizer, batch_size), None, True
 
     def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
         """Generation settings stored with the registered model (pyfunc ``predict`` uses them)."""

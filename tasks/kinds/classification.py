@@ -400,15 +400,29 @@ class Classification:
         texts = pd.read_parquet(splits.test_path)["text"].tolist()
         if len(texts) != len(y_true):
             return None, "the gate needs the whole test split (eval.max_test_samples unset)", False
-        import mlflow.pyfunc
+        import tempfile
+
+        from tasks.sources import load_registered
 
         log.info("champion v%s saw another test set: scoring it on this one", champion.version)
-        model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
-        predicted = [
-            label
-            for start in range(0, len(texts), batch_size)
-            for label in model.predict(texts[start : start + batch_size])["label"].tolist()
-        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            model, tokenizer = load_registered(
+                champion.name, champion.version, AutoModelForSequenceClassification, Path(tmp)
+            )
+        names = model.config.id2label
+        limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        model.eval()
+        predicted = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(
+                    texts[start : start + batch_size],
+                    truncation=True,
+                    max_length=limit,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                predicted += [names[i] for i in model(**batch).logits.argmax(-1).tolist()]
         index = {label: i for i, label in enumerate(labels)}
         # A champion with another label set can predict a label this test set doesn't know: wrong.
         return (y_true, np.asarray([index.get(p, -1) for p in predicted])), None, True

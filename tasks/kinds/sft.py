@@ -771,21 +771,21 @@ class SFT:
                 answers = None
         rescored = False
         if answers is None or len(answers) != len(logged["references"]):
-            import mlflow.transformers
+            import tempfile
+
+            from tasks.sources import load_registered
 
             log.info("champion v%s saw other prompts: generating its answers", champion.version)
-            parts = mlflow.transformers.load_model(
-                f"models:/{champion.name}/{champion.version}", return_type="components"
-            )
-            tokenizer = parts["tokenizer"]
+            with tempfile.TemporaryDirectory() as tmp:
+                model, tokenizer = load_registered(
+                    champion.name, champion.version, AutoModelForCausalLM, Path(tmp)
+                )
             conversations = conversations_of(splits.test_path)
             prompts = [
                 render(tokenizer, conversations[i][:-1], generation_prompt=True)
                 for i in logged["rows"]
             ]
-            answers = generate_answers(
-                parts["model"], tokenizer, prompts, EvalConfig(batch_size=batch_size)
-            )
+            answers = generate_answers(model, tokenizer, prompts, EvalConfig(batch_size=batch_size))
             rescored = True
         columns, _ = self._columns(logged, answers, metric)
         return columns, None, rescored
