@@ -27,7 +27,9 @@ def deployments(config: Path | None = None) -> list[Any]:
     field's default and description, and a run can override any of them.
     """
     cfg = load_config(config)
-    parameters = {"config": cfg.model_dump(mode="json")}
+    # A relative home would mean wherever each run's process happens to start: resolve it now.
+    cfg = cfg.model_copy(update={"home": str(cfg.home_dir())})
+    parameters = {"config": cfg.redacted().model_dump(mode="json")}
     nightly = finetune.to_deployment(
         name="nightly",
         cron=NIGHTLY_CRON,
