@@ -285,15 +285,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def registered_weights(tracking_uri: str, model_uri: str, into: Path) -> Path:
-    """The registered version's transformers folder (weights, tokenizer), downloaded."""
+def registered_weights(tracking_uri: str, model_uri: str, into: Path) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a registered version, downloaded as the gate does."""
     import mlflow
+
+    from tasks.sources import registered_weights as download
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    root = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(into)))
-    [weights] = root.rglob("model.safetensors")
-    return weights.parent
+    name, version = model_uri.removeprefix("models:/").split("/")
+    return download(name, version, into)
 
 
 def free_port() -> int:

@@ -340,6 +340,8 @@ DROPPABLE = {
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory):
     """One local Prefect server (the one `fulltune run` starts for a home) for every case."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.local_server import ensure_server, stop_server
@@ -349,6 +351,10 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory):
     try:
         with temporary_settings(updates={PREFECT_API_URL: info.url}):
             yield info
+            # Deliver the logs and events still queued for this server while it runs: queued
+            # for a stopped server, they would hold up every later drain (the harness's).
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()
     finally:
         stop_server(home)
 

@@ -75,7 +75,7 @@ def test_training_loss_went_down(finished_run):
 def test_every_parameter_tensor_changed(finished_run, tiny_model_dir: Path, tmp_path: Path):
     cfg, summary = finished_run
     initial = load_file(tiny_model_dir / "model.safetensors")
-    folder = registered_weights(cfg.tracking_uri(), summary.model.model_uri, tmp_path)
+    folder, _ = registered_weights(cfg.tracking_uri(), summary.model.model_uri, tmp_path)
     trained = load_file(folder / "model.safetensors")
     encoder = {k: v for k, v in initial.items() if not k.startswith("classifier")}
     assert encoder, "the initial checkpoint has encoder weights"

@@ -94,8 +94,10 @@ def test_the_model_learned_to_stop_after_its_answer(sft_run, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, summary = sft_run
-    model_dir = registered_weights(cfg.tracking_uri(), summary.model.model_uri, tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_dir, tokenizer_dir = registered_weights(
+        cfg.tracking_uri(), summary.model.model_uri, tmp_path
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "colour of the grass please now 3?"}],
