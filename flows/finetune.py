@@ -14,7 +14,7 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -35,7 +35,7 @@ from tasks import caching, tracking
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
 from tasks.preflight import preflight
-from tasks.register import lineage_tags
+from tasks.register import CardFacts, describe_version, lineage_tags
 from tasks.results import Decision, RegisteredModel
 from tasks.sources import load_tokenizer, materialize_model
 from tasks.train import latest_checkpoint, lock_folder
@@ -92,6 +92,29 @@ def claim_run(
     return run_id, root / run_id, lock_folder(root / run_id)
 
 
+def run_description(
+    cfg: RunConfig, base_model: str, prepared: Any, evaluation: Any, decision: Decision | None
+) -> str:
+    """One paragraph for the MLflow run's Description: model, data, rows, result, decision."""
+    rows = prepared.splits.rows
+    metric = cfg.promote.metric or next(iter(evaluation.metrics))
+    value = evaluation.metrics.get(metric)
+    result = f"test {metric} {value:.4f}" if value is not None else "no test metric"
+    yardsticks = ", ".join(
+        f"{name} {scores[metric]:.4f}"
+        for name, scores in (("baseline", evaluation.baseline), ("classical", evaluation.classical))
+        if metric in scores
+    )
+    gate = decision.reason if decision is not None else "the promotion gate was off"
+    return (
+        f"Full fine-tuning ({cfg.task}) of {base_model} on {cfg.data.train} "
+        f"(data fingerprint {prepared.data.fingerprint}; {rows.get('train', 0)} training, "
+        f"{rows.get('validation', 0)} validation, {rows.get('test', 0)} test rows). "
+        f"Result: {result}" + (f" (yardsticks: {yardsticks})" if yardsticks else "") + ". "
+        f"Gate: {gate}."
+    )
+
+
 # No log_prints: dill (under datasets' fingerprinting) reads dis.dis output from a captured
 # stdout, and Prefect's print patch would turn that bytecode into log lines instead.
 @flow(name="finetune")
@@ -101,6 +124,7 @@ def finetune(
 ) -> RunSummary:
     """Validate, split, tokenize, fully fine-tune, evaluate, register and gate one model."""
     cfg = config
+    base_model = cfg.model.name_or_path  # as the user named it (a GGUF file becomes a folder)
     started = time.perf_counter()
     # Settings that cannot work fail here, naming the setting: before a run, a model or data.
     preflight(cfg)
@@ -138,6 +162,17 @@ def finetune(
             trained.model_dir, prepared, kind, cfg.model, cfg.eval, cfg.train.seed, workdir, run_id
         )
         example = kind.input_example(prepared.splits)
+        card = CardFacts(
+            task=cfg.task,
+            base_model=base_model,
+            data=cfg.data.train,
+            data_fingerprint=prepared.data.fingerprint,
+            rows=prepared.splits.rows,
+            labels=prepared.data.labels,
+            metrics_table=evaluation.table(),
+            test_rows=evaluation.test_rows,
+            collapse=trained.collapse,
+        )
         registered = register_model_stage(
             trained.model_dir,
             cfg.registry,
@@ -148,6 +183,7 @@ def finetune(
             lineage_tags(run_id, str(flow_run_id), prepared.data, cfg.digest())
             | evaluation.version_tags()
             | {"quality.collapse": trained.collapse or "none"},
+            card,
         )
         decision = None
         if cfg.promote.enabled:
@@ -161,6 +197,7 @@ def finetune(
                 run_id,
                 trained.collapse,
             )
+            describe_version(registered, card, decision.reason)
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
@@ -173,6 +210,7 @@ def finetune(
             "efficiency/overhead_fraction": (total - trained.step_time_s) / total,
         },
     )
+    tracking.describe_run(run_id, run_description(cfg, base_model, prepared, evaluation, decision))
     tracking.end_run(run_id, "FINISHED")
     # The model is registered (its weights are in the artifact store): the working copy and the
     # checkpoints are done. The splits and reports stay, for lineage.

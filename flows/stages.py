@@ -37,7 +37,7 @@ from tasks.config import (
 )
 from tasks.kinds import Kind
 from tasks.promote import promote
-from tasks.register import register_model
+from tasks.register import CardFacts, register_model
 from tasks.results import (
     Decision,
     EvalResult,
@@ -230,6 +230,15 @@ def split_data_stage(
     """Carve the seeded, stratified validation and test splits (and the train subset)."""
     splits = split_data(data, cfg, workdir, max_train_samples, seed)
     tracking.log_metrics_once(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
+    tracking.log_datasets(
+        run_id,
+        {
+            "train": splits.train_path,
+            "validation": splits.validation_path,
+            "test": splits.test_path,
+        },
+        data.fingerprint,
+    )
     tracking.log_json(run_id, splits.label_counts, "data/label_counts.json")
     return splits
 
@@ -305,14 +314,25 @@ def train_stage(
     job = job.model_copy(
         update={"after_step": tracking.last_logged_step(run_id) if resuming else -1}
     )
-    if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
-        result = distributed.launch(job, num_processes)
-    else:
-        callbacks = [tracking.MlflowMetricsCallback(run_id, job.after_step)]
-        result = run_job(job, kind, callbacks, tokenizer)
+    # CPU, memory (and GPU, when there is one) of this machine, every 5 s, in the run's System
+    # metrics: what the training cost.
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resuming)
+    monitor.start()
+    try:
+        if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
+            result = distributed.launch(job, num_processes)
+        else:
+            callbacks = [tracking.MlflowMetricsCallback(run_id, job.after_step)]
+            result = run_job(job, kind, callbacks, tokenizer)
+    finally:
+        monitor.finish()
     if result.resumed_from_step:
         tracking.set_tags(run_id, {"fulltune.resumed_from_step": result.resumed_from_step})
-    tracking.log_metrics(run_id, result.metrics(), step=result.global_step)
+    # Summaries at step 0, as single values (the UI shows them as numbers and bar charts; at the
+    # last step they drew as one-dot line charts).
+    tracking.log_metrics(run_id, result.metrics())
     tracking.log_json(run_id, result.validation_curve, "training/validation_curve.json")
     tracking.set_tags(run_id, result.notes | {"quality.collapse": result.collapse or "none"})
     if result.collapse:
@@ -396,6 +416,7 @@ def register_model_stage(
     run_id: str,
     example: Any,
     tags: dict[str, str],
+    card: CardFacts | None = None,
 ) -> RegisteredModel:
     """Log the model with the transformers flavor (the kind's pipeline task), register, alias."""
     registered = register_model(
@@ -408,6 +429,7 @@ def register_model_stage(
         kind.mlflow_task,
         kind.signature(),
         inference_config,
+        card,
     )
     tracking.set_tags(
         run_id, {"registry.model": registered.name, "registry.version": registered.version}

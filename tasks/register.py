@@ -5,16 +5,18 @@ from __future__ import annotations
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from transformers import pipeline
+from pydantic import BaseModel
 
 from tasks.config import RegistryConfig
 from tasks.results import RegisteredModel
+
+if TYPE_CHECKING:  # transformers is imported where a model is logged: `lineage` needs neither
+    from mlflow.models import ModelSignature
 
 # Inferring requirements makes mlflow import torchvision, which is not a dependency; the model
 # needs exactly these packages to load and predict.
@@ -84,6 +86,13 @@ def describe_lineage(model_uri: str) -> list[tuple[str, str]]:
     return rows
 
 
+def describe_version(registered: RegisteredModel, facts: CardFacts, decision: str) -> None:
+    """Put the gate's decision into the version's model card (its description)."""
+    MlflowClient().update_model_version(
+        registered.name, registered.version, description=model_card(facts, decision)
+    )
+
+
 def resolve_model_uri(model_uri: str) -> tuple[str, str]:
     """(name, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
 
@@ -105,6 +114,69 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str]:
 
 
 LOGGED_MODEL = "model"
+
+
+class CardFacts(BaseModel):
+    """What a model card says about one version (see :func:`model_card`)."""
+
+    task: str
+    base_model: str  # as the user named it (hub id, folder, pkg:// or .gguf), not a work path
+    data: str
+    data_fingerprint: str
+    rows: dict[str, int]
+    labels: list[str]
+    metrics_table: str  # the test metrics beside the task's yardsticks (Markdown)
+    test_rows: int
+    collapse: str | None = None
+
+
+def base_license(base_model: str) -> str | None:
+    """The base model's license, from its own model card (README front matter) when it has one."""
+    from huggingface_hub import ModelCard
+
+    from tasks.sources import SourceError, resolve_local
+
+    try:
+        path = resolve_local(base_model.removesuffix(".gguf"))
+    except SourceError:
+        return None
+    candidates = [path / "README.md", path.parent / "README.md"] if path else []
+    for readme in candidates:
+        if readme.is_file():
+            try:
+                return ModelCard.load(readme).data.license
+            except Exception:  # a README without card metadata: no license stated
+                return None
+    return None
+
+
+def model_card(facts: CardFacts, decision: str | None = None) -> str:
+    """The version's model card (Markdown): base model and license, data, results, limits."""
+    license_ = base_license(facts.base_model)
+    lines = [
+        f"# {facts.task} model fine-tuned by fulltune",
+        "",
+        f"- **Base model**: `{facts.base_model}` (license: {license_ or 'not stated'})",
+        "- **Training**: full-parameter fine-tuning (every weight updated)",
+        f"- **Data**: `{facts.data}`, fingerprint `{facts.data_fingerprint}`; rows "
+        + ", ".join(f"{split} {n}" for split, n in facts.rows.items()),
+    ]
+    if facts.labels:
+        lines.append(f"- **Labels**: {', '.join(facts.labels)}")
+    lines += ["", f"## Results on {facts.test_rows} held-out test rows", "", facts.metrics_table]
+    if decision:
+        lines += ["", "## Promotion gate", "", decision]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Measured on the test split of the data above only: other text (another domain, "
+        "language or time) may score lower.",
+        "- The base model's biases and license carry over to this model.",
+    ]
+    if facts.collapse:
+        lines.append(f"- The collapse guard fired: {facts.collapse}. Not for production.")
+    return "\n".join(lines) + "\n"
 
 
 def logged_model_uri(client: MlflowClient, run_id: str) -> str | None:
@@ -131,6 +203,7 @@ def register_model(
     mlflow_task: str,
     signature: ModelSignature | None,
     inference_config: dict[str, Any] | None = None,
+    card: CardFacts | None = None,
 ) -> RegisteredModel:
     """Log ``model_dir`` to the run as a ``task`` pipeline, register it, set the alias.
 
@@ -149,9 +222,20 @@ def register_model(
     client = MlflowClient()
     model_uri = logged_model_uri(client, run_id)
     if model_uri is None:
+        from transformers import pipeline
+
         # A pipeline object rather than the folder path: mlflow's path-based flavor config does
         # not understand transformers 5's pipeline registry.
         model = pipeline(task, model=model_dir, tokenizer=model_dir)  # type: ignore[call-overload]
+        hub_card = None
+        if card is not None:
+            from huggingface_hub import ModelCard, ModelCardData
+
+            # The flavor records the model's name as its source: the base model, not a work
+            # folder; the card (README.md, and the LICENSE note) comes from us, not the hub.
+            model.model.config._name_or_path = card.base_model
+            data = ModelCardData(license=base_license(card.base_model), base_model=card.base_model)
+            hub_card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{model_card(card)}")
         with mlflow.start_run(run_id=run_id):
             info = mlflow.transformers.log_model(
                 transformers_model=model,
@@ -161,6 +245,7 @@ def register_model(
                 input_example=input_example,
                 pip_requirements=pip_requirements(),
                 model_config=inference_config or None,
+                model_card=hub_card,
             )
         model_uri = info.model_uri
     existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run_id}'")
@@ -170,6 +255,17 @@ def register_model(
             client.set_model_version_tag(cfg.model_name, version_, key, value)
     else:
         version_ = str(mlflow.register_model(model_uri, cfg.model_name, tags=version_tags).version)
+    if card is not None:
+        client.update_model_version(cfg.model_name, version_, description=model_card(card))
+        registered = client.get_registered_model(cfg.model_name)
+        if not registered.description:
+            client.update_registered_model(
+                cfg.model_name,
+                description=f"{card.task} models fully fine-tuned from `{card.base_model}` by "
+                "fulltune. `@champion` is the version the promotion gate chose (what production "
+                "loads); `@challenger` is the newest. Each version's description is its model "
+                "card; its tags hold its lineage and the gate's decision.",
+            )
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version_)
     return RegisteredModel(
         name=cfg.model_name,

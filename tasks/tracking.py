@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,22 +73,41 @@ def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     """
     name = cfg.registry.experiment
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    uri = cfg.tracking_uri()
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    try:
-        return str(
+    if experiment is None:
+        uri = cfg.tracking_uri()
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        try:
             client.create_experiment(
-                name, artifact_location=cfg.artifact_location() if local else None
+                name,
+                artifact_location=cfg.artifact_location() if local else None,
+                tags=EXPERIMENT_TAGS,
             )
-        )
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
         experiment = client.get_experiment_by_name(name)
         assert experiment is not None, f"experiment {name!r} exists but cannot be read"
-        return str(experiment.experiment_id)
+    for key, value in EXPERIMENT_TAGS.items():  # experiments made before fulltune set them
+        if experiment.tags.get(key) is None:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return str(experiment.experiment_id)
+
+
+# The MLflow UI (3.x) opens an experiment in GenAI mode (traces) unless its kind says model
+# training; the value is the UI's own for "Model training".
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "Full-parameter fine-tuning runs by fulltune: one run per flow run, "
+    "each with its data, config, training curves, test metrics against yardsticks, and the "
+    "registered model version it produced.",
+}
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's own context tags: the user, the source (entry point) and its git commit."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {k: str(v) for k, v in resolve_tags({}).items()}
 
 
 def process_tags() -> dict[str, str]:
@@ -134,7 +154,9 @@ def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None)
     client = MlflowClient()
     experiment = experiment_id(client, cfg)
     mark_killed_runs(client, experiment)
-    run = client.create_run(experiment, run_name=run_name, tags=tags | process_tags())
+    run = client.create_run(
+        experiment, run_name=run_name, tags=context_tags() | tags | process_tags()
+    )
     run_id = run.info.run_id
     params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in cfg.flat().items()]
     for i in range(0, len(params), PARAM_BATCH):
@@ -196,6 +218,35 @@ def log_metrics_once(run_id: str, metrics: Mapping[str, float]) -> None:
     stages, and each repeat would add a second point at step 0)."""
     logged = MlflowClient().get_run(run_id).data.metrics
     log_metrics(run_id, {k: v for k, v in metrics.items() if _metric_key(k) not in logged})
+
+
+def log_datasets(run_id: str, splits: Mapping[str, str], digest: str) -> None:
+    """The run's train, validation and test tables as MLflow datasets (the UI's Datasets column).
+
+    ``splits`` maps each context to its parquet file. Each dataset records its schema, row count,
+    content digest, target column (``label`` when the table has one) and where it came from.
+    """
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for context, path in splits.items():
+        frame = pd.read_parquet(path)
+        target = "label" if "label" in frame.columns else None
+        with warnings.catch_warnings():  # MLflow registers two equal sources for local paths
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            dataset = from_pandas(
+                frame, source=path, targets=target, name=f"{context}-{digest[:8]}"
+            )
+        tags = [InputTag("mlflow.data.context", context)]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+def describe_run(run_id: str, text: str) -> None:
+    """The run's description (the UI's Description field)."""
+    MlflowClient().set_tag(run_id, "mlflow.note.content", text)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
