@@ -458,6 +458,31 @@ def lineage(
         typer.echo(f"{key:<{width}}  {value}")
 
 
+@app.command("promote")
+def promote_command(
+    model: Annotated[str, typer.Argument(help="models:/NAME/VERSION (or models:/NAME@ALIAS)")],
+    to: Annotated[str, typer.Option("--to", help="The alias to move onto it.")] = "champion",
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded on the version).")] = "",
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Move an alias to a version by hand: a manual promotion, or a rollback to an older one."""
+    import getpass
+    import socket
+
+    from tasks.promote import move_alias
+    from tasks.register import resolve_model_uri
+
+    _use_tracking(tracking_uri)
+    try:
+        name, version = resolve_model_uri(model)
+        actor = f"{getpass.getuser()}@{socket.gethostname()} (fulltune promote)"
+        previous = move_alias(name, version, to, reason, actor)
+    except ValueError as err:
+        _fail(str(err))
+    was = f" (was v{previous})" if previous else ""
+    typer.echo(f"@{to} -> {name} v{version}{was}")
+
+
 def _logged_run(run_id: str, tracking_uri: str | None) -> tuple[Any, RunConfig]:
     """A past run and the config it logged, or a clean exit naming what is missing."""
     from mlflow import MlflowClient

@@ -229,3 +229,36 @@ def promote(
         blocked,
     ).model_copy(update={"reevaluated_champion": rescored})
     return record_decision(client, registered, decision, cfg.alias)
+
+
+def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> str | None:
+    """Move ``alias`` to a version by hand (a manual promotion or a rollback); the version it left.
+
+    The version must come from a FINISHED run: a failed or killed run's model is never served.
+    Who moved it, when, why and from which version are tagged on the version.
+
+    Raises:
+        ValueError: the version's run did not finish.
+    """
+    import time
+
+    client = MlflowClient()
+    target = client.get_model_version(name, version)
+    status = client.get_run(target.run_id).info.status if target.run_id else "unknown"
+    if status != "FINISHED":
+        raise ValueError(
+            f"models:/{name}/{version}: its run {target.run_id} is {status}, not FINISHED; "
+            "only a finished run's model can take an alias"
+        )
+    previous = current_champion(client, name, alias)
+    client.set_registered_model_alias(name, alias, version)
+    tags = {
+        f"manual.{alias}.by": actor,
+        f"manual.{alias}.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        f"manual.{alias}.reason": reason or "(none given)",
+        f"manual.{alias}.previous": str(previous.version) if previous is not None else "none",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    log.info("@%s moved to %s v%s by %s: %s", alias, name, version, actor, reason)
+    return str(previous.version) if previous is not None else None

@@ -105,6 +105,36 @@ def test_lineage_prints_the_chain(store):
         assert key in result.output
 
 
+def test_promote_by_hand_and_roll_back(store):
+    _, client, _, (first, _, _) = store
+    name = first.model.name
+    before = str(client.get_model_version_by_alias(name, "champion").version)
+    result = cli(store, "promote", f"models:/{name}/{first.model.version}", "--reason", "rollback")
+    assert result.exit_code == 0, result.output
+    assert f"@champion -> {name} v{first.model.version} (was v{before})" in result.output
+    moved = client.get_model_version(name, first.model.version)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first.model.version
+    assert moved.tags["manual.champion.reason"] == "rollback"
+    assert moved.tags["manual.champion.previous"] == str(before)
+    assert "fulltune promote" in moved.tags["manual.champion.by"]
+    back = cli(store, "promote", f"models:/{name}/{before}", "--reason", "undo")
+    assert back.exit_code == 0, back.output
+    assert str(client.get_model_version_by_alias(name, "champion").version) == before
+
+
+def test_promote_refuses_a_version_whose_run_did_not_finish(store):
+    _, client, _, (first, _, _) = store
+    name = first.model.name
+    unfinished = client.create_run(client.get_experiment_by_name("fulltune").experiment_id)
+    source = client.get_model_version(name, first.model.version).source
+    version = client.create_model_version(name, source, run_id=unfinished.info.run_id).version
+    client.set_terminated(unfinished.info.run_id, "FAILED")
+    result = cli(store, "promote", f"models:/{name}/{version}")
+    assert result.exit_code == 1
+    assert "is FAILED, not FINISHED" in result.output
+    assert str(client.get_model_version_by_alias(name, "champion").version) != str(version)
+
+
 def test_predict_text_and_files(store, tmp_path: Path):
     result = cli(
         store,
