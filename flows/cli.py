@@ -235,6 +235,12 @@ def serve(
             "(repeatable; default: the config's home and data folders).",
         ),
     ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Runs of each deployment that may train at once.")
+    ] = 1,
+    timezone: Annotated[
+        str, typer.Option(help="IANA time zone of the nightly schedule (FULLTUNE_TIMEZONE).")
+    ] = os.environ.get("FULLTUNE_TIMEZONE", "UTC"),
 ) -> None:
     """Serve the `finetune/nightly` (cron) and `finetune/adhoc` deployments from this machine.
 
@@ -253,9 +259,16 @@ def serve(
     os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(map(str, roots))
     os.environ[ALLOWED_TRACKING_ENV] = cfg.tracking_uri()
     typer.echo(f"runs confined to: {', '.join(map(str, roots))}")
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # prefect's serve shuts down cleanly on it (as on Ctrl-C)
+
+    signal.signal(signal.SIGTERM, stop)
     with prefect_api(cfg.home_dir()) as url:
         typer.echo(f"serving on the Prefect API at {url}")
-        prefect_serve(*deployments(config))
+        prefect_serve(*deployments(config, concurrency, timezone))
+    typer.echo("stopped serving")
 
 
 def default_roots(cfg: RunConfig) -> list[Path]:

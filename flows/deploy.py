@@ -15,30 +15,39 @@ from flows.finetune import finetune
 from tasks.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# Nightly at 02:00 UTC (a cron schedule without a time zone is UTC in Prefect): retrain on
-# whatever the data path holds now.
+# Nightly at 02:00 in FULLTUNE_TIMEZONE (an IANA name; UTC unless set): retrain on whatever the
+# data path holds now.
 NIGHTLY_CRON = os.environ.get("FULLTUNE_NIGHTLY_CRON", "0 2 * * *")
+TIMEZONE = os.environ.get("FULLTUNE_TIMEZONE", "UTC")
 
 
-def deployments(config: Path | None = None) -> list[Any]:
+def deployments(
+    config: Path | None = None, concurrency: int = 1, timezone: str = TIMEZONE
+) -> list[Any]:
     """The scheduled and the ad-hoc deployment, both defaulting to ``config`` (the demo's).
 
     Parameters are the flow's pydantic config, so the Prefect UI shows a validated form with every
-    field's default and description, and a run can override any of them.
+    field's default and description, and a run can override any of them. At most ``concurrency``
+    runs of each deployment train at once; later ones wait in Prefect's queue (a nightly run and a
+    manual one queue instead of fighting for the cores).
     """
+    from prefect.schedules import Cron
+
     cfg = load_config(config)
     # A relative home would mean wherever each run's process happens to start: resolve it now.
     cfg = cfg.model_copy(update={"home": str(cfg.home_dir())})
     parameters = {"config": cfg.redacted().model_dump(mode="json")}
     nightly = finetune.to_deployment(
         name="nightly",
-        cron=NIGHTLY_CRON,
+        schedules=[Cron(NIGHTLY_CRON, timezone=timezone)],
+        concurrency_limit=concurrency,
         parameters=parameters,
         description="Nightly full fine-tuning on the configured data path, gated promotion.",
         tags=["fulltune", "scheduled"],
     )
     adhoc = finetune.to_deployment(
         name="adhoc",
+        concurrency_limit=concurrency,
         parameters=parameters,
         description="Fine-tune on demand: trigger from the UI or `prefect deployment run`.",
         tags=["fulltune", "adhoc"],

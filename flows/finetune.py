@@ -122,7 +122,12 @@ def finetune(
     config: RunConfig = RunConfig(),
     extra_tags: dict[str, str] | None = None,
 ) -> RunSummary:
-    """Validate, split, tokenize, fully fine-tune, evaluate, register and gate one model."""
+    """Validate, split, tokenize, fully fine-tune, evaluate, register and gate one model.
+
+    Args:
+        config: The whole run: data, model, training recipe, evaluation, registry and gate.
+        extra_tags: Tags added to the MLflow run (for example the run a reproduction repeats).
+    """
     cfg = config
     base_model = cfg.model.name_or_path  # as the user named it (a GGUF file becomes a folder)
     started = time.perf_counter()

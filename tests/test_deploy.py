@@ -13,11 +13,15 @@ PREFECT_YAML = Path(__file__).resolve().parent.parent / "infra" / "prefect.yaml"
 
 
 def test_served_deployments_have_a_schedule_and_a_validated_form():
-    nightly, adhoc = deployments()
+    nightly, adhoc = deployments(concurrency=2, timezone="Europe/Berlin")
     assert (nightly.name, adhoc.name) == ("nightly", "adhoc")
     [schedule] = nightly.schedules
     assert schedule.schedule.cron == "0 2 * * *"
+    assert schedule.schedule.timezone == "Europe/Berlin"
     assert not adhoc.schedules
+    assert nightly.concurrency_limit == adhoc.concurrency_limit == 2
+    assert Path(nightly.parameters["config"]["home"]).is_absolute()
+    assert deployments()[0].concurrency_limit == 1  # one at a time unless told otherwise
     # The UI's form: the config model with each section, default and description.
     schema = parameter_schema(finetune)  # what the deployment sends to the UI
     config = schema.definitions["RunConfig"]
@@ -25,6 +29,21 @@ def test_served_deployments_have_a_schedule_and_a_validated_form():
     train = schema.definitions["TrainConfig"]["properties"]
     assert "description" in train["max_train_samples"]
     RunConfig.model_validate(nightly.parameters["config"])
+
+
+def test_every_field_of_the_run_form_has_a_description():
+    schema = parameter_schema(finetune)
+    missing = [name for name, spec in schema.properties.items() if not spec.get("description")]
+    for model, spec in schema.definitions.items():
+        for name, field in spec.get("properties", {}).items():
+            # A section (a $ref) is described by its own definition: the model's docstring.
+            ref = field.get("$ref", "").rsplit("/", 1)[-1]
+            described = field.get("description") or schema.definitions.get(ref, {}).get(
+                "description"
+            )
+            if not described:
+                missing.append(f"{model}.{name}")
+    assert missing == []
 
 
 def test_prefect_yaml_deployments_validate():
