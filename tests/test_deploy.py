@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect.utilities.callables import parameter_schema
 
@@ -57,3 +58,44 @@ def test_prefect_yaml_deployments_validate():
         # Whatever parameters a deployment sets must validate as the flow's config.
         RunConfig.model_validate(deployment["parameters"].get("config", {}))
     assert finetune.name == "finetune"
+
+
+@pytest.mark.integration
+def test_serve_shuts_down_on_sigterm(tmp_path: Path):
+    """`fulltune serve` as a service manager stops it: SIGTERM, then a clean exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.local_server import stop_server
+
+    home = tmp_path / "home"
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"home: {home}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    serve = subprocess.Popen(
+        [str(Path(sys.executable).parent / "fulltune"), "serve", "--config", str(config)],
+        env=env | {"PREFECT_HOME": str(tmp_path / "user-prefect")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # a bound on a hung start, not a speed assertion
+        lines = []
+        while not any("serving on the Prefect API" in line for line in lines):
+            line = serve.stdout.readline()
+            assert line or serve.poll() is None, "".join(lines)
+            lines.append(line)
+            assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(3)  # let the runner register its deployments
+        serve.send_signal(signal.SIGTERM)
+        output = serve.communicate(timeout=120)[0]
+        assert serve.returncode == 0, output
+        assert "stopped serving" in output
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        stop_server(home)
