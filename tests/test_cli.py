@@ -42,3 +42,17 @@ def test_unreadable_config_file():
     result = run_cli("run", "--config", "does-not-exist.yaml")
     assert result.exit_code == 1
     assert "config file not found: does-not-exist.yaml" in result.output
+
+
+def test_metadata_commands_do_not_import_the_training_stack():
+    """`--help`, `lineage` and `promote` only read metadata: torch and transformers (most of a
+    cold start) stay unimported. Speed is measured in the note, not asserted."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import flows.cli, tasks.register, tasks.promote; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
