@@ -471,6 +471,32 @@ def lineage(
         typer.echo(f"{key:<{width}}  {value}")
 
 
+@app.command("compare")
+def compare_command(
+    model_a: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    model_b: Annotated[str, typer.Argument(help="the other version")],
+    metric: Annotated[str, typer.Option(help="The metric of the CI: macro_f1 or accuracy.")] = (
+        "macro_f1"
+    ),
+    examples: Annotated[int, typer.Option(min=0, help="Disagreements to show.")] = 10,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Two classifier versions on the same test rows: metrics, the gate's paired CI, and the
+    rows where one is right and the other wrong."""
+    from tasks.compare import compare, render
+    from tasks.config import PromoteConfig
+    from tasks.register import resolve_model_uri
+
+    _use_tracking(tracking_uri)
+    gate = PromoteConfig()
+    try:
+        a, b = resolve_model_uri(model_a), resolve_model_uri(model_b)
+        result = compare(a, b, metric, gate.bootstrap_samples, gate.seed, examples)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(render(result))
+
+
 @app.command("promote")
 def promote_command(
     model: Annotated[str, typer.Argument(help="models:/NAME/VERSION (or models:/NAME@ALIAS)")],

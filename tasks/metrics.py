@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.stats import bootstrap
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 from sklearn.pipeline import make_pipeline
+
+from tasks.results import Evidence
 
 
 def classification_metrics(
@@ -65,3 +68,34 @@ def tfidf_baseline(
     )
     model.fit(train_texts, train_labels)
     return model.predict(test_texts)
+
+
+def paired_bootstrap(
+    evidence: Evidence, champion: tuple[np.ndarray, ...], samples: int, seed: int
+) -> tuple[float, float, float]:
+    """(observed improvement, 2.5th, 97.5th percentile), resampling the same rows for both.
+
+    The improvement is positive when the challenger is better, whatever the metric's direction.
+    Both models are scored on the same resampled rows each time, so the interval is about the
+    difference between the models rather than the noise of the test set.
+    """
+    sign = 1.0 if evidence.higher_is_better else -1.0
+    k = len(evidence.columns)
+
+    def improvement(*columns: np.ndarray) -> float:
+        return sign * (evidence.statistic(*columns[:k]) - evidence.statistic(*columns[k:]))
+
+    data = (*evidence.columns, *champion)
+    observed = improvement(*data)
+    result = bootstrap(
+        data,
+        improvement,
+        paired=True,
+        vectorized=False,
+        n_resamples=samples,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    interval = result.confidence_interval
+    return observed, float(interval.low), float(interval.high)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from scipy.stats import bootstrap
 
 from tasks.config import PromoteConfig
+from tasks.metrics import paired_bootstrap
 from tasks.results import (
     Decision,
     EvalResult,
@@ -32,37 +32,6 @@ if TYPE_CHECKING:
     from tasks.kinds import Kind
 
 log = logging.getLogger(__name__)
-
-
-def paired_bootstrap(
-    evidence: Evidence, champion: tuple[np.ndarray, ...], samples: int, seed: int
-) -> tuple[float, float, float]:
-    """(observed improvement, 2.5th, 97.5th percentile), resampling the same rows for both.
-
-    The improvement is positive when the challenger is better, whatever the metric's direction.
-    Both models are scored on the same resampled rows each time, so the interval is about the
-    difference between the models rather than the noise of the test set.
-    """
-    sign = 1.0 if evidence.higher_is_better else -1.0
-    k = len(evidence.columns)
-
-    def improvement(*columns: np.ndarray) -> float:
-        return sign * (evidence.statistic(*columns[:k]) - evidence.statistic(*columns[k:]))
-
-    data = (*evidence.columns, *champion)
-    observed = improvement(*data)
-    result = bootstrap(
-        data,
-        improvement,
-        paired=True,
-        vectorized=False,
-        n_resamples=samples,
-        confidence_level=0.95,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    interval = result.confidence_interval
-    return observed, float(interval.low), float(interval.high)
 
 
 def mcnemar_p(correct_challenger: np.ndarray, correct_champion: np.ndarray) -> float:

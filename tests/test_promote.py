@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from tasks.config import PromoteConfig
-from tasks.metrics import gate_statistic
-from tasks.promote import decide, mcnemar_p, paired_bootstrap
+from tasks.metrics import gate_statistic, paired_bootstrap
+from tasks.promote import decide, mcnemar_p
 from tasks.results import Evidence
 
 rng = np.random.default_rng(0)

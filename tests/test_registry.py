@@ -105,6 +105,23 @@ def test_lineage_prints_the_chain(store):
         assert key in result.output
 
 
+def test_compare_two_versions_on_the_same_rows(store):
+    _, _, _, (first, second, third) = store
+    name = first.model.name
+    result = cli(store, "compare", first.model.model_uri, second.model.model_uri)
+    assert result.exit_code == 0, result.output
+    assert f"| macro_f1 | {first.metrics['macro_f1']:.4f} | {second.metrics['macro_f1']:.4f}" in (
+        result.output
+    )
+    assert "paired bootstrap 95% CI" in result.output
+    if "where they disagree" in result.output:
+        assert "truth " in result.output and "'" in result.output  # the row's text is shown
+    # The third version was scored on another test split: not comparable row by row.
+    other = cli(store, "compare", first.model.model_uri, third.model.model_uri)
+    assert other.exit_code == 1 and "different test rows" in other.output
+    assert name
+
+
 def test_promote_by_hand_and_roll_back(store):
     _, client, _, (first, _, _) = store
     name = first.model.name
