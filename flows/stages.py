@@ -334,6 +334,7 @@ def train_stage(
     # last step they drew as one-dot line charts).
     tracking.log_metrics(run_id, result.metrics())
     tracking.log_json(run_id, result.validation_curve, "training/validation_curve.json")
+    tracking.log_training_curves(run_id, Path(job.workdir) / "training_curves.png")
     tracking.set_tags(run_id, result.notes | {"quality.collapse": result.collapse or "none"})
     if result.collapse:
         get_run_logger().warning("COLLAPSE GUARD: %s", result.collapse)

@@ -220,6 +220,43 @@ def log_metrics_once(run_id: str, metrics: Mapping[str, float]) -> None:
     log_metrics(run_id, {k: v for k, v in metrics.items() if _metric_key(k) not in logged})
 
 
+def log_training_curves(run_id: str, path: Path) -> None:
+    """Training loss per step and every validation metric per evaluation, as one PNG.
+
+    Drawn from the run's own metric history, so a resumed run's curve is whole; a single
+    validation point shows as a marker.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = MlflowClient()
+    keys = sorted(client.get_run(run_id).data.metrics)
+    validation = [k for k in keys if k.startswith("val/") and not k.endswith(("_s", "runtime"))]
+    validation = [k for k in validation if "per_second" not in k][:4]
+    panels = [["train/loss"], validation] if validation else [["train/loss"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for key in panel:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            ax.plot(
+                [m.step for m in history],
+                [m.value for m in history],
+                marker="o",
+                markersize=3 if len(history) > 20 else 6,
+                label=key,
+            )
+        ax.set_xlabel("optimizer step")
+        ax.set_title("training loss" if panel == ["train/loss"] else "validation")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    client.log_artifact(run_id, str(path), "training")
+
+
 def log_datasets(run_id: str, splits: Mapping[str, str], digest: str) -> None:
     """The run's train, validation and test tables as MLflow datasets (the UI's Datasets column).
 

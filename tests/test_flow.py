@@ -53,6 +53,32 @@ def test_run_has_config_metrics_and_artifacts(finished_run):
     assert {"config", "evaluation", "validation", "data"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in evaluation
+    assert "evaluation/per_class_f1.png" in evaluation
+    training = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "training")}
+    assert "training/training_curves.png" in training
+
+
+def test_the_mlflow_ui_gets_what_it_shows(finished_run):
+    """Model-training mode, Source and User, Datasets, a Description, single-value summaries,
+    and a model card on the version."""
+    cfg, summary = finished_run
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    run = client.get_run(summary.mlflow_run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    contexts = {
+        t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"
+    }
+    assert contexts == {"train", "validation", "test"}
+    description = run.data.tags["mlflow.note.content"]
+    assert "training" in description and f"{summary.metrics['macro_f1']:.4f}" in description
+    for key in ("efficiency/mfu", "train/runtime_s", "test/macro_f1"):
+        [point] = client.get_metric_history(run.info.run_id, key)
+        assert point.step == 0, key  # a value, not a one-dot line
+    version = client.get_model_version(summary.model.name, summary.model.version)
+    assert "Base model" in version.description and "Promotion gate" in version.description
+    assert client.get_registered_model(summary.model.name).description
 
 
 def test_only_what_lineage_needs_stays_in_the_work_folder(finished_run):

@@ -133,12 +133,13 @@ class ClassificationEval(EvalResult):
     majority_label: str
     confusion_matrix: list[list[int]]
     confusion_matrix_png: str
+    per_class_png: str
 
     headline_keys: tuple[str, ...] = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
     baseline_names: tuple[str, str] = ("majority baseline", "TF-IDF + LR")
 
     def artifacts(self) -> list[str]:
-        return [self.confusion_matrix_png, self.scores_path]
+        return [self.confusion_matrix_png, self.per_class_png, self.scores_path]
 
     def version_tags(self) -> dict[str, str]:
         return {
@@ -166,6 +167,27 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
     )
     ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class(
+    scores: dict[str, dict[str, float]], labels: list[str], path: Path, key: str = "f1"
+) -> Path:
+    """Per-class F1 of the model and its yardsticks, as grouped bars (PNG)."""
+    width = 0.8 / len(scores)
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 2), 3.6))
+    for i, (name, metrics) in enumerate(scores.items()):
+        values = [metrics.get(f"{key}/{label}", 0.0) for label in labels]
+        ax.bar(x + (i - (len(scores) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"test {key.upper()}")
+    ax.set_title(f"Per-class test {key.upper()}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -350,10 +372,19 @@ class Classification:
                 }
             )
         )
+        metrics = classification_metrics(y_true, y_pred, labels)
+        baseline = classification_metrics(y_true, baseline_pred, labels)
+        classical = classification_metrics(y_true, classical_pred, labels)
+        per_class = plot_per_class(
+            {"fine-tuned": metrics, "TF-IDF + LR": classical, "majority": baseline},
+            labels,
+            workdir / "per_class_f1.png",
+        )
         return ClassificationEval(
-            metrics=classification_metrics(y_true, y_pred, labels),
-            baseline=classification_metrics(y_true, baseline_pred, labels),
-            classical=classification_metrics(y_true, classical_pred, labels),
+            metrics=metrics,
+            baseline=baseline,
+            classical=classical,
+            per_class_png=str(per_class),
             majority_label=majority,
             test_rows=len(y_true),
             test_fingerprint=fingerprint(test_frame.reset_index(drop=True)),
