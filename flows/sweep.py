@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import optuna
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
@@ -22,7 +23,7 @@ from transformers import TrainerCallback
 from flows.finetune import RunSummary, cache_root, finetune
 from flows.stages import Prepared, prepare_data
 from tasks import tracking
-from tasks.config import RunConfig, TrainConfig
+from tasks.config import RunConfig, SearchDimension, TrainConfig
 from tasks.kinds import Kind, get_kind
 from tasks.sources import load_tokenizer, materialize_model
 from tasks.train import train
@@ -47,15 +48,54 @@ class SweepSummary(BaseModel):
     final: RunSummary
 
 
-def suggest(trial: optuna.Trial) -> dict[str, Any]:
-    """The search space: the settings that matter most for full fine-tuning."""
-    return {
-        "learning_rate": trial.suggest_float("learning_rate", 1e-5, 3e-4, log=True),
-        "epochs": trial.suggest_int("epochs", 1, 4),
-        "batch_size": trial.suggest_categorical("batch_size", [16, 32]),
-        "warmup_fraction": trial.suggest_float("warmup_fraction", 0.0, 0.2),
-        "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.1),
-    }
+def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """A trial's values from the configured search space (``sweep.space``)."""
+    params: dict[str, Any] = {}
+    for name, dim in space.items():
+        if dim.choices is not None:
+            params[name] = trial.suggest_categorical(name, dim.choices)
+        elif dim.integer:
+            assert dim.low is not None and dim.high is not None
+            params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
+        else:
+            assert dim.low is not None and dim.high is not None
+            params[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    return params
+
+
+def open_study(cfg: RunConfig, data_fingerprint: str, maximize: bool) -> optuna.Study:
+    """The sweep's study in its RDB storage, created or continued.
+
+    Its name is the config (search space included) and the data, so running the same sweep again
+    after an interruption continues it; another config or other data starts a new study.
+    """
+    name = f"fulltune-{cfg.task}-{cfg.digest()}-{data_fingerprint}"
+    storage = cfg.optuna_storage()
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize" if maximize else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+
+
+def finished_trials(study: optuna.Study) -> list[TrialResult]:
+    """The trials an earlier, interrupted sweep of this study completed or pruned."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return [
+        TrialResult(
+            number=t.number,
+            params=t.params,
+            value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
+            pruned=t.state == optuna.trial.TrialState.PRUNED,
+            mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")),
+        )
+        for t in study.get_trials(deepcopy=False, states=states)
+    ]
 
 
 class PruneOnValidation(TrainerCallback):
@@ -92,13 +132,14 @@ def trial_stage(
     """Train one candidate (a nested MLflow run) and tell Optuna its best validation score."""
     metric = kind.selection_metric
     trial = study.ask()
-    params = suggest(trial)
+    params = suggest(trial, cfg.sweep.space)
     trial_cfg = with_params(cfg.train, params)
     run_id = tracking.start_run(
         cfg.model_copy(update={"train": trial_cfg}),
         tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial.number)},
         run_name=f"trial-{trial.number}",
     )
+    trial.set_user_attr("mlflow_run_id", run_id)
     pruner = PruneOnValidation(trial, metric)
     workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
     try:
@@ -153,13 +194,16 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
         prepared = prepare_data(cfg, kind, tokenizer, workdir, parent)
-        study = optuna.create_study(
-            direction="maximize" if kind.greater_is_better else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-        )
-        results = [
-            trial_stage(study, prepared, kind, tokenizer, cfg, parent) for _ in range(trials)
+        study = open_study(cfg, prepared.data.fingerprint, kind.greater_is_better)
+        done = finished_trials(study)
+        if done:
+            get_run_logger().info(
+                "continuing study %s: %d of %d trials done", study.study_name, len(done), trials
+            )
+        tracking.set_tags(parent, {"sweep.study": study.study_name})
+        results = done + [
+            trial_stage(study, prepared, kind, tokenizer, cfg, parent)
+            for _ in range(max(trials - len(done), 0))
         ]
         completed = [r for r in results if r.value is not None]
         if not completed:

@@ -381,6 +381,57 @@ class PromoteConfig(_Section):
     seed: int = Field(0, description="Seed of the bootstrap resampling.")
 
 
+class SearchDimension(_Section):
+    """One setting of the sweep's search space: a range (`low`, `high`, `log`) or `choices`."""
+
+    low: float | None = Field(None, description="Smallest value (ranges).")
+    high: float | None = Field(None, description="Largest value (ranges).")
+    log: bool = Field(False, description="Sample the range on a log scale.")
+    integer: bool = Field(False, description="Integer values only.")
+    choices: list[int | float | str] | None = Field(
+        None, description="A fixed set of values instead of a range."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDimension:
+        if self.choices is None and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError("a search dimension needs `choices`, or `low` <= `high`")
+        return self
+
+
+def default_space() -> dict[str, SearchDimension]:
+    return {
+        "learning_rate": SearchDimension(low=1e-5, high=3e-4, log=True),
+        "epochs": SearchDimension(low=1, high=4, integer=True),
+        "batch_size": SearchDimension(choices=[16, 32]),
+        "warmup_fraction": SearchDimension(low=0.0, high=0.2),
+        "weight_decay": SearchDimension(low=0.0, high=0.1),
+    }
+
+
+class SweepConfig(_Section):
+    """The hyperparameter search of `fulltune sweep` (Optuna, on the validation split)."""
+
+    space: dict[str, SearchDimension] = Field(
+        default_factory=default_space,
+        description="`train.*` settings to search and their ranges or choices.",
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL. None: `sqlite:///<home>/optuna.db`, beside the MLflow "
+        "store, so an interrupted sweep continues where it stopped (and optuna-dashboard can "
+        "read it).",
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _known_settings(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        unknown = sorted(set(space) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"sweep.space: {unknown} are not train settings")
+        return space
+
+
 # The promotion metrics each task can be judged by; the first is its default.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text-classification": ("macro_f1", "accuracy"),
@@ -411,6 +462,7 @@ class RunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
     def _check_task(self) -> RunConfig:
@@ -434,6 +486,10 @@ class RunConfig(BaseModel):
             or self.registry.tracking_uri
             or f"sqlite:///{self.home_dir() / 'mlflow.db'}"
         )
+
+    def optuna_storage(self) -> str:
+        """Where `fulltune sweep` keeps its Optuna study."""
+        return self.sweep.storage or f"sqlite:///{self.home_dir() / 'optuna.db'}"
 
     def artifact_location(self) -> str:
         """Where a newly created experiment keeps its artifacts when the store is local."""
@@ -615,9 +671,15 @@ def reference_markdown() -> str:
             default = field.get_default(call_default_factory=True)
             full = f"{name}.{key}" if name else key
             meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{full}` | `{json.dumps(default)}` | {meaning} |")
+            shown = json.dumps(default, default=_jsonable)
+            lines.append(f"| `{full}` | `{shown}` | {meaning} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """A nested model in a default, as its non-default fields (for the reference table)."""
+    return value.model_dump(exclude_defaults=True) if isinstance(value, BaseModel) else str(value)
 
 
 def _first_line(text: str | None) -> str:
