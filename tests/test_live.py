@@ -245,6 +245,18 @@ def test_prefect_and_mlflow_uis_show_the_run(
                 assert f"{stage}-" in listed, (stage, listed[:2000])
 
             experiment = run["info"]["experiment_id"]
+            # The experiment in model-training mode: the runs table, with the datasets filled.
+            # (MLflow 3.17 picks GenAI or model training by a UI-wide toggle that the URL sets.)
+            page.goto(f"{servers.mlflow}/#/experiments/{experiment}?workflowType=machine_learning")
+            close_modal(page)
+            page.get_by_text("Run Name").first.wait_for(timeout=60_000)
+            page.get_by_text(run["info"]["run_name"]).first.wait_for(timeout=60_000)
+            table = page.locator("body").inner_text()
+            assert "Detect Issues" not in table, table[:1500]
+            for context in ("Train", "Validation", "Test"):
+                assert context in table, (context, table[:2000])
+            page.screenshot(path=str(ARTIFACTS / "mlflow-experiment.png"), full_page=True)
+
             page.goto(f"{servers.mlflow}/#/experiments/{experiment}/runs/{run['info']['run_id']}")
             close_modal(page)
             page.get_by_placeholder("Search metrics").fill("test/macro_f1")
@@ -258,6 +270,7 @@ def test_prefect_and_mlflow_uis_show_the_run(
             close_modal(page)
             page.get_by_text("Version 1").first.wait_for(timeout=60_000)
             page.get_by_text("challenger").first.wait_for(timeout=60_000)
+            page.get_by_text("Base model").first.wait_for(timeout=60_000)  # the model card
             page.screenshot(path=str(ARTIFACTS / "mlflow-model-version.png"), full_page=True)
         finally:
             browser.close()
