@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
+from flows import notify
 from flows.stages import (
     evaluate_stage,
     prepare_data,
@@ -117,7 +118,7 @@ def run_description(
 
 # No log_prints: dill (under datasets' fingerprinting) reads dis.dis output from a captured
 # stdout, and Prefect's print patch would turn that bytecode into log lines instead.
-@flow(name="finetune")
+@flow(name="finetune", on_failure=[notify.on_failure], on_completion=[notify.on_completion])
 def finetune(
     config: RunConfig = RunConfig(),
     extra_tags: dict[str, str] | None = None,

@@ -432,6 +432,21 @@ class SweepConfig(_Section):
         return space
 
 
+class NotifyConfig(_Section):
+    """Who hears about failed runs and promotions."""
+
+    webhook_block: str | None = Field(
+        None,
+        description="Name of a Prefect `Webhook` block (Prefect UI: Blocks -> Webhook). Failed "
+        "runs and promotions are posted to it as JSON. None: no notifications.",
+    )
+    events: list[Literal["failure", "promotion"]] = Field(
+        default_factory=lambda: ["failure", "promotion"],  # type: ignore[arg-type]
+        description="Which events are posted: `failure` (a run failed), `promotion` (the gate "
+        "moved the champion alias).",
+    )
+
+
 # The promotion metrics each task can be judged by; the first is its default.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text-classification": ("macro_f1", "accuracy"),
@@ -463,6 +478,7 @@ class RunConfig(BaseModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @model_validator(mode="after")
     def _check_task(self) -> RunConfig:

@@ -132,3 +132,80 @@ def test_test_metrics_are_consistent(finished_run):
     assert 0.0 <= summary.metrics["macro_f1"] <= 1.0
     # The majority baseline predicts one class of three on a balanced test split.
     assert summary.baseline["accuracy"] == pytest.approx(1 / 3)
+
+
+@pytest.fixture
+def receiver():
+    """A local HTTP endpoint that records what is posted to it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def test_a_failed_run_and_a_promotion_are_posted_to_the_webhook(
+    prefect_harness, receiver, tiny_model_dir: Path, tmp_path: Path
+):
+    from prefect.blocks.webhook import Webhook
+    from prefect.states import Completed
+
+    from flows import notify
+    from flows.finetune import RunSummary
+    from tasks.results import Decision, RegisteredModel
+
+    url, received = receiver
+    Webhook(url=url, allow_private_urls=True).save("fulltune-test-hook", overwrite=True)
+    data = tmp_path / "rows.csv"
+    from .conftest import make_rows
+
+    make_rows(72).drop(columns="sentiment").to_csv(data, index=False)
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tiny_model_dir, data, tmp_path),
+            "notify.webhook_block=fulltune-test-hook",
+        ],
+    )
+    with pytest.raises(Exception, match="required column"):
+        finetune(config=cfg)
+    [failure] = received
+    assert failure["event"] == "failure" and "required column" in failure["message"]
+    assert failure["data"] == str(data)
+
+    # A promotion, as the completion hook sees a finished run whose version became champion.
+    summary = RunSummary(
+        mlflow_run_id="r1",
+        flow_run_id="f1",
+        model=RegisteredModel(name="m", version="3", alias="challenger", model_uri="models:/m/3"),
+        metrics={},
+        baseline={},
+        classical={},
+        table="",
+        decision=Decision.model_construct(promoted=True, reason="beats v2 by 0.02"),
+        data_fingerprint="x",
+        workdir=str(tmp_path),
+    )
+
+    class Run:
+        name, id, parameters = "happy-run", "f1", {"config": cfg.model_dump(mode="json")}
+
+    notify.on_completion(finetune, Run(), Completed(data=summary))
+    assert received[-1] == received[1]
+    assert received[1]["event"] == "promotion" and received[1]["version"] == "3"
+    assert received[1]["reason"] == "beats v2 by 0.02"
