@@ -40,8 +40,10 @@ demo-clm: setup
 demo-sft: setup
 	$(BIN)/fulltune run --config configs/sft-demo.yaml
 
+# Two workers, each module on one (its module-scoped servers and runs stay together): the suite
+# waits on subprocesses and servers as much as it computes, so two workers fit two cores.
 test: setup browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # The unit tier: pure functions on tiny in-memory data, no training, no services (under a minute).
 test-fast: setup
