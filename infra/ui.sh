@@ -15,5 +15,5 @@ setsid "$bin/mlflow" ui --host 127.0.0.1 --port "$mlflow_port" \
   --backend-store-uri "sqlite:///${home}/mlflow.db" &
 mlflow_pid=$!
 trap 'kill -- -"$mlflow_pid" 2>/dev/null || true' EXIT INT TERM
-echo "MLflow UI: http://127.0.0.1:${mlflow_port}"
+echo "MLflow UI: http://127.0.0.1:${mlflow_port}/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=fulltune"
 wait

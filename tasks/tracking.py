@@ -87,8 +87,9 @@ def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
                 raise
         experiment = client.get_experiment_by_name(name)
         assert experiment is not None, f"experiment {name!r} exists but cannot be read"
-    for key, value in EXPERIMENT_TAGS.items():  # experiments made before fulltune set them
-        if experiment.tags.get(key) is None:
+    view_key, view = runs_view_tag()
+    for key, value in (EXPERIMENT_TAGS | {view_key: view}).items():
+        if experiment.tags.get(key) is None:  # also for experiments made before fulltune set them
             client.set_experiment_tag(experiment.experiment_id, key, value)
     return str(experiment.experiment_id)
 
@@ -101,6 +102,59 @@ EXPERIMENT_TAGS = {
     "each with its data, config, training curves, test metrics against yardsticks, and the "
     "registered model version it produced.",
 }
+
+
+# A saved view of the runs table (the UI's *Views*), stored the way the UI stores one: the test
+# metrics, the yardsticks and the cost as columns. Open it with ``?viewStateShareKey=fulltune``.
+VIEW_KEY = "fulltune"
+VIEW_COLUMNS = (
+    "attributes.`Dataset`",
+    "attributes.`Models`",
+    "metrics.`test/macro_f1`",
+    "metrics.`test/accuracy`",
+    "metrics.`classical/macro_f1`",
+    "metrics.`test/perplexity`",
+    "metrics.`test/exact_match`",
+    "metrics.`train/runtime_s`",
+)
+
+
+def runs_view_tag() -> tuple[str, str]:
+    """(tag key, value) of the saved runs-table view with the metric columns."""
+    import base64
+    import zlib
+
+    state = {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": list(VIEW_COLUMNS),
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0},
+    }
+    packed = base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
+    now = int(time.time() * 1000)
+    value = {"name": "fulltune: test metrics", "createdAt": now, "updatedAt": now}
+    return f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(value | {"state": f"deflate;{packed}"})
+
+
+def ui_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs table in model-training mode, with fulltune's metric columns."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def context_tags() -> dict[str, str]:

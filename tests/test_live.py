@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tasks import tracking
+
 from .conftest import make_rows, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -245,17 +247,21 @@ def test_prefect_and_mlflow_uis_show_the_run(
                 assert f"{stage}-" in listed, (stage, listed[:2000])
 
             experiment = run["info"]["experiment_id"]
-            # The experiment in model-training mode: the runs table, with the datasets filled.
-            # (MLflow 3.17 picks GenAI or model training by a UI-wide toggle that the URL sets.)
-            page.goto(f"{servers.mlflow}/#/experiments/{experiment}?workflowType=machine_learning")
+            # The experiment in model-training mode (MLflow 3.17 picks GenAI or model training
+            # by a UI-wide toggle that the URL sets), in fulltune's saved view: the runs table,
+            # the datasets filled, the test metrics as columns.
+            page.set_viewport_size({"width": 2000, "height": 900})
+            page.goto(tracking.ui_url(servers.mlflow, experiment))
             close_modal(page)
             page.get_by_text("Run Name").first.wait_for(timeout=60_000)
             page.get_by_text(run["info"]["run_name"]).first.wait_for(timeout=60_000)
+            page.get_by_text("test/macro_f1").first.wait_for(timeout=60_000)
             table = page.locator("body").inner_text()
             assert "Detect Issues" not in table, table[:1500]
-            for context in ("Train", "Validation", "Test"):
-                assert context in table, (context, table[:2000])
+            for column in ("Train", "Validation", "Test", "classical/macro_f1", "train/runtime_s"):
+                assert column in table, (column, table[:2000])
             page.screenshot(path=str(ARTIFACTS / "mlflow-experiment.png"), full_page=True)
+            page.set_viewport_size({"width": 1400, "height": 1000})
 
             page.goto(f"{servers.mlflow}/#/experiments/{experiment}/runs/{run['info']['run_id']}")
             close_modal(page)
