@@ -471,10 +471,26 @@ def lineage(
         typer.echo(f"{key:<{width}}  {value}")
 
 
+def resolve_version(ref: str) -> tuple[str, str]:
+    """(name, version) of ``models:/...`` or of the version an MLflow run registered."""
+    from mlflow import MlflowClient
+
+    from tasks.register import resolve_model_uri
+
+    if ref.startswith("models:/"):
+        return resolve_model_uri(ref)
+    versions = MlflowClient().search_model_versions(f"run_id = '{ref}'")
+    if not versions:
+        raise ValueError(f"{ref}: neither models:/NAME/VERSION nor a run that registered a model")
+    return versions[0].name, str(versions[0].version)
+
+
 @app.command("compare")
 def compare_command(
-    model_a: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
-    model_b: Annotated[str, typer.Argument(help="the other version")],
+    model_a: Annotated[
+        str, typer.Argument(help="models:/NAME/VERSION, models:/NAME@ALIAS, or an MLflow run id")
+    ],
+    model_b: Annotated[str, typer.Argument(help="the other version (or run id)")],
     metric: Annotated[str, typer.Option(help="The metric of the CI: macro_f1 or accuracy.")] = (
         "macro_f1"
     ),
@@ -485,12 +501,11 @@ def compare_command(
     rows where one is right and the other wrong."""
     from tasks.compare import compare, render
     from tasks.config import PromoteConfig
-    from tasks.register import resolve_model_uri
 
     _use_tracking(tracking_uri)
     gate = PromoteConfig()
     try:
-        a, b = resolve_model_uri(model_a), resolve_model_uri(model_b)
+        a, b = resolve_version(model_a), resolve_version(model_b)
         result = compare(a, b, metric, gate.bootstrap_samples, gate.seed, examples)
     except ValueError as err:
         _fail(str(err))

@@ -108,7 +108,7 @@ def test_lineage_prints_the_chain(store):
 def test_compare_two_versions_on_the_same_rows(store):
     _, _, _, (first, second, third) = store
     name = first.model.name
-    result = cli(store, "compare", first.model.model_uri, second.model.model_uri)
+    result = cli(store, "compare", first.model.model_uri, second.mlflow_run_id)  # a URI, a run
     assert result.exit_code == 0, result.output
     assert f"| macro_f1 | {first.metrics['macro_f1']:.4f} | {second.metrics['macro_f1']:.4f}" in (
         result.output
