@@ -14,7 +14,7 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -36,8 +36,8 @@ from tasks import caching, tracking
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
 from tasks.preflight import preflight
-from tasks.register import CardFacts, describe_version, lineage_tags
-from tasks.results import Decision, RegisteredModel
+from tasks.register import CardFacts, base_license, describe_version, lineage_tags
+from tasks.results import Decision, EvalResult, RegisteredModel
 from tasks.sources import load_tokenizer, materialize_model
 from tasks.train import latest_checkpoint, lock_folder
 
@@ -94,11 +94,10 @@ def claim_run(
 
 
 def run_description(
-    cfg: RunConfig, base_model: str, prepared: Any, evaluation: Any, decision: Decision | None
+    card: CardFacts, metric: str, evaluation: EvalResult, decision: Decision | None
 ) -> str:
     """One paragraph for the MLflow run's Description: model, data, rows, result, decision."""
-    rows = prepared.splits.rows
-    metric = cfg.promote.metric or next(iter(evaluation.metrics))
+    rows = card.rows
     value = evaluation.metrics.get(metric)
     result = f"test {metric} {value:.4f}" if value is not None else "no test metric"
     yardsticks = ", ".join(
@@ -108,8 +107,8 @@ def run_description(
     )
     gate = decision.reason if decision is not None else "the promotion gate was off"
     return (
-        f"Full fine-tuning ({cfg.task}) of {base_model} on {cfg.data.train} "
-        f"(data fingerprint {prepared.data.fingerprint}; {rows.get('train', 0)} training, "
+        f"Full fine-tuning ({card.task}) of {card.base_model} on {card.data} "
+        f"(data fingerprint {card.data_fingerprint}; {rows.get('train', 0)} training, "
         f"{rows.get('validation', 0)} validation, {rows.get('test', 0)} test rows). "
         f"Result: {result}" + (f" (yardsticks: {yardsticks})" if yardsticks else "") + ". "
         f"Gate: {gate}."
@@ -178,6 +177,7 @@ def finetune(
             metrics_table=evaluation.table(),
             test_rows=evaluation.test_rows,
             collapse=trained.collapse,
+            license=base_license(base_model),
         )
         registered = register_model_stage(
             trained.model_dir,
@@ -216,7 +216,8 @@ def finetune(
             "efficiency/overhead_fraction": (total - trained.step_time_s) / total,
         },
     )
-    tracking.describe_run(run_id, run_description(cfg, base_model, prepared, evaluation, decision))
+    assert cfg.promote.metric is not None  # RunConfig resolves it from the task
+    tracking.describe_run(run_id, run_description(card, cfg.promote.metric, evaluation, decision))
     tracking.end_run(run_id, "FINISHED")
     # The model is registered (its weights are in the artifact store): the working copy and the
     # checkpoints are done. The splits and reports stay, for lineage.

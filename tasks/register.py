@@ -128,6 +128,7 @@ class CardFacts(BaseModel):
     metrics_table: str  # the test metrics beside the task's yardsticks (Markdown)
     test_rows: int
     collapse: str | None = None
+    license: str | None = None  # the base model's (see :func:`base_license`)
 
 
 def base_license(base_model: str) -> str | None:
@@ -152,11 +153,10 @@ def base_license(base_model: str) -> str | None:
 
 def model_card(facts: CardFacts, decision: str | None = None) -> str:
     """The version's model card (Markdown): base model and license, data, results, limits."""
-    license_ = base_license(facts.base_model)
     lines = [
         f"# {facts.task} model fine-tuned by fulltune",
         "",
-        f"- **Base model**: `{facts.base_model}` (license: {license_ or 'not stated'})",
+        f"- **Base model**: `{facts.base_model}` (license: {facts.license or 'not stated'})",
         "- **Training**: full-parameter fine-tuning (every weight updated)",
         f"- **Data**: `{facts.data}`, fingerprint `{facts.data_fingerprint}`; rows "
         + ", ".join(f"{split} {n}" for split, n in facts.rows.items()),
@@ -234,7 +234,7 @@ def register_model(
             # The flavor records the model's name as its source: the base model, not a work
             # folder; the card (README.md, and the LICENSE note) comes from us, not the hub.
             model.model.config._name_or_path = card.base_model
-            data = ModelCardData(license=base_license(card.base_model), base_model=card.base_model)
+            data = ModelCardData(license=card.license, base_model=card.base_model)
             hub_card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{model_card(card)}")
         with mlflow.start_run(run_id=run_id):
             info = mlflow.transformers.log_model(

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flows.local_server import free_port
 from tasks.config import DataConfig, ModelConfig
 from tasks.kinds import get_kind
 from tasks.sources import load_tokenizer, resolve_model
@@ -295,12 +295,6 @@ def registered_weights(tracking_uri: str, model_uri: str, into: Path) -> tuple[P
     mlflow.set_registry_uri(tracking_uri)
     name, version = model_uri.removeprefix("models:/").split("/")
     return download(name, version, into)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

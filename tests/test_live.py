@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from flows.local_server import free_port
 from tasks import tracking
 
 from .conftest import make_rows, tiny_overrides
@@ -40,12 +40,6 @@ STAGES = {
     "register_model",
     "promote",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
