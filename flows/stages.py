@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +26,7 @@ from tasks import caching, distributed, tracking
 from tasks import sources as sources_module
 from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
+from tasks.caching import rehome_json
 from tasks.config import (
     DataConfig,
     EvalConfig,
@@ -183,21 +184,27 @@ def validate_data_stage(
     Cached by content: ``folder`` comes from :func:`validation_cache`, so the same data, settings,
     tokenizer and code give a Cached state and the stored result, without reading the data again.
     """
-    shutil.rmtree(folder, ignore_errors=True)  # whatever an interrupted run left there
-    try:
-        data = validate_data(cfg, folder, kind, tokenizer, max_length)
-    except DataValidationError as err:
-        for name in ("validation.json", "validation.html"):
-            if (folder / name).exists():
-                tracking.log_artifact(run_id, folder / name, "validation")
-        create_markdown_artifact(
-            key="data-validation",
-            markdown="# Data validation failed\n\n" + render_markdown(err.failures) + "\n",
-            description="Failed expectations, with counts and example rows",
-        )
-        raise
-    caching.mark_done(folder)
-    return data
+    with caching.building(folder) as staging:
+        try:
+            data = validate_data(cfg, staging, kind, tokenizer, max_length)
+        except DataValidationError as err:
+            # The reports stay in the cache folder the message points to, until the next attempt.
+            report = staging / "validation.json"
+            if report.exists():
+                report.write_text(rehome_json(report.read_text("utf-8"), staging, folder), "utf-8")
+            caching.keep_failed(staging, folder)
+            failures = json.loads(rehome_json(json.dumps(err.failures), staging, folder))
+            for name in ("validation.json", "validation.html"):
+                if (folder / name).exists():
+                    tracking.log_artifact(run_id, folder / name, "validation")
+            create_markdown_artifact(
+                key="data-validation",
+                markdown="# Data validation failed\n\n" + render_markdown(failures) + "\n",
+                description="Failed expectations, with counts and example rows",
+            )
+            report_path = folder / err.report_path.name if err.report_path else None
+            raise DataValidationError(failures, report_path) from None
+    return caching.rehome(data, staging, folder)
 
 
 def record_validation(data: ValidatedData, run_id: str) -> None:
@@ -255,11 +262,9 @@ def tokenize_stage(
     run_id: str,
 ) -> TokenizedData:
     """Tokenize all splits (unpadded) into ``folder`` (see tokenization_cache)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    tokenized = tokenize(splits, labels, cfg, folder, kind, tokenizer)
-    caching.mark_done(folder)
-    return tokenized
+    with caching.building(folder) as staging:
+        tokenized = tokenize(splits, labels, cfg, staging, kind, tokenizer)
+    return caching.rehome(tokenized, staging, folder)
 
 
 class Prepared(NamedTuple):

@@ -11,9 +11,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from tasks.sources import file_digest, resolve_local
 
@@ -68,3 +75,57 @@ def is_complete(folder: Path) -> bool:
 
 def mark_done(folder: Path) -> None:
     (folder / DONE).write_text("ok\n")
+
+
+@contextmanager
+def building(folder: Path) -> Iterator[Path]:
+    """A private folder to compute an entry in, published whole as ``folder`` on success.
+
+    Runs started together on the same inputs all miss the cache and compute the same entry. Each
+    writes its own staging folder and renames it into place; a complete entry is never removed
+    or written into, so a run still reading it (or handed it from Prefect's cache) is never left
+    with a missing file. The first complete one wins; the others discard their copy.
+    """
+    staging = folder.with_name(f"{folder.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        mark_done(staging)
+        _publish(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def keep_failed(staging: Path, folder: Path) -> None:
+    """Put a failed build's reports where the next attempt will replace them: at ``folder``, not
+    marked complete (a complete entry of the same key is left alone)."""
+    _publish(staging, folder)
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    if is_complete(folder):
+        return  # another run published the same content first
+    if folder.exists():  # left half-written by an interrupted run (entries before staging)
+        stale = folder.with_name(f"{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+        with suppress(FileNotFoundError):  # another run moved it first
+            folder.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        staging.rename(folder)
+    except OSError:
+        if not is_complete(folder):  # the name was taken by something else than a finished entry
+            raise
+
+
+Result = TypeVar("Result", bound=BaseModel)
+
+
+def rehome(result: Result, staging: Path, folder: Path) -> Result:
+    """``result`` with every path into ``staging`` pointing into ``folder`` instead."""
+    return type(result).model_validate_json(rehome_json(result.model_dump_json(), staging, folder))
+
+
+def rehome_json(text: str, staging: Path, folder: Path) -> str:
+    """JSON text with every path into ``staging`` pointing into ``folder`` instead."""
+    old, new = (json.dumps(str(p))[1:-1] for p in (staging, folder))
+    return text.replace(old, new)

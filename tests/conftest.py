@@ -213,6 +213,18 @@ def tiny_overrides(
 
 
 @pytest.fixture(autouse=True)
+def restore_tracking_environment():
+    """`mlflow.set_tracking_uri` exports the URI to the environment; a test that calls it would
+    send every later test in the same worker to its store. Each test starts as the last found it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
 def restore_root_logging():
     """The CLI binds a root log handler to the stream of the run; CliRunner closes that stream."""
     root = logging.getLogger()

@@ -7,7 +7,9 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.finetune import finetune
+from tasks import caching
 from tasks.config import load_config
+from tasks.results import TokenizedData
 
 from .conftest import make_rows, tiny_overrides
 
@@ -21,10 +23,7 @@ def task_states(flow_state) -> dict[str, str]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
-    return {
-        run.task_key.split("-")[0] if False else run.name.rsplit("-", 1)[0]: run.state.name
-        for run in runs
-    }
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
 def test_same_inputs_hit_the_cache_and_any_change_misses(
@@ -85,3 +84,38 @@ def test_a_cache_hit_never_crosses_homes(prefect_harness, tiny_model_dir: Path, 
         stored = result.read_text()
         assert str(first) not in stored
         assert '"serializer":{"type":"json"' in stored.replace(" ", "")  # JSON, not a pickle
+
+
+def test_runs_building_one_entry_at_once_never_remove_a_published_one(tmp_path: Path):
+    folder = tmp_path / "cache" / "validate" / "key"
+    folder.mkdir(parents=True)
+    (folder / "half-written").write_text("x")  # an interrupted run's leftovers, no DONE
+    with caching.building(folder) as late:
+        with caching.building(folder) as early:
+            (early / "report.json").write_text("early")
+            (late / "report.json").write_text("late")
+            assert not caching.is_complete(folder)  # nothing published while both still build
+        assert (folder / "report.json").read_text() == "early"
+        report = (folder / "report.json").open()  # a run reading the published entry
+    # The first to finish published whole; the later one found it complete and left it alone.
+    assert caching.is_complete(folder)
+    assert report.read() == "early" and (folder / "report.json").read_text() == "early"
+    report.close()
+    assert not (folder / "half-written").exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["key"]  # no staging left behind
+
+
+def test_a_failed_build_publishes_nothing(tmp_path: Path):
+    folder = tmp_path / "entry"
+    with pytest.raises(RuntimeError), caching.building(folder) as staging:
+        (staging / "partial").write_text("x")
+        raise RuntimeError("interrupted")
+    assert not folder.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_result_is_rehomed_from_staging_to_its_entry(tmp_path: Path):
+    staging, folder = tmp_path / "k.building-1", tmp_path / "k"
+    data = TokenizedData(
+        path=str(staging / "tokenized"), rows={"train": 2}, tokens={"train": 9}, mean_tokens={}
+    )
+    assert caching.rehome(data, staging, folder).path == str(folder / "tokenized")
