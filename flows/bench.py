@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from datasets import Dataset
 
-from tasks.config import EvalConfig, ModelConfig, TrainConfig, load_config
+from tasks.config import DEMO_CONFIG, EvalConfig, ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops
 from tasks.kinds import get_kind
 from tasks.results import TokenizedData
@@ -250,7 +250,7 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
         per_device_train_batch_size=cfg.train.batch_size,
         learning_rate=float(cfg.train.learning_rate),
         weight_decay=cfg.train.weight_decay,
-        max_length=cfg.model.max_length,
+        max_length=cfg.model.tokens(),
         packing=False,
         padding_free=False,
         completion_only_loss=True,
@@ -348,7 +348,7 @@ def benchmark(
         }
         # The demo trains 6,000 rows: at this run's speed its training takes this long, and the
         # same fixed costs (evaluation of the same test split included) make up this share.
-        demo_rows = load_config().train.max_train_samples or 0
+        demo_rows = load_config(DEMO_CONFIG).train.max_train_samples or 0
         demo_train_s = demo_rows / pipeline["samples_per_s"]
         result["demo_overhead_fraction_projected"] = spent["overhead_s"] / (
             spent["overhead_s"] + demo_train_s

@@ -32,7 +32,12 @@ TrackingOption = Annotated[
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config; the embedded demo config if omitted."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config; without it the built-in defaults, which size the schedule, learning "
+        "rate and max length to the data and model (configs/demo.yaml is the demo's).",
+    ),
 ]
 OverridesOption = Annotated[
     list[str] | None,
@@ -101,11 +106,11 @@ def _named_cause(err: Exception) -> bool:
     from tasks.preflight import PreflightError
     from tasks.sources import SourceError
     from tasks.split import SplitError
-    from tasks.train import MemoryPreflightError
+    from tasks.train import MemoryPreflightError, ModelCollapsed
     from tasks.validate import DataValidationError
 
     named = (DataValidationError, PreflightError, SourceError, SplitError, MemoryPreflightError)
-    return isinstance(err, (*named, DistributedError))
+    return isinstance(err, (*named, DistributedError, ModelCollapsed))
 
 
 @contextmanager
@@ -588,7 +593,9 @@ def reproduce(
     """Re-run a past run from its logged config, if its data is still the same."""
     import tempfile
 
+    from flows.stages import validation_length
     from tasks.kinds import get_kind
+    from tasks.preflight import check_model, max_positions
     from tasks.sources import SourceError, load_tokenizer, materialize_model
     from tasks.validate import DataValidationError, validate_data
 
@@ -599,7 +606,9 @@ def reproduce(
             model_cfg = materialize_model(cfg.model, cfg.home_dir() / "cache")
             tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
             kind = get_kind(cfg.task)
-            data = validate_data(cfg.data, Path(tmp), kind, tokenizer, cfg.model.max_length)
+            limit = max_positions(check_model(cfg)[0])
+            length = validation_length(cfg.model, limit)
+            data = validate_data(cfg.data, Path(tmp), kind, tokenizer, length)
             found = data.fingerprint
         except (SourceError, DataValidationError) as err:
             found = f"unreadable ({str(err).splitlines()[0]})"

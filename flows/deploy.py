@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.finetune import finetune
-from tasks.config import load_config
+from tasks.config import DEMO_CONFIG, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Nightly at 02:00 in FULLTUNE_TIMEZONE (an IANA name; UTC unless set): retrain on whatever the
@@ -33,7 +33,7 @@ def deployments(
     """
     from prefect.schedules import Cron
 
-    cfg = load_config(config)
+    cfg = load_config(config or DEMO_CONFIG)
     # A relative home would mean wherever each run's process happens to start: resolve it now.
     cfg = cfg.model_copy(update={"home": str(cfg.home_dir())})
     parameters = {"config": cfg.redacted().model_dump(mode="json")}

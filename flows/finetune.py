@@ -35,11 +35,11 @@ from flows.stages import (
 from tasks import caching, tracking
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
-from tasks.preflight import preflight
+from tasks.preflight import max_positions, preflight
 from tasks.register import CardFacts, base_license, describe_version, lineage_tags
 from tasks.results import Decision, EvalResult, RegisteredModel
 from tasks.sources import load_tokenizer, materialize_model
-from tasks.train import latest_checkpoint, lock_folder
+from tasks.train import ModelCollapsed, collapse_advice, latest_checkpoint, lock_folder
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -132,7 +132,7 @@ def finetune(
     base_model = cfg.model.name_or_path  # as the user named it (a GGUF file becomes a folder)
     started = time.perf_counter()
     # Settings that cannot work fail here, naming the setting: before a run, a model or data.
-    preflight(cfg)
+    limit = max_positions(preflight(cfg))
     flow_run_id = flow_run.get_id()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
@@ -150,7 +150,8 @@ def finetune(
         # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-        prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id)
+        prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id, limit)
+        cfg = cfg.model_copy(update={"model": prepared.model})  # `auto` sized to the data
         trained = train_stage.with_options(
             retries=cfg.train.retries,
             retry_condition_fn=retry_transient,
@@ -188,9 +189,16 @@ def finetune(
             example,
             lineage_tags(run_id, str(flow_run_id), prepared.data, cfg.digest())
             | evaluation.version_tags()
-            | {"quality.collapse": trained.collapse or "none"},
+            | {"quality.collapse": trained.collapse or "none"}
+            | ({"collapsed": "true"} if trained.collapse else {}),
             card,
         )
+        if trained.collapse:  # registered for inspection, never a candidate: the run fails
+            raise ModelCollapsed(
+                collapse_advice(
+                    trained.collapse, cfg.train, trained.learning_rate, registered.version
+                )
+            )
         decision = None
         if cfg.promote.enabled:
             decision = promote_stage(

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
+import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from transformers import PreTrainedTokenizerBase
 
-from tasks import caching, distributed, tracking
+from tasks import caching, distributed, sizing, tracking
 from tasks import sources as sources_module
 from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
@@ -110,7 +111,7 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 # Stages write into the run's own folder and pass paths on, so Prefect's input-hash cache has
 # nothing to add within one run; caching across runs needs content keys, not argument hashes.
-def validation_cache(cfg: RunConfig, tokenizer_id: str) -> Path:
+def validation_cache(cfg: RunConfig, tokenizer_id: str, max_length: int) -> Path:
     """The content-addressed folder for validation results of these inputs.
 
     The key covers the bytes of every source, the data settings, the tokenizer (token lengths
@@ -122,7 +123,7 @@ def validation_cache(cfg: RunConfig, tokenizer_id: str) -> Path:
         data.model_dump(mode="json"),
         [caching.source_identity(name) for name in (data.train, data.validation, data.test)],
         tokenizer_id,
-        cfg.model.max_length,
+        max_length,
         caching.code_version(validate_module, sources_module, extra=[suite_path(cfg.task)]),
     )
     return caching.entry(cfg.home_dir() / "cache", "validate", key)
@@ -268,11 +269,56 @@ def tokenize_stage(
 
 
 class Prepared(NamedTuple):
-    """The data every flow trains on: validated, split and tokenized."""
+    """The data every flow trains on: validated, split and tokenized; and the model settings it
+    was tokenized with (``max_length`` and ``truncation`` resolved from ``auto``)."""
 
     data: ValidatedData
     splits: Splits
     tokenized: TokenizedData
+    model: ModelConfig
+
+
+def size_to_data(
+    cfg: RunConfig, data: ValidatedData, limit: int | None, run_id: str
+) -> tuple[ModelConfig, ValidatedData]:
+    """Resolve ``model.max_length`` and ``model.truncation`` from the validated token lengths;
+    log each choice and its reason to the run (``sizing.*`` tags), and the truncated share at the
+    length actually used."""
+    path = data.token_lengths_path
+    lengths = dict(np.load(path)) if path and Path(path).exists() else {}
+    train = lengths.get("train", np.zeros(0, dtype=np.int64))
+    model = cfg.model
+    reasons: dict[str, str] = {}
+    if model.max_length == "auto":
+        value, reasons["model.max_length"] = sizing.size_max_length(train, limit or 512, cfg.task)
+        model = model.model_copy(update={"max_length": value})
+    if cfg.task == "text-classification":
+        side, why = sizing.choose_truncation(model.truncation, train, model.tokens())
+        if model.truncation == "auto" or side == "head+tail":
+            reasons["model.truncation"] = why
+        model = model.model_copy(update={"truncation": side})
+    elif model.truncation == "auto":
+        model = model.model_copy(update={"truncation": "head"})
+    logger = get_run_logger()
+    for setting, reason in reasons.items():
+        logger.info("auto %s = %s: %s", setting, getattr(model, setting.split(".")[1]), reason)
+    tracking.set_tags(
+        run_id,
+        {
+            f"sizing.{setting}": f"{getattr(model, setting.split('.')[1])} ({reason})"
+            for setting, reason in reasons.items()
+        },
+    )
+    truncated = {s: sizing.cut_share(v, model.tokens()) for s, v in lengths.items()}
+    return model, data.model_copy(
+        update={"truncated_fraction": truncated or data.truncated_fraction}
+    )
+
+
+def validation_length(model: ModelConfig, limit: int | None) -> int:
+    """The token budget the data contract measures truncation against: the configured
+    ``max_length``, or (``auto``, sized after validation) the model's limit."""
+    return model.max_length if model.max_length != "auto" else limit or 512
 
 
 def prepare_data(
@@ -281,13 +327,20 @@ def prepare_data(
     tokenizer: PreTrainedTokenizerBase,
     workdir: Path,
     run_id: str,
+    limit: int | None = None,
 ) -> Prepared:
-    """validate -> split -> tokenize, each cached by content, each logged to ``run_id``."""
+    """validate -> size -> split -> tokenize, each cached by content, each logged to ``run_id``.
+
+    ``limit`` is the model's position limit: the bound of an ``auto`` max length.
+    """
     tokenizer_id = caching.tokenizer_identity(tokenizer)
-    folder = validation_cache(cfg, tokenizer_id)
+    checked_length = validation_length(cfg.model, limit)
+    folder = validation_cache(cfg, tokenizer_id, checked_length)
     data = cached(validate_data_stage, folder)(
-        cfg.data, kind, tokenizer, cfg.model.max_length, folder, run_id
+        cfg.data, kind, tokenizer, checked_length, folder, run_id
     )
+    model, data = size_to_data(cfg, data, limit, run_id)
+    cfg = cfg.model_copy(update={"model": model})
     record_validation(data, run_id)
     splits = split_data_stage(
         data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
@@ -297,7 +350,7 @@ def prepare_data(
         splits, data.labels, cfg.model, kind, tokenizer, folder, run_id
     )
     tracking.log_metrics_once(run_id, tokenized.metrics())
-    return Prepared(data, splits, tokenized)
+    return Prepared(data, splits, tokenized, model)
 
 
 @task(name="train", cache_policy=NONE)

@@ -25,6 +25,7 @@ from flows.stages import Prepared, prepare_data
 from tasks import tracking
 from tasks.config import RunConfig, SearchDimension, TrainConfig
 from tasks.kinds import Kind, get_kind
+from tasks.preflight import check_model, max_positions
 from tasks.sources import load_tokenizer, materialize_model
 from tasks.train import train
 
@@ -193,7 +194,9 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     try:
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-        prepared = prepare_data(cfg, kind, tokenizer, workdir, parent)
+        limit = max_positions(check_model(cfg)[0])
+        prepared = prepare_data(cfg, kind, tokenizer, workdir, parent, limit)
+        cfg = cfg.model_copy(update={"model": prepared.model})
         study = open_study(cfg, prepared.data.fingerprint, kind.greater_is_better)
         done = finished_trials(study)
         if done:

@@ -72,6 +72,12 @@ def check_home(cfg: RunConfig) -> list[str]:
 
 def check_data(cfg: RunConfig) -> list[str]:
     problems = []
+    if cfg.data.train is None:
+        problems.append(
+            "data.train: no training data given. Name a file (--set data.train=reviews.csv, "
+            "with data.text_column and data.label_column), or run the demo's config "
+            "(--config configs/demo.yaml)"
+        )
     for setting in ("train", "validation", "test"):
         name = getattr(cfg.data, setting)
         if name is None:
@@ -164,7 +170,7 @@ def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
     facts = json.loads(config.to_json_string())
     limit = max_positions(facts)
     problems = []
-    if limit is not None and model.max_length > limit:
+    if limit is not None and model.max_length != "auto" and model.max_length > limit:
         problems.append(
             f"model.max_length: {model.max_length} is more than the {limit} positions "
             f"{model.name_or_path} was trained with (max_position_embeddings); use at most {limit}"

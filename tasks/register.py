@@ -266,10 +266,12 @@ def register_model(
                 "loads); `@challenger` is the newest. Each version's description is its model "
                 "card; its tags hold its lineage and the gate's decision.",
             )
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, version_)
+    alias = None if card is not None and card.collapse else cfg.alias
+    if alias is not None:  # a collapsed model is kept for inspection, never made a candidate
+        client.set_registered_model_alias(cfg.model_name, alias, version_)
     return RegisteredModel(
         name=cfg.model_name,
         version=version_,
-        alias=cfg.alias,
+        alias=alias,
         model_uri=f"models:/{cfg.model_name}/{version_}",
     )

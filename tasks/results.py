@@ -36,6 +36,7 @@ class ValidatedData(BaseModel):
     dropped: dict[str, int]
     encoding_fallback_lines: int
     truncated_fraction: dict[str, float]
+    token_lengths_path: str | None = None  # .npz: tokens per row of each table, as validated
     seconds: float
 
     def metrics(self) -> dict[str, float]:
@@ -133,9 +134,11 @@ class TrainResult(BaseModel):
     resumed_from_step: int | None = None
     weights_digest: str = ""  # sha256 of the trained weights: equal across data-parallel ranks
     num_processes: int = 1
+    plan: dict[str, float] = {}  # a time budget's plan against what happened (``plan/...``)
 
     def metrics(self) -> dict[str, float]:
-        """What training did, as run metrics (``train/``, ``efficiency/``, ``val_selected/``)."""
+        """What training did, as run metrics (``train/``, ``efficiency/``, ``val_selected/``,
+        ``plan/``)."""
         return (
             {
                 "train/runtime_s": self.runtime_s,
@@ -161,6 +164,7 @@ class TrainResult(BaseModel):
             }
             | {f"val_selected/{k}": v for k, v in self.validation.items()}
             | {f"val_selected/{k}": v for k, v in self.reference.items()}
+            | self.plan
         )
 
 
@@ -293,5 +297,5 @@ class RegisteredModel(BaseModel):
 
     name: str
     version: str
-    alias: str
+    alias: str | None  # None: registered for inspection only (a collapsed model)
     model_uri: str

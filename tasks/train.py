@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from tasks.config import ModelConfig, TrainConfig
+from tasks.config import ModelConfig, TrainConfig, parse_duration
 from tasks.efficiency import (
     GIB,
     MemoryEstimate,
@@ -46,6 +46,7 @@ from tasks.efficiency import (
     train_flops_per_token,
 )
 from tasks.results import TokenizedData, TrainJob, TrainResult
+from tasks.sizing import auto_warmup, plan_budget
 from tasks.sources import load_tokenizer
 
 if TYPE_CHECKING:
@@ -63,6 +64,25 @@ REFERENCE_PARAMS, REFERENCE_LR = 25e6, 1e-4
 
 class MemoryPreflightError(RuntimeError):
     """Training would not fit in memory; the message has the numbers and what to change."""
+
+
+class ModelCollapsed(RuntimeError):
+    """The trained model is no better than guessing; the message says what to try."""
+
+
+def collapse_advice(finding: str, cfg: TrainConfig, learning_rate: float, version: str) -> str:
+    """What happened to a collapsed run, where its model went, and what to change."""
+    lower = f"{learning_rate / 3:.1e}"
+    return (
+        f"the model collapsed ({finding}). It was registered as version {version} without an "
+        "alias and tagged `collapsed`, for inspection only; no alias moved.\nTry, in order:\n"
+        "  - more optimizer steps: train.epochs (or train.time_budget) higher; small data sets "
+        "need several epochs\n"
+        "  - class weights for skewed labels: train.class_weights=auto (now "
+        f"{cfg.class_weights!r}), or train.balanced_sampling=true\n"
+        f"  - a lower learning rate: train.learning_rate={lower} "
+        f"(this run used {learning_rate:.1e})"
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -202,6 +222,41 @@ def lock_folder(folder: Path) -> IO[str] | None:
         handle.close()
         return None
     return handle
+
+
+def measure_step_seconds(trainer: Trainer, accumulation: int) -> tuple[float, float]:
+    """(seconds per optimizer step, seconds per whole validation), timed on the run's own batches.
+
+    Three training micro-batches go forward and backward (the first only warms up; gradients are
+    discarded, no weight changes) and two validation batches forward; the whole validation is
+    that rate times its batches. Seeds are restored by the caller.
+    """
+    model = trainer.model
+    assert isinstance(model, torch.nn.Module)
+    batches = iter(trainer.get_train_dataloader())
+    timings = []
+    model.train()
+    for _ in range(3):
+        batch = next(batches, None)
+        if batch is None:
+            break
+        started = time.perf_counter()
+        trainer.training_step(model, batch)
+        timings.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    step_s = float(np.mean(timings[1:] or timings)) * accumulation
+    eval_s = 0.0
+    if trainer.eval_dataset is not None:
+        loader = trainer.get_eval_dataloader()
+        times = []
+        for batch in loader:
+            started = time.perf_counter()
+            trainer.prediction_step(model, batch, prediction_loss_only=False)
+            times.append(time.perf_counter() - started)
+            if len(times) == 2:
+                break
+        eval_s = float(np.mean(times)) * len(loader) if times else 0.0
+    return step_s, eval_s
 
 
 def global_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -362,7 +417,8 @@ def setup_args(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=learning_rate,
         weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_fraction,  # a float in [0, 1) is a share of the total steps
+        # A float in [0, 1) is a share of the total steps (`auto` is resolved before training).
+        warmup_steps=cfg.warmup_fraction if cfg.warmup_fraction != "auto" else 0.06,
         lr_scheduler_type="linear",
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim if cfg.optim != "adamw_torch" else optimizer_for(on_gpu),
@@ -493,12 +549,48 @@ def train(
         callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker()],
         balanced_labels=extras.sampler_labels,
     )
+    steps_per_epoch = max(1, math.ceil(len(data["train"]) / global_batch(cfg, processes)))
+    plan: dict[str, float] = {}
+    if cfg.time_budget is not None:
+        budget = parse_duration(cfg.time_budget)
+        step_s, eval_s = measure_step_seconds(trainer, cfg.gradient_accumulation_steps)
+        set_seed(cfg.seed)  # the probe drew random numbers: training starts as it would have
+        evals_per_epoch = steps_per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
+        planned, why = plan_budget(budget, step_s, eval_s, steps_per_epoch, evals_per_epoch)
+        trainer.args.max_steps = planned
+        log.info("time budget %s: %s", cfg.time_budget, why)
+        extras.notes["plan.time_budget"] = why
+        plan = {
+            "plan/budget_s": budget,
+            "plan/steps": float(planned),
+            "plan/step_s": step_s,
+            "plan/validation_s": eval_s,
+        }
+    total_steps = (
+        trainer.args.max_steps
+        if trainer.args.max_steps > 0
+        else math.ceil(epochs * steps_per_epoch)
+    )
+    warmup, why = auto_warmup(cfg.warmup_fraction, total_steps, model.num_parameters())
+    trainer.args.warmup_steps = warmup
+    if cfg.warmup_fraction == "auto":
+        log.info("auto train.warmup_fraction = %.2f: %s", warmup, why)
+        extras.notes["sizing.train.warmup_fraction"] = f"{warmup} ({why})"
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
         log.warning("resuming from %s", resume)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - started
+    if plan:
+        plan |= {"plan/actual_s": runtime, "plan/actual_steps": float(output.global_step)}
+        log.info(
+            "time budget: planned %d steps in %.0f s; ran %d steps in %.0f s",
+            plan["plan/steps"],
+            plan["plan/budget_s"],
+            output.global_step,
+            runtime,
+        )
 
     model_dir = workdir / "model"
     trainer.save_model(str(model_dir))  # the selected model, with its tokenizer
@@ -565,6 +657,7 @@ def train(
         resumed_from_step=resumed_step or None,
         weights_digest=weights_digest(selected),
         num_processes=trainer.args.world_size,
+        plan=plan,
     )
 
 

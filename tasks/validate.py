@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from tasks.config import DataConfig
 from tasks.results import ValidatedData
-from tasks.sources import Table, combined_fingerprint, fingerprint, read_table
+from tasks.sources import SourceError, Table, combined_fingerprint, fingerprint, read_table
 
 if TYPE_CHECKING:
     from tasks.kinds import Kind
@@ -420,6 +421,8 @@ def offending_rows(result: dict[str, Any]) -> dict[str, list[int]]:
 
 def read_sources(cfg: DataConfig) -> dict[str, Table]:
     """The configured train (and validation, test) sources, each read into one table."""
+    if cfg.train is None:
+        raise SourceError("data.train: no training data given")
     sources = {"train": (cfg.train, cfg.train_split)}
     if cfg.validation:
         sources["validation"] = (cfg.validation, cfg.validation_split)
@@ -439,8 +442,13 @@ def check_tables(
     tokenizer: Any | None,
     max_length: int,
     complete: bool,
+    token_lengths: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The GE result of every table; held-out tables are also checked for leakage from train."""
+    """The GE result of every table; held-out tables are also checked for leakage from train.
+
+    ``token_lengths``, when given, receives each table's token count per row (counted once, here,
+    for the truncation rule; the schedule's sizing reads them back).
+    """
     train = frames["train"]
     key = "_key_text" if "_key_text" in train else cfg.text_column
     train_texts = (
@@ -451,6 +459,8 @@ def check_tables(
     results = {}
     for split, frame in frames.items():
         derived = derive_columns(frame, cfg, None if split == "train" else train_texts, tokenizer)
+        if token_lengths is not None:
+            token_lengths[split] = derived["_n_tokens"].to_numpy(dtype=np.int64)
         params = suite_parameters(cfg, labels, max_length, split == "train")
         results[split] = run_suite(derived, split, suite, params, complete)
     return results
@@ -571,12 +581,17 @@ def validate_data(
         labels = list(cfg.labels)  # a declared answer set (sft): what the answers are judged on
 
     drop = cfg.on_invalid == "drop"
-    results = check_tables(frames, cfg, suite, labels, tokenizer, max_length, complete=drop)
+    lengths: dict[str, np.ndarray] = {}
+    results = check_tables(
+        frames, cfg, suite, labels, tokenizer, max_length, complete=drop, token_lengths=lengths
+    )
     dropped: dict[str, int] = {}
     quarantine_path = None
     if drop:
         frames, dropped, quarantine_path = quarantine(frames, results, workdir)
-        results = check_tables(frames, cfg, suite, labels, tokenizer, max_length, complete=False)
+        results = check_tables(
+            frames, cfg, suite, labels, tokenizer, max_length, complete=False, token_lengths=lengths
+        )
 
     failures = []
     key = "_key_text" if "_key_text" in frames["train"] else cfg.text_column
@@ -609,6 +624,8 @@ def validate_data(
         path = workdir / f"{split}.raw.parquet"
         frame.to_parquet(path, index=False)
         paths[split] = str(path)
+    lengths_path = workdir / "token_lengths.npz"
+    np.savez_compressed(lengths_path, allow_pickle=False, **lengths)
     rows = {split: len(frame) for split, frame in clean.items()}
     log.info("data valid: %s rows, %d labels %s", rows, len(labels), labels)
     return ValidatedData(
@@ -624,5 +641,6 @@ def validate_data(
         dropped=dropped,
         encoding_fallback_lines=sum(t.fallback_decoded_lines for t in tables.values()),
         truncated_fraction=truncated_fractions(results),
+        token_lengths_path=str(lengths_path),
         seconds=time.perf_counter() - started,
     )

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config, parse_override
+from tasks.config import (
+    DEMO_CONFIG,
+    ConfigError,
+    RunConfig,
+    load_config,
+    parse_duration,
+    parse_override,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -20,8 +27,28 @@ def test_every_config_file_validates(path: Path):
     assert "fulltune run" in path.read_text().split("\n\n")[0] or "make demo" in path.read_text()
 
 
-def test_default_config_is_the_demo():
-    assert load_config() == load_config(DEFAULT_CONFIG)
+def test_built_in_defaults_are_not_the_demo_and_size_themselves():
+    built_in, demo = load_config(), load_config(DEMO_CONFIG)
+    assert built_in == RunConfig() and built_in != demo
+    assert built_in.data.train is None  # no data is assumed: the preflight asks for it
+    assert (built_in.train.epochs, built_in.train.learning_rate) == ("auto", "auto")
+    assert (built_in.model.max_length, built_in.model.truncation) == ("auto", "auto")
+    assert built_in.train.warmup_fraction == "auto" and built_in.train.auto_batch
+    # The demo keeps its explicit, tuned values.
+    assert demo.model.max_length == 128 and demo.train.epochs != "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("10m", 600), ("1h30m", 5400), ("45", 45), ("1.5h", 5400)]
+)
+def test_time_budgets_read_as_people_write_them(text: str, seconds: float):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10 minutes", "m", "-5", "0s"])
+def test_a_time_budget_that_is_not_a_duration_is_refused(text: str):
+    with pytest.raises(ConfigError, match=r"train\.time_budget"):
+        load_config(None, [f"train.time_budget={text!r}"])
 
 
 def test_dotted_overrides_reach_every_documented_key(tmp_path: Path):
@@ -88,11 +115,11 @@ def test_mlflow_env_var_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 
 def test_flat_params_and_digest_are_stable():
-    cfg = load_config()
+    cfg = load_config(DEMO_CONFIG)
     flat = cfg.flat()
     assert flat["train.batch_size"] == str(cfg.train.batch_size)
     assert flat["data.labels"] == '["negative", "neutral", "positive"]'
-    assert cfg.digest() == load_config().digest()
+    assert cfg.digest() == load_config(DEMO_CONFIG).digest()
     assert cfg.digest() != load_config(None, ["train.seed=1"]).digest()
 
 

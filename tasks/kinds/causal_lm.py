@@ -270,9 +270,9 @@ class CausalLM:
             ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
             documents = [[*doc, eos] for doc in ids]
             if cfg.packing:
-                examples = pack(documents, cfg.max_length)
+                examples = pack(documents, cfg.tokens())
             else:
-                examples = [doc[: cfg.max_length] for doc in documents]
+                examples = [doc[: cfg.tokens()] for doc in documents]
             return {
                 "input_ids": examples,
                 "attention_mask": [[1] * len(x) for x in examples],

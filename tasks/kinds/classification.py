@@ -52,6 +52,7 @@ from tasks.results import (
     TokenizedData,
     TrainExtras,
 )
+from tasks.sizing import head_tail
 from tasks.sources import fingerprint, resolve_model
 
 log = logging.getLogger(__name__)
@@ -257,10 +258,16 @@ class Classification:
         """Token ids (truncated at ``max_length``, unpadded), integer labels and lengths."""
         label2id = {label: i for i, label in enumerate(labels)}
 
+        max_length = cfg.tokens()
+
         def _encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-            encoded = tokenizer(batch["text"], truncation=True, max_length=cfg.max_length)
+            if cfg.truncation == "head+tail":  # keep each long text's opening and its ending
+                full = tokenizer(batch["text"], truncation=False)
+                encoded = {k: [head_tail(v, max_length) for v in vs] for k, vs in full.items()}
+            else:
+                encoded = dict(tokenizer(batch["text"], truncation=True, max_length=max_length))
             ids = encoded["input_ids"]
-            return dict(encoded) | {
+            return encoded | {
                 "labels": [label2id[label] for label in batch["label"]],
                 "length": [len(x) for x in ids],
             }

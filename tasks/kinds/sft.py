@@ -594,7 +594,7 @@ class SFT:
 
         def _encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
             rows = [
-                encode_conversation(tokenizer, json.loads(m), cfg.max_length, cfg.train_on_prompt)
+                encode_conversation(tokenizer, json.loads(m), cfg.tokens(), cfg.train_on_prompt)
                 for m in batch["messages"]
             ]
             return {key: [r[key] for r in rows] for key in rows[0]}
@@ -613,7 +613,7 @@ class SFT:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if training and cfg.packing:
-            return PackedRows(cfg.max_length, int(tokenizer.pad_token_id))
+            return PackedRows(cfg.tokens(), int(tokenizer.pad_token_id))
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
 
     def compute_metrics(self, labels: list[str]) -> None:

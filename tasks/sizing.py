@@ -1,0 +1,100 @@
+"""Settings left at ``auto``, sized to the data and the model, each with the reason it was chosen.
+
+The built-in defaults are not one data set's choices: the max length follows the training texts'
+token lengths, long texts keep their head and tail, warm-up follows the run's length and the model's
+size, and a time budget turns into a number of steps from measured throughput. Every function here
+is pure and returns ``(value, reason)``; the flow logs the reasons to the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+COVERAGE = 0.95  # `max_length: auto` fits this share of the training texts
+LM_BLOCK = 256  # `max_length: auto` for causal-lm: the block size texts are packed into
+HEAD_TAIL_ABOVE = 0.10  # `truncation: auto` keeps head and tail when more texts than this are cut
+HEAD_SHARE = 0.25  # head+tail: the first quarter of the budget, then the last three quarters
+MAX_BUDGET_EPOCHS = 20  # a time budget on tiny data stops here (early stopping usually sooner)
+
+
+def size_max_length(lengths: np.ndarray, limit: int, task: str) -> tuple[int, str]:
+    """The token budget per example: cover ``COVERAGE`` of the training texts, within ``limit``."""
+    if task == "causal-lm":
+        value = min(LM_BLOCK, limit)
+        return value, f"causal-lm packs text into blocks of {value} tokens (model limit {limit})"
+    if lengths.size == 0:
+        return min(128, limit), "no token counts: 128"
+    covering = math.ceil(float(np.quantile(lengths, COVERAGE)))
+    value = max(8, min(covering, limit))
+    reason = (
+        f"{COVERAGE:.0%} of {lengths.size} training texts fit in {covering} tokens "
+        f"(median {int(np.median(lengths))}, longest {int(lengths.max())})"
+    )
+    if covering > limit:
+        reason += f"; capped at the model's limit of {limit}"
+    return value, reason
+
+
+def cut_share(lengths: np.ndarray, max_length: int) -> float:
+    """The share of texts longer than ``max_length`` tokens."""
+    return float((lengths > max_length).mean()) if lengths.size else 0.0
+
+
+def choose_truncation(setting: str, lengths: np.ndarray, max_length: int) -> tuple[str, str]:
+    """``head`` or ``head+tail``: ``auto`` keeps the tail too when many texts would be cut."""
+    share = cut_share(lengths, max_length)
+    if setting != "auto":
+        return setting, f"set in the config ({share:.1%} of training texts are cut)"
+    if share > HEAD_TAIL_ABOVE:
+        return "head+tail", (
+            f"{share:.1%} of training texts exceed {max_length} tokens (over "
+            f"{HEAD_TAIL_ABOVE:.0%}): keep their first quarter and last three quarters"
+        )
+    return "head", f"{share:.1%} of training texts exceed {max_length} tokens"
+
+
+def head_tail(ids: list[int], max_length: int) -> list[int]:
+    """The first ``HEAD_SHARE`` and the last tokens of ``ids``, ``max_length`` in all.
+
+    Special tokens survive: a [CLS] opens the head, a [SEP] closes the tail.
+    """
+    if len(ids) <= max_length:
+        return ids
+    head = max(1, int(max_length * HEAD_SHARE))
+    return ids[:head] + ids[len(ids) - (max_length - head) :]
+
+
+def auto_warmup(setting: float | str, total_steps: int, n_params: int) -> tuple[float, str]:
+    """The warm-up share: longer for short runs, shorter for very large models."""
+    if setting != "auto":
+        return float(setting), "set in the config"
+    if n_params > 1e9:
+        return 0.03, f"3% for a model of {n_params / 1e9:.1f}B parameters"
+    if total_steps < 1000:
+        return 0.10, f"10% of a short run ({total_steps} steps): small data fine-tunes more stably"
+    return 0.06, f"6% of {total_steps} steps"
+
+
+def plan_budget(
+    budget_s: float,
+    step_s: float,
+    eval_s: float,
+    steps_per_epoch: int,
+    evals_per_epoch: float = 1.0,
+) -> tuple[int, str]:
+    """Optimizer steps that fill ``budget_s``: each step costs ``step_s`` and each of the
+    ``evals_per_epoch`` validations per epoch costs ``eval_s``. At least one step, at most
+    ``MAX_BUDGET_EPOCHS`` epochs."""
+    per_step = step_s + eval_s * evals_per_epoch / max(1, steps_per_epoch)
+    steps = max(1, int(budget_s / per_step))
+    cap = MAX_BUDGET_EPOCHS * steps_per_epoch
+    reason = (
+        f"{budget_s:.0f} s budget / ({step_s:.3f} s per step + {eval_s:.2f} s per validation "
+        f"every {steps_per_epoch / evals_per_epoch:.0f} steps) = {steps} steps"
+    )
+    if steps > cap:
+        steps = cap
+        reason += f"; capped at {MAX_BUDGET_EPOCHS} epochs ({cap} steps)"
+    return steps, reason
