@@ -167,6 +167,15 @@ def finetune(
         evaluation = evaluate_stage(
             trained.model_dir, prepared, kind, cfg.model, cfg.eval, cfg.train.seed, workdir, run_id
         )
+        # How far validation (what selection saw) was from test: optimism shows up here.
+        tracking.log_metrics(
+            run_id,
+            {
+                f"gap/val_minus_test_{name}": trained.validation[name] - value
+                for name, value in evaluation.metrics.items()
+                if name in trained.validation
+            },
+        )
         example = kind.input_example(prepared.splits)
         card = CardFacts(
             task=cfg.task,

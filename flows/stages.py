@@ -315,6 +315,32 @@ def size_to_data(
     )
 
 
+def check_shift(data: ValidatedData, seed: int, run_id: str) -> None:
+    """Compare the given test file with the training data a validation split is carved from;
+    log the figures (``shift/*``) and warn, on the run too, when they differ."""
+    frames = {
+        split: pd.read_parquet(path)
+        for split, path in (("train", data.train_path), ("test", data.test_path))
+        if path is not None
+    }
+    if data.token_lengths_path is None or not all("text" in f for f in frames.values()):
+        return
+    lengths = np.load(data.token_lengths_path)
+    if "test" not in lengths or "test" not in frames:
+        return
+    figures, warning = sizing.distribution_shift(
+        lengths["train"],
+        lengths["test"],
+        frames["train"]["text"].astype(str).tolist(),
+        frames["test"]["text"].astype(str).tolist(),
+        seed,
+    )
+    tracking.log_metrics_once(run_id, figures)
+    if warning is not None:
+        get_run_logger().warning("DISTRIBUTION SHIFT: %s", warning)
+        tracking.set_tags(run_id, {"data.shift_warning": warning})
+
+
 def validation_length(model: ModelConfig, limit: int | None) -> int:
     """The token budget the data contract measures truncation against: the configured
     ``max_length``, or (``auto``, sized after validation) the model's limit."""
@@ -342,6 +368,8 @@ def prepare_data(
     model, data = size_to_data(cfg, data, limit, run_id)
     cfg = cfg.model_copy(update={"model": model})
     record_validation(data, run_id)
+    if cfg.data.test is not None and cfg.data.validation is None:
+        check_shift(data, cfg.train.seed, run_id)
     splits = split_data_stage(
         data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
     )

@@ -9,6 +9,7 @@ is pure and returns ``(value, reason)``; the flow logs the reasons to the run.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -98,3 +99,59 @@ def plan_budget(
         steps = cap
         reason += f"; capped at {MAX_BUDGET_EPOCHS} epochs ({cap} steps)"
     return steps, reason
+
+
+SHIFT_KS = 0.2  # a length distribution this far from training's (Kolmogorov-Smirnov) is a shift
+SHIFT_COVERAGE = 0.05  # test words this much less covered by training's vocabulary is a shift
+_WORD = re.compile(r"\w+")
+
+
+def _words(texts: list[str]) -> list[str]:
+    return [w for t in texts for w in _WORD.findall(t.lower())]
+
+
+def coverage(vocabulary: set[str], words: list[str]) -> float:
+    """The share of ``words`` (running words, not types) found in ``vocabulary``."""
+    return sum(w in vocabulary for w in words) / len(words) if words else 1.0
+
+
+def distribution_shift(
+    train_lengths: np.ndarray,
+    test_lengths: np.ndarray,
+    train_texts: list[str],
+    test_texts: list[str],
+    seed: int = 0,
+) -> tuple[dict[str, float], str | None]:
+    """How far the test file is from the training data a validation split would be carved from.
+
+    Compares token lengths (two-sample KS statistic, medians) and vocabulary: the share of test
+    words seen in training, against the same share for a held-out tenth of training (what a
+    carved validation split sees). Returns the figures and a warning when they differ.
+    """
+    from scipy.stats import ks_2samp
+
+    ks = float(ks_2samp(train_lengths, test_lengths).statistic) if test_lengths.size else 0.0
+    order = np.random.default_rng(seed).permutation(len(train_texts))
+    held = max(1, len(order) // 10)
+    held_out = [train_texts[i] for i in order[:held]]
+    rest = {w for i in order[held:] for w in _WORD.findall(train_texts[i].lower())}
+    vocabulary = rest | set(_words(held_out))
+    figures = {
+        "shift/length_ks": ks,
+        "shift/median_tokens_train": float(np.median(train_lengths)) if train_lengths.size else 0,
+        "shift/median_tokens_test": float(np.median(test_lengths)) if test_lengths.size else 0,
+        "shift/vocab_coverage_validation": coverage(rest, _words(held_out)),
+        "shift/vocab_coverage_test": coverage(vocabulary, _words(test_texts)),
+    }
+    seen_val = figures["shift/vocab_coverage_validation"]
+    seen_test = figures["shift/vocab_coverage_test"]
+    if ks <= SHIFT_KS and seen_val - seen_test <= SHIFT_COVERAGE:
+        return figures, None
+    return figures, (
+        "the test data differs from the training data the validation split is carved from: "
+        f"token lengths KS {ks:.2f} (median {figures['shift/median_tokens_train']:.0f} vs "
+        f"{figures['shift/median_tokens_test']:.0f} tokens), test words seen in training "
+        f"{seen_test:.1%} vs {seen_val:.1%} for held-out training rows. Validation scores may "
+        "be optimistic about test; give "
+        "data.validation rows that resemble the test data to select on them instead."
+    )

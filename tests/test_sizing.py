@@ -132,3 +132,20 @@ def test_a_collapsed_model_is_kept_for_inspection_but_never_aliased(
     assert version.aliases == [] and version.tags["collapsed"] == "true"
     assert client.get_registered_model("tiny-sentiment").aliases == {}
     assert client.get_run(version.run_id).info.status == "FAILED"
+
+
+def test_a_test_file_unlike_training_is_flagged_with_numbers():
+    rng = np.random.default_rng(0)
+    phrases = [" ".join(rng.choice(["good", "bad", "fine", "film"], 3)) for _ in range(200)]
+    same = [" ".join(rng.choice(["good", "bad", "fine", "film"], 3)) for _ in range(50)]
+    figures, warning = sizing.distribution_shift(np.full(200, 5), np.full(50, 5), phrases, same)
+    assert warning is None and figures["shift/length_ks"] == 0.0
+    sentences = [
+        "an unexpectedly moving portrait of grief and resilience across three generations"
+    ] * 50
+    figures, warning = sizing.distribution_shift(
+        np.full(200, 5), np.full(50, 14), phrases, sentences
+    )
+    assert warning is not None and "validation may" not in warning.lower()
+    assert figures["shift/length_ks"] == 1.0 and figures["shift/vocab_coverage_test"] < 0.1
+    assert "KS 1.00 (median 5 vs 14 tokens)" in warning and "data.validation" in warning
