@@ -37,6 +37,7 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flows.local_server import stop_server  # noqa: E402
 from tasks.metrics import classification_metrics, tfidf_baseline  # noqa: E402
 from tasks.sources import resolve_package_path  # noqa: E402
 
@@ -126,13 +127,20 @@ def fulltune_run(name: str, folder: Path, budget: str) -> dict[str, object]:
         *("--set", f"train.time_budget={budget}"),
         *("--set", f"registry.model_name=quality-{name}"),
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+    }
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+    finally:
+        stop_server(home)  # the home's Prefect server, started by the run
     seconds = time.perf_counter() - started
     uri = f"sqlite:///{home / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
-    [experiment] = client.search_experiments()
+    experiment = client.get_experiment_by_name("fulltune")
+    if experiment is None:
+        sys.exit(f"{name}: fulltune run created no experiment:\n{done.stderr[-3000:]}")
     [run] = client.search_runs([experiment.experiment_id], max_results=1)
     metrics, tags = run.data.metrics, run.data.tags
     return {

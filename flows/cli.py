@@ -178,9 +178,11 @@ def _use_tracking(uri: str | None) -> str:
 
 def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     from flows.finetune import finetune
+    from tasks import tracking
 
     with _orchestrated(cfg, "run") as stored:
         summary = finetune(config=stored, extra_tags=extra_tags or {})
+        times = tracking.log_process_times(summary.mlflow_run_id)
     typer.echo("")
     typer.echo(f"MLflow run id:    {summary.mlflow_run_id}")
     from tasks.config import redact_uri
@@ -195,6 +197,12 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
         verdict = "PROMOTED to @champion" if summary.decision.promoted else "kept as challenger"
         typer.echo(f"Promotion:        {verdict}: {summary.decision.reason}")
     typer.echo(summary.table)
+    overhead = times["efficiency/process_overhead_fraction"]
+    typer.echo(
+        f"Time:             {times['time/process_s']:.0f} s in all, "
+        f"{times['time/cold_start_s']:.1f} s to the first stage, {overhead:.0%} outside forward "
+        "and backward passes"
+    )
 
 
 @app.command()
@@ -347,6 +355,9 @@ def bench(
             min=0, help="Steps of each SFT arm on SmolLM2 (packed, padded, bare TRL); 0 skips."
         ),
     ] = 0,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Repetitions of (a), (b), (c), interleaved; medians shown.")
+    ] = 3,
 ) -> None:
     """Measure training throughput, MFU, memory and overhead against bare HF Trainer recipes."""
     import json
@@ -354,7 +365,7 @@ def bench(
     from flows.bench import benchmark, table
 
     _setup_logging()
-    result = benchmark(steps, seed_steps, overhead, sft_steps)
+    result = benchmark(steps, seed_steps, overhead, sft_steps, repeats)
     if not as_json:
         typer.echo(table(result))
     typer.echo(json.dumps(result, default=float))

@@ -135,6 +135,7 @@ class TrainResult(BaseModel):
     weights_digest: str = ""  # sha256 of the trained weights: equal across data-parallel ranks
     num_processes: int = 1
     plan: dict[str, float] = {}  # a time budget's plan against what happened (``plan/...``)
+    validation_s: float = 0.0  # forward passes over the validation split during training
 
     def metrics(self) -> dict[str, float]:
         """What training did, as run metrics (``train/``, ``efficiency/``, ``val_selected/``,
@@ -154,6 +155,7 @@ class TrainResult(BaseModel):
                 "train/tokens_seen": self.non_pad_tokens,
                 "train/num_processes": self.num_processes,
                 "efficiency/step_time_s": self.step_time_s,
+                "efficiency/validation_s": self.validation_s,
                 "efficiency/tokens_per_s": self.tokens_per_s,
                 "efficiency/samples_per_s": self.samples_per_s,
                 "efficiency/mfu": self.mfu,
@@ -200,6 +202,7 @@ class EvalResult(BaseModel):
     test_rows: int
     test_fingerprint: str
     scores_path: str  # per-example test scores, for the gate's paired comparison
+    scoring_s: float = 0.0  # forward passes over the test split: work, not overhead
 
     headline_keys: tuple[str, ...] = ()
     baseline_names: tuple[str, str] = ("baseline", "classical")

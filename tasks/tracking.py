@@ -267,6 +267,24 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
     MlflowClient().log_batch(run_id, metrics=batch)
 
 
+def log_process_times(run_id: str) -> dict[str, float]:
+    """The command's own times, logged to its run once the flow is done: ``time/cold_start_s``
+    (process start to the run's first stage: interpreter, imports, config, the Prefect server,
+    the preflight), ``time/process_s``, and the overhead share of the whole command
+    (``efficiency/process_overhead_fraction``, process start and imports included)."""
+    run = MlflowClient().get_run(run_id)
+    born = psutil.Process().create_time()
+    alive = time.time() - born
+    work = run.data.metrics.get("efficiency/work_s", 0.0)
+    times = {
+        "time/cold_start_s": run.info.start_time / 1000 - born,
+        "time/process_s": alive,
+        "efficiency/process_overhead_fraction": (alive - work) / alive,
+    }
+    log_metrics(run_id, times)
+    return times
+
+
 def log_metrics_once(run_id: str, metrics: Mapping[str, float]) -> None:
     """Log a stage's summary values unless the run has them already (a resumed run repeats its
     stages, and each repeat would add a second point at step 0)."""

@@ -228,34 +228,46 @@ def measure_step_seconds(trainer: Trainer, accumulation: int) -> tuple[float, fl
     """(seconds per optimizer step, seconds per whole validation), timed on the run's own batches.
 
     Three training micro-batches go forward and backward (the first only warms up; gradients are
-    discarded, no weight changes) and two validation batches forward; the whole validation is
-    that rate times its batches. Seeds are restored by the caller.
+    discarded, no weight changes) and two validation batches forward. Both are timed per token
+    and scaled to the split's mean length: length-grouped training starts with its longest batch
+    and sorted validation with its shortest, so per-batch times would mislead. Seeds are
+    restored by the caller.
     """
     model = trainer.model
     assert isinstance(model, torch.nn.Module)
-    batches = iter(trainer.get_train_dataloader())
-    timings = []
+
+    def per_token(loader: Any, step: Any, batches: int, warm_up: bool) -> float:
+        seconds, tokens = 0.0, 0
+        for i, batch in enumerate(loader):
+            started = time.perf_counter()
+            step(batch)
+            if i > 0 or not warm_up:
+                seconds += time.perf_counter() - started
+                tokens += int(batch["input_ids"].numel())
+            if i + 1 >= batches + warm_up:
+                break
+        return seconds / max(tokens, 1)
+
+    train_set = trainer.train_dataset
+    assert train_set is not None
     model.train()
-    for _ in range(3):
-        batch = next(batches, None)
-        if batch is None:
-            break
-        started = time.perf_counter()
-        trainer.training_step(model, batch)
-        timings.append(time.perf_counter() - started)
+    train_rate = per_token(
+        trainer.get_train_dataloader(), lambda b: trainer.training_step(model, b), 2, True
+    )
     model.zero_grad(set_to_none=True)
-    step_s = float(np.mean(timings[1:] or timings)) * accumulation
+    args = trainer.args
+    step_tokens = float(np.mean(train_set["length"])) * args.per_device_train_batch_size
+    step_s = train_rate * step_tokens * accumulation
     eval_s = 0.0
     if trainer.eval_dataset is not None:
-        loader = trainer.get_eval_dataloader()
-        times = []
-        for batch in loader:
-            started = time.perf_counter()
-            trainer.prediction_step(model, batch, prediction_loss_only=False)
-            times.append(time.perf_counter() - started)
-            if len(times) == 2:
-                break
-        eval_s = float(np.mean(times)) * len(loader) if times else 0.0
+        eval_set = trainer.eval_dataset
+        eval_rate = per_token(
+            trainer.get_eval_dataloader(),
+            lambda b: trainer.prediction_step(model, b, prediction_loss_only=False),
+            2,
+            False,
+        )
+        eval_s = eval_rate * float(np.sum(eval_set["length"]))  # type: ignore[arg-type]
     return step_s, eval_s
 
 
@@ -601,7 +613,13 @@ def train(
         frozen = [n for n, p in selected.named_parameters() if torch.equal(full(p), before[n])]
         log.warning("%d parameter tensors were not updated: %s", len(frozen), frozen[:10])
 
+    checking = time.perf_counter()
     checked = kind.check(trainer, data["validation"], labels, data["train"])
+    validation_s = (
+        time.perf_counter()
+        - checking
+        + sum(float(e.get("eval_runtime", 0.0)) for e in trainer.state.log_history)
+    )
     if checked.collapse:
         log.warning("COLLAPSE GUARD: %s; this model will not be promoted", checked.collapse)
 
@@ -658,6 +676,7 @@ def train(
         weights_digest=weights_digest(selected),
         num_processes=trainer.args.world_size,
         plan=plan,
+        validation_s=validation_s,
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tasks.config import DataConfig, ModelConfig, TrainConfig
 from tasks.kinds import get_kind
@@ -149,6 +150,34 @@ def test_class_weights_move_predictions_off_the_majority_class(tmp_path: Path):
         )
         kind = get_kind("text-classification")
         result = train(tokenized, data.labels, model_cfg, train_cfg, 64, tmp_path / weights, kind)
-        predicted = predict_ids(result.model_dir, test, 64, tmp_path / weights)
+        predicted = predict_ids(result.model_dir, test, 64)
         majority_share[weights] = float(np.mean(predicted == 0))
     assert majority_share["auto"] < majority_share["none"], majority_share
+
+
+def test_sorted_batched_scoring_predicts_what_row_by_row_scoring_does(
+    tokenized, tiny_model_dir: Path
+):
+    """Length-sorted batches change only the order of work: every row gets its own prediction."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.kinds.classification import predict_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [f"{text} {' the day' * (i % 9)}" for i, text in enumerate(make_rows(40)["review"])]
+    encoded = tokenizer(texts)
+    split = Dataset.from_dict(dict(encoded) | {"length": [len(x) for x in encoded["input_ids"]]})
+    assert len(set(split["length"])) > 5  # rows of several lengths, in no particular order
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    with torch.inference_mode():  # the unsorted path: one row at a time, no padding at all
+        one_by_one = [
+            int(
+                model(
+                    **{k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask")}
+                ).logits.argmax(-1)
+            )
+            for row in split
+        ]
+    for batch_size in (1, 7, 64):
+        assert predict_ids(str(tiny_model_dir), split, batch_size).tolist() == one_by_one

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -326,17 +327,22 @@ class CausalLM:
             test = test.shuffle(seed=seed).select(range(cfg.max_test_samples))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
+        started = time.perf_counter()
         sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
         generations = generate(model, tokenizer, cfg, seed)
+        scoring_s = time.perf_counter() - started
         set_seed(seed)  # the same initial weights (and new head) that training started from
         untrained = setup_model(model_cfg, labels)
+        started = time.perf_counter()
         base_sums, base_counts = block_losses(untrained, test, tokenizer, cfg.batch_size)
+        scoring_s += time.perf_counter() - started
         losses_path = workdir / "test_losses.json"
         losses_path.write_text(json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}))
         generations_path = workdir / "generations.json"
         generations_path.write_text(json.dumps(generations, indent=2, ensure_ascii=False))
         return LMEvalResult(
             metrics=perplexity(sums, counts),
+            scoring_s=scoring_s,
             baseline=perplexity(base_sums, base_counts),
             classical=unigram_perplexity(data["train"], test, len(tokenizer)),
             test_rows=len(test),

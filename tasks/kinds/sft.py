@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import re
+import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -657,12 +658,16 @@ class SFT:
         references = [m[-1]["content"] for m in chosen]
 
         model = AutoModelForCausalLM.from_pretrained(model_dir)
+        started = time.perf_counter()
         sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
         answers = generate_answers(model, tokenizer, prompts, cfg)
+        scoring_s = time.perf_counter() - started
         del model
         zero_shot = setup_model(model_cfg, [])
+        started = time.perf_counter()
         zs_sums, zs_counts = block_losses(zero_shot, test, tokenizer, cfg.batch_size)
         zs_answers = generate_answers(zero_shot, tokenizer, prompts, cfg)
+        scoring_s += time.perf_counter() - started
         del zero_shot
         classical = classical_answers(train, [prompt_key(m) for m in chosen], closed, seed)
 
@@ -687,6 +692,7 @@ class SFT:
             for m, r, a, z in zip(chosen, references, answers, zs_answers, strict=True)
         ]
         return SFTEval(
+            scoring_s=scoring_s,
             metrics=answer_metrics(references, answers, closed)
             | {"answer_loss": fine["loss"], "answer_perplexity": fine["perplexity"]},
             baseline=answer_metrics(references, zs_answers, closed)
