@@ -29,6 +29,7 @@ from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
 from tasks.caching import rehome_json
 from tasks.config import (
+    DEFAULT_MAX_TRUNCATED,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -361,6 +362,11 @@ def prepare_data(
     """
     tokenizer_id = caching.tokenizer_identity(tokenizer)
     checked_length = validation_length(cfg.model, limit)
+    if cfg.data.max_truncated_fraction is None:
+        # A sized length cuts only what the model cannot hold anyway: measured, not refused.
+        allowed = 1.0 if cfg.model.max_length == "auto" else DEFAULT_MAX_TRUNCATED
+        data_cfg = cfg.data.model_copy(update={"max_truncated_fraction": allowed})
+        cfg = cfg.model_copy(update={"data": data_cfg})
     folder = validation_cache(cfg, tokenizer_id, checked_length)
     data = cached(validate_data_stage, folder)(
         cfg.data, kind, tokenizer, checked_length, folder, run_id

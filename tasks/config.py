@@ -23,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+# The share of texts a chosen `model.max_length` may cut before the data contract refuses them.
+DEFAULT_MAX_TRUNCATED = 0.5
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be turned into a valid :class:`RunConfig`."""
 
@@ -122,9 +126,19 @@ class DataConfig(_Section):
         "training data (sorted) and then frozen for the run.",
     )
     min_chars: int = Field(1, ge=1, description="Shortest text accepted, after stripping.")
-    max_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
-    max_truncated_fraction: float = Field(
-        0.5, ge=0, le=1, description="Largest share of texts longer than model.max_length tokens."
+    max_chars: int = Field(
+        100_000,
+        ge=1,
+        description="Longest text accepted, in characters (a long article or speech is data; a "
+        "cell of 100k characters is usually a file pasted by mistake).",
+    )
+    max_truncated_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Largest share of texts longer than model.max_length tokens. Unset: 0.5 "
+        "with a `max_length` you chose; with `model.max_length: auto` the share is measured and "
+        "reported (long texts keep head and tail) rather than refused.",
     )
     min_rows_per_class: int = Field(10, ge=1, description="Fewest training rows of any class.")
     max_imbalance_ratio: float = Field(

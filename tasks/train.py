@@ -101,6 +101,27 @@ class StepTimer(TrainerCallback):
             self._started = None
 
 
+class BudgetGuard(TrainerCallback):
+    """Stop training once ``seconds`` have passed since it began: the planned step count is an
+    estimate, this is the bound (the best checkpoint so far is still the one kept)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._began = time.perf_counter()
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (
+            time.perf_counter() - self._began >= self.seconds
+            and state.global_step < state.max_steps
+        ):
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
 COMPLETE = "COMPLETE"
 
 
@@ -570,6 +591,7 @@ def train(
         evals_per_epoch = steps_per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
         planned, why = plan_budget(budget, step_s, eval_s, steps_per_epoch, evals_per_epoch)
         trainer.args.max_steps = planned
+        trainer.add_callback(BudgetGuard(budget))
         log.info("time budget %s: %s", cfg.time_budget, why)
         extras.notes["plan.time_budget"] = why
         plan = {

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tasks.config import DataConfig
+from tasks.config import DEFAULT_MAX_TRUNCATED, DataConfig
 from tasks.results import ValidatedData
 from tasks.sources import SourceError, Table, combined_fingerprint, fingerprint, read_table
 
@@ -166,7 +166,12 @@ def suite_parameters(cfg: DataConfig, labels: list[str], max_length: int, is_tra
         "min_chars": cfg.min_chars,
         "max_chars": cfg.max_chars,
         "max_length": max_length,
-        "max_length_mostly": 1 - cfg.max_truncated_fraction,
+        "max_length_mostly": 1
+        - (
+            cfg.max_truncated_fraction
+            if cfg.max_truncated_fraction is not None
+            else DEFAULT_MAX_TRUNCATED
+        ),
         "encoding_mostly": 1 - cfg.max_encoding_problem_rate,
         "duplicate_mostly": 1 - cfg.max_duplicate_rate,
         "required_labels": labels if is_train else [],

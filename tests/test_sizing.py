@@ -49,8 +49,10 @@ def test_auto_warmup_follows_run_length_and_model_size(steps: int, params: float
 
 
 def test_a_time_budget_buys_steps_net_of_validation():
-    # 100 steps per epoch, 0.5 s a step, a 10 s validation per epoch: 0.6 s per step in all.
-    steps, reason = sizing.plan_budget(600, 0.5, 10, 100)
+    # 100 steps per epoch, 0.4 s a step's passes (0.5 s with the update), a 10 s validation per
+    # epoch: 0.6 s per step in all.
+    assert sizing.STEP_OVERHEAD == 1.25
+    steps, reason = sizing.plan_budget(600, 0.4, 10, 100)
     assert steps == 1000 and "1000 steps" in reason
     # Tiny data: the budget would buy hundreds of epochs; it stops at the cap.
     capped, why = sizing.plan_budget(3600, 0.1, 0.1, 2)
