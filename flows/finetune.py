@@ -202,14 +202,15 @@ def finetune(
             | ({"collapsed": "true"} if trained.collapse else {}),
             card,
         )
-        if trained.collapse:  # registered for inspection, never a candidate: the run fails
-            raise ModelCollapsed(
-                collapse_advice(
-                    trained.collapse, cfg.train, trained.learning_rate, registered.version
-                )
+        if trained.collapse:  # registered for inspection, never a candidate
+            advice = collapse_advice(
+                trained.collapse, cfg.train, trained.learning_rate, registered.version
             )
+            if cfg.promote.on_collapse == "fail":
+                raise ModelCollapsed(advice)
+            get_run_logger().warning("%s", advice)
         decision = None
-        if cfg.promote.enabled:
+        if cfg.promote.enabled:  # a collapsed version is not eligible: the gate says so
             decision = promote_stage(
                 registered,
                 evaluation,

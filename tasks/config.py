@@ -437,6 +437,12 @@ class PromoteConfig(_Section):
 
     enabled: bool = Field(True, description="Run the promotion gate after registration.")
     alias: str = Field("champion", description="The alias that production loads.")
+    on_collapse: Literal["fail", "warn"] = Field(
+        "fail",
+        description="A model the collapse guard flags is registered without any alias and "
+        "tagged `collapsed` either way. `fail`: the run then fails (exit 1) with what to try; "
+        "`warn`: it finishes with a warning (smoke tests of the plumbing with a few steps).",
+    )
     metric: Literal["macro_f1", "accuracy", "perplexity", "exact_match"] | None = Field(
         None,
         description="Primary metric: macro_f1 or accuracy (text-classification), perplexity "

@@ -207,7 +207,7 @@ def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> 
     Who moved it, when, why and from which version are tagged on the version.
 
     Raises:
-        ValueError: the version's run did not finish.
+        ValueError: the version's run did not finish, or its model collapsed.
     """
     import time
 
@@ -218,6 +218,11 @@ def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> 
         raise ValueError(
             f"models:/{name}/{version}: its run {target.run_id} is {status}, not FINISHED; "
             "only a finished run's model can take an alias"
+        )
+    if target.tags.get("collapsed") == "true":
+        raise ValueError(
+            f"models:/{name}/{version} collapsed ({target.tags.get('quality.collapse', '')}): "
+            "it is kept for inspection and never takes an alias"
         )
     previous = current_champion(client, name, alias)
     client.set_registered_model_alias(name, alias, version)

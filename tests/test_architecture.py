@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = {"tasks.config", "tasks.results", "tasks.sources", "tasks.caching", "tasks.tracking"}
 CORE |= {"tasks.efficiency", "tasks.metrics"}
 CORE |= {"tasks.kinds"}  # the kinds' interface: the protocol and get_kind
+CORE |= {"tasks.sizing"}  # pure sizing rules (max length, truncation, warm-up, time budget)
 
 
 def module_name(path: Path) -> str:

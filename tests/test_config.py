@@ -35,7 +35,7 @@ def test_built_in_defaults_are_not_the_demo_and_size_themselves():
     assert (built_in.model.max_length, built_in.model.truncation) == ("auto", "auto")
     assert built_in.train.warmup_fraction == "auto" and built_in.train.auto_batch
     # The demo keeps its explicit, tuned values.
-    assert demo.model.max_length == 128 and demo.train.epochs != "auto"
+    assert demo.model.max_length == 64 and demo.train.epochs != "auto"
 
 
 @pytest.mark.parametrize(

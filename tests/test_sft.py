@@ -268,7 +268,9 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_llama_dir: Path):
     ]
     features = [encode_conversation(tokenizer, m, 256, False) for m in rows]
     features = [{k: f[k] for k in ("input_ids", "labels")} for f in features]
-    batch = SFT().collator(tokenizer, ModelConfig(packing=True), training=True)(features)
+    batch = SFT().collator(tokenizer, ModelConfig(packing=True, max_length=256), training=True)(
+        features
+    )
     keep = batch["logits_to_keep"]
     targets = int((batch["labels"][0, 1:] != IGNORE).sum())
     assert batch["input_ids"].shape[0] == 1  # four short conversations: one row

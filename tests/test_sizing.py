@@ -120,6 +120,7 @@ def test_a_collapsed_model_is_kept_for_inspection_but_never_aliased(
         "train.class_weights=[1.0, 0.0001, 0.0001]",
         "train.max_steps=24",
         "train.select_best=false",
+        "promote.on_collapse=fail",  # the default (the tiny runs elsewhere only warn)
     ]
     cfg = load_config(None, overrides)
     with pytest.raises(ModelCollapsed) as caught:
