@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flows.bench import child_environment, fulltune_run_command  # noqa: E402
 from flows.local_server import stop_server  # noqa: E402
 from tasks.metrics import classification_metrics, tfidf_baseline  # noqa: E402
 from tasks.sources import resolve_package_path  # noqa: E402
@@ -118,18 +118,14 @@ def fulltune_run(name: str, folder: Path, budget: str) -> dict[str, object]:
     from mlflow import MlflowClient
 
     home = folder / "home"
-    command = [
-        str(Path(sys.executable).parent / "fulltune"),
-        "run",
-        *("--set", f"home={home}"),
-        *("--set", f"data.train={folder / 'train.csv'}"),
-        *("--set", f"data.test={folder / 'test.csv'}"),
-        *("--set", f"train.time_budget={budget}"),
-        *("--set", f"registry.model_name=quality-{name}"),
-    ]
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
-    }
+    command = fulltune_run_command(
+        home,
+        f"data.train={folder / 'train.csv'}",
+        f"data.test={folder / 'test.csv'}",
+        f"train.time_budget={budget}",
+        f"registry.model_name=quality-{name}",
+    )
+    env = child_environment()
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -202,22 +202,33 @@ def run_trainer(rows: pd.DataFrame, steps: int, workdir: Path, max_length_paddin
     return {"samples_per_s": float(output.metrics["train_samples_per_second"])}
 
 
+def fulltune_run_command(home: Path, *settings: str, config: Path | None = None) -> list[str]:
+    """``fulltune run`` in its own ``home`` with ``--set`` ``settings`` (and a config file)."""
+    command = [str(Path(sys.executable).parent / "fulltune"), "run"]
+    command += ["--config", str(config)] if config is not None else []
+    for setting in (f"home={home}", *settings):
+        command += ["--set", setting]
+    return command
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment without its stores: a child run uses its home's own."""
+    own = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+    return {k: v for k, v in os.environ.items() if k not in own}
+
+
 def one_run(samples: int, home: Path) -> dict[str, Any]:
     """A whole ``fulltune run`` of the demo config on ``samples`` training rows, timed outside,
     and what the run logged about its own time."""
     from mlflow import MlflowClient
 
-    cmd = [
-        str(Path(sys.executable).parent / "fulltune"),
-        "run",
-        *("--config", str(DEMO_CONFIG)),
-        *("--set", f"home={home}"),
-        *("--set", f"train.max_train_samples={samples}"),
-        *("--set", "registry.model_name=bench"),
-    ]
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
-    }
+    cmd = fulltune_run_command(
+        home,
+        f"train.max_train_samples={samples}",
+        "registry.model_name=bench",
+        config=DEMO_CONFIG,
+    )
+    env = child_environment()
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
