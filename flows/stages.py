@@ -279,19 +279,27 @@ class Prepared(NamedTuple):
     model: ModelConfig
 
 
-def size_to_data(
-    cfg: RunConfig, data: ValidatedData, limit: int | None, run_id: str
-) -> tuple[ModelConfig, ValidatedData]:
-    """Resolve ``model.max_length`` and ``model.truncation`` from the validated token lengths;
-    log each choice and its reason to the run (``sizing.*`` tags), and the truncated share at the
-    length actually used."""
+def token_lengths(data: ValidatedData) -> dict[str, np.ndarray]:
+    """Tokens per row of each validated table, as the data contract counted them."""
     path = data.token_lengths_path
-    lengths = dict(np.load(path)) if path and Path(path).exists() else {}
+    return dict(np.load(path)) if path and Path(path).exists() else {}
+
+
+def size_to_data(
+    cfg: RunConfig,
+    data: ValidatedData,
+    lengths: dict[str, np.ndarray],
+    limit: int,
+    run_id: str,
+) -> tuple[ModelConfig, ValidatedData]:
+    """Resolve ``model.max_length`` (within ``limit``) and ``model.truncation`` from the token
+    lengths; log each choice and its reason to the run (``sizing.*`` tags), and the truncated
+    share at the length actually used."""
     train = lengths.get("train", np.zeros(0, dtype=np.int64))
     model = cfg.model
     reasons: dict[str, str] = {}
     if model.max_length == "auto":
-        value, reasons["model.max_length"] = sizing.size_max_length(train, limit or 512, cfg.task)
+        value, reasons["model.max_length"] = sizing.size_max_length(train, limit, cfg.task)
         model = model.model_copy(update={"max_length": value})
     if cfg.task == "text-classification":
         side, why = sizing.choose_truncation(model.truncation, train, model.tokens())
@@ -316,18 +324,15 @@ def size_to_data(
     )
 
 
-def check_shift(data: ValidatedData, seed: int, run_id: str) -> None:
+def check_shift(
+    data: ValidatedData, lengths: dict[str, np.ndarray], seed: int, run_id: str
+) -> None:
     """Compare the given test file with the training data a validation split is carved from;
     log the figures (``shift/*``) and warn, on the run too, when they differ."""
-    frames = {
-        split: pd.read_parquet(path)
-        for split, path in (("train", data.train_path), ("test", data.test_path))
-        if path is not None
-    }
-    if data.token_lengths_path is None or not all("text" in f for f in frames.values()):
+    if data.test_path is None or not {"train", "test"} <= lengths.keys():
         return
-    lengths = np.load(data.token_lengths_path)
-    if "test" not in lengths or "test" not in frames:
+    frames = {"train": pd.read_parquet(data.train_path), "test": pd.read_parquet(data.test_path)}
+    if not all("text" in f for f in frames.values()):
         return
     figures, warning = sizing.distribution_shift(
         lengths["train"],
@@ -371,11 +376,13 @@ def prepare_data(
     data = cached(validate_data_stage, folder)(
         cfg.data, kind, tokenizer, checked_length, folder, run_id
     )
-    model, data = size_to_data(cfg, data, limit, run_id)
+    lengths = token_lengths(data)
+    # With `auto`, the length validation measured against is the bound sizing stays within.
+    model, data = size_to_data(cfg, data, lengths, checked_length, run_id)
     cfg = cfg.model_copy(update={"model": model})
     record_validation(data, run_id)
     if cfg.data.test is not None and cfg.data.validation is None:
-        check_shift(data, cfg.train.seed, run_id)
+        check_shift(data, lengths, cfg.train.seed, run_id)
     splits = split_data_stage(
         data, cfg.data, cfg.train.max_train_samples, cfg.train.seed, workdir, run_id
     )

@@ -108,7 +108,6 @@ class BudgetGuard(TrainerCallback):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._began = time.perf_counter()
-        self.stopped_at: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._began = time.perf_counter()
@@ -119,7 +118,6 @@ class BudgetGuard(TrainerCallback):
             and state.global_step < state.max_steps
         ):
             control.should_training_stop = True
-            self.stopped_at = state.global_step
 
 
 COMPLETE = "COMPLETE"
@@ -297,6 +295,11 @@ def global_batch(cfg: TrainConfig, world_size: int) -> int:
     return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
 
 
+def steps_per_epoch(cfg: TrainConfig, train_rows: int, world_size: int) -> int:
+    """Optimizer steps in one pass over ``train_rows`` (at least one)."""
+    return max(1, math.ceil(train_rows / global_batch(cfg, world_size)))
+
+
 def world_size() -> int:
     """Data-parallel processes of this run (torchrun sets WORLD_SIZE; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -314,8 +317,8 @@ def auto_schedule(
     """
     epochs = cfg.epochs
     if epochs == "auto":
-        steps_per_epoch = max(1, math.ceil(train_rows / global_batch(cfg, processes)))
-        epochs = float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
+        per_epoch = steps_per_epoch(cfg, train_rows, processes)
+        epochs = float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / per_epoch))))
     lr = cfg.learning_rate
     if lr == "auto":
         lr = float(np.clip(REFERENCE_LR * math.sqrt(REFERENCE_PARAMS / n_params), 1e-5, 2e-4))
@@ -450,8 +453,9 @@ def setup_args(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=learning_rate,
         weight_decay=cfg.weight_decay,
-        # A float in [0, 1) is a share of the total steps (`auto` is resolved before training).
-        warmup_steps=cfg.warmup_fraction if cfg.warmup_fraction != "auto" else 0.06,
+        # A share of the total steps, which train() knows only once a time budget is planned: it
+        # sets this (resolving `auto`) just before training starts.
+        warmup_steps=0.0,
         lr_scheduler_type="linear",
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim if cfg.optim != "adamw_torch" else optimizer_for(on_gpu),
@@ -582,14 +586,14 @@ def train(
         callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker()],
         balanced_labels=extras.sampler_labels,
     )
-    steps_per_epoch = max(1, math.ceil(len(data["train"]) / global_batch(cfg, processes)))
+    per_epoch = steps_per_epoch(cfg, len(data["train"]), processes)
     plan: dict[str, float] = {}
     if cfg.time_budget is not None:
         budget = parse_duration(cfg.time_budget)
         step_s, eval_s = measure_step_seconds(trainer, cfg.gradient_accumulation_steps)
         set_seed(cfg.seed)  # the probe drew random numbers: training starts as it would have
-        evals_per_epoch = steps_per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
-        planned, why = plan_budget(budget, step_s, eval_s, steps_per_epoch, evals_per_epoch)
+        evals_per_epoch = per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
+        planned, why = plan_budget(budget, step_s, eval_s, per_epoch, evals_per_epoch)
         trainer.args.max_steps = planned
         trainer.add_callback(BudgetGuard(budget))
         log.info("time budget %s: %s", cfg.time_budget, why)
@@ -601,9 +605,7 @@ def train(
             "plan/validation_s": eval_s,
         }
     total_steps = (
-        trainer.args.max_steps
-        if trainer.args.max_steps > 0
-        else math.ceil(epochs * steps_per_epoch)
+        trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(epochs * per_epoch)
     )
     warmup, why = auto_warmup(cfg.warmup_fraction, total_steps, model.num_parameters())
     trainer.args.warmup_steps = warmup
