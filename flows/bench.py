@@ -30,7 +30,7 @@ import pandas as pd
 from datasets import Dataset
 
 from tasks.config import DEMO_CONFIG, EvalConfig, ModelConfig, TrainConfig, load_config
-from tasks.efficiency import matmul_peak_flops
+from tasks.efficiency import matmul_peak_flops, resolve_precision
 from tasks.kinds import get_kind
 from tasks.results import TokenizedData
 from tasks.sources import load_tokenizer, read_table, resolve_model
@@ -90,6 +90,8 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
         "samples_per_s": result.samples_per_s,
         "tokens_per_s": result.tokens_per_s,
         "mfu": result.mfu,
+        "matmul_peak_flops": result.matmul_peak_flops,
+        "precision": result.notes["train.precision"],
         "peak_rss_bytes": result.peak_rss_bytes,
         "preflight_estimate_bytes": result.preflight_estimate_bytes,
         "validation_macro_f1": result.validation["macro_f1"],
@@ -101,6 +103,7 @@ def run_scoring(rows: pd.DataFrame, workdir: Path) -> dict[str, Any]:
     before) against fulltune's length-sorted ``inference_mode`` batches, same batch size, same
     model (the MiniLM with a seeded new head); the predictions must be the same."""
     import numpy as np
+    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
@@ -137,24 +140,138 @@ def run_scoring(rows: pd.DataFrame, workdir: Path) -> dict[str, Any]:
         logits = trainer.predict(test).predictions
         return np.asarray(logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
 
-    timings: dict[str, list[float]] = {"trainer": [], "sorted": []}
+    precision = resolve_precision("auto", torch.cuda.is_available())[0]
+    timings: dict[str, list[float]] = {"trainer": [], "sorted": [], "auto": []}
     outputs = {}
     for _ in range(2):  # interleaved, twice; the faster of each counts
         for name, call in (
             ("trainer", trainer_predict),
             ("sorted", lambda: predict_ids(str(model_dir), test, batch)),
+            ("auto", lambda: predict_ids(str(model_dir), test, batch, precision)),
         ):
             started = time.perf_counter()
             outputs[name] = call()
             timings[name].append(time.perf_counter() - started)
-    trainer_s, sorted_s = min(timings["trainer"]), min(timings["sorted"])
+    trainer_s, sorted_s, auto_s = (min(timings[k]) for k in ("trainer", "sorted", "auto"))
     return {
         "rows": len(rows),
         "trainer_s": trainer_s,
         "sorted_s": sorted_s,
         "speedup": trainer_s / sorted_s,
         "same_predictions": bool((outputs["trainer"] == outputs["sorted"]).all()),
+        "precision": precision,
+        "sorted_precision_s": auto_s,
+        "speedup_precision": trainer_s / auto_s,
+        "rows_differing_precision": int((outputs["trainer"] != outputs["auto"]).sum()),
     }
+
+
+# Training-step settings, each measured on the same batches of the bench rows: what the defaults
+# were, what they are, and what was tried and not kept. Keys: precision, attention, fused AdamW,
+# torch.compile, threads, batch order.
+SETTINGS: list[tuple[str, dict[str, Any]]] = [
+    ("fp32, SDPA, per-tensor AdamW, grouped (before)", {"precision": "fp32", "fused": False}),
+    ("fp32, SDPA, fused AdamW", {"precision": "fp32"}),
+    ("bf16 autocast, SDPA, fused AdamW", {"precision": "bf16"}),
+    ("bf16 autocast, eager attention, fused AdamW", {"precision": "bf16", "attention": "eager"}),
+    (
+        "  the same, random batches (no length grouping)",
+        {"precision": "bf16", "attention": "eager", "order": "random"},
+    ),
+    ("  the same, 1 thread", {"precision": "bf16", "attention": "eager", "threads": 1}),
+    (
+        "  the same, torch.compile (Inductor)",
+        {"precision": "bf16", "attention": "eager", "compile": True},
+    ),
+]
+
+
+def step_batches(rows: pd.DataFrame, steps: int, order: str) -> list[dict[str, Any]]:
+    """``steps`` batches of ``BATCH`` bench rows, padded per batch: in random order, or grouped
+    by length within mega-batches as the pipeline's sampler does."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    tokenizer = load_tokenizer(MODEL)
+    encoded = tokenizer(rows["text"].tolist(), truncation=True, max_length=128)
+    label_ids = {label: i for i, label in enumerate(LABELS)}
+    labels = [label_ids[v] for v in rows["label"]]
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    generator = torch.Generator().manual_seed(0)
+    if order == "random":
+        index = torch.randperm(len(lengths), generator=generator).tolist()
+    else:
+        index = get_length_grouped_indices(lengths, BATCH, generator=generator)
+    batches = []
+    for step in range(steps):
+        chosen = index[step * BATCH : (step + 1) * BATCH]
+        features = {k: [v[i] for i in chosen] for k, v in encoded.items()}
+        batch = tokenizer.pad(features, return_tensors="pt")
+        batch["labels"] = torch.tensor([labels[i] for i in chosen])
+        batches.append(dict(batch))
+    return batches
+
+
+def time_setting(rows: pd.DataFrame, steps: int, setting: dict[str, Any]) -> dict[str, float]:
+    """Seconds per optimizer step (forward, backward, AdamW) after one untimed step, and that
+    first step's time (torch.compile compiles there)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    set_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(setting.get("threads", threads))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(MODEL),
+            num_labels=len(LABELS),
+            attn_implementation=setting.get("attention", "sdpa"),
+        )
+        model.train()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=HPARAMS["learning_rate"], fused=setting.get("fused", True)
+        )
+        forward = torch.compile(model) if setting.get("compile") else model
+        bf16 = setting["precision"] == "bf16"
+        batches = step_batches(rows, steps + 1, setting.get("order", "grouped"))
+        seconds = []
+        for batch in batches:
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seconds.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return {"step_s": statistics.mean(seconds[1:]), "first_step_s": seconds[0]}
+
+
+def run_settings(rows: pd.DataFrame, steps: int, repeats: int) -> list[dict[str, Any]]:
+    """Every setting ``repeats`` times, interleaved (compile once: it compiles for 30 s and
+    more); the faster repetition counts. Samples/s and the speed-up over the old default."""
+    timings: dict[str, list[dict[str, float]]] = {name: [] for name, _ in SETTINGS}
+    for rep in range(repeats):
+        for name, setting in SETTINGS:
+            if setting.get("compile") and rep > 0:
+                continue
+            timings[name].append(time_setting(rows, steps, setting))
+    before = min(t["step_s"] for t in timings[SETTINGS[0][0]])
+    out = []
+    for name, setting in SETTINGS:
+        best = min(timings[name], key=lambda t: t["step_s"])
+        out.append(
+            {
+                "setting": name.strip(),
+                **{k: v for k, v in setting.items()},
+                "step_s": best["step_s"],
+                "first_step_s": best["first_step_s"],
+                "samples_per_s": BATCH / best["step_s"],
+                "vs_before": before / best["step_s"],
+            }
+        )
+    return out
 
 
 def run_trainer(rows: pd.DataFrame, steps: int, workdir: Path, max_length_padding: bool) -> dict:
@@ -427,6 +544,7 @@ def benchmark(
     sft_steps: int = 0,
     repeats: int = 3,
     scoring_rows: int = 2000,
+    settings_steps: int = 10,
 ) -> dict[str, Any]:
     """Run (a), (b), (c) ``repeats`` times, interleaved, then the overhead measurement and, with
     ``sft_steps``, the SFT section.
@@ -436,7 +554,7 @@ def benchmark(
     reported as the median with its min and max.
     """
     rows = bench_rows(steps * BATCH)
-    peak = matmul_peak_flops()
+    fp32_peak = matmul_peak_flops()
     arms: dict[str, list[dict[str, Any]]] = {"pipeline": [], "bare": [], "seed": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -447,6 +565,7 @@ def benchmark(
             arms["seed"].append(run_trainer(seed_rows, seed_steps, work / f"c{rep}", True))
         rate = {arm: [r["samples_per_s"] for r in runs] for arm, runs in arms.items()}
         scoring = run_scoring(bench_rows(scoring_rows, seed=1), work)
+        settings = run_settings(rows, settings_steps, 2) if settings_steps else []
         spent = None
         if overhead:
             spent = run_overhead(steps * BATCH, work / "home", statistics.median(rate["pipeline"]))
@@ -474,13 +593,16 @@ def benchmark(
         },
         "pipeline_tokens_per_s": statistics.median(r["tokens_per_s"] for r in arms["pipeline"]),
         "mfu": statistics.median(r["mfu"] for r in arms["pipeline"]),
-        "matmul_peak_flops": peak,
+        "precision": first["precision"],
+        "matmul_peak_flops": first["matmul_peak_flops"],  # in the arithmetic trained in
+        "fp32_matmul_peak_flops": fp32_peak,
         "peak_rss_bytes": first["peak_rss_bytes"],
         "preflight_estimate_bytes": first["preflight_estimate_bytes"],
         "preflight_error": first["preflight_estimate_bytes"] / first["peak_rss_bytes"] - 1,
         "pipeline_validation_macro_f1": first["validation_macro_f1"],
         "torch_threads": int(__import__("torch").get_num_threads()),
         "scoring": scoring,
+        "settings": settings,
     }
     if sft_steps:
         result |= sft_benchmark(sft_steps)
@@ -517,11 +639,22 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"test scoring, {scoring['rows']} rows: Trainer.predict {scoring['trainer_s']:.1f} s, "
             f"sorted inference_mode {scoring['sorted_s']:.1f} s ({scoring['speedup']:.1f}x, "
-            f"same predictions: {scoring['same_predictions']})"
+            f"same predictions: {scoring['same_predictions']}); in {scoring['precision']} "
+            f"{scoring['sorted_precision_s']:.1f} s ({scoring['speedup_precision']:.1f}x, "
+            f"{scoring['rows_differing_precision']} of {scoring['rows']} predictions differ)"
         )
+    if result.get("settings"):
+        lines.append(f"{'training step setting (batch ' + str(BATCH) + ')':<52} {'samples/s':>10}")
+        for row in result["settings"]:
+            compiled = f", first step {row['first_step_s']:.1f} s" if row.get("compile") else ""
+            lines.append(
+                f"{row['setting']:<52} {row['samples_per_s']:>10.2f}  "
+                f"{row['vs_before']:.2f}x{compiled}"
+            )
     lines.append(
         f"tokens/s {result['pipeline_tokens_per_s']:.0f}   MFU {result['mfu']:.3f} "
-        f"(peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s fp32 matmul)"
+        f"(peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s matmul in the training "
+        f"arithmetic: {result['precision']})"
     )
     lines.append(
         f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, preflight estimate "

@@ -358,6 +358,14 @@ def bench(
     repeats: Annotated[
         int, typer.Option(min=1, help="Repetitions of (a), (b), (c), interleaved; medians shown.")
     ] = 3,
+    settings_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Steps per training-step setting (precision, attention, fused AdamW, "
+            "torch.compile, threads, batch order); 0 skips.",
+        ),
+    ] = 10,
 ) -> None:
     """Measure training throughput, MFU, memory and overhead against bare HF Trainer recipes."""
     import json
@@ -365,7 +373,9 @@ def bench(
     from flows.bench import benchmark, table
 
     _setup_logging()
-    result = benchmark(steps, seed_steps, overhead, sft_steps, repeats)
+    result = benchmark(
+        steps, seed_steps, overhead, sft_steps, repeats, settings_steps=settings_steps
+    )
     if not as_json:
         typer.echo(table(result))
     typer.echo(json.dumps(result, default=float))

@@ -165,7 +165,15 @@ def finetune(
             run_id,
         )
         evaluation = evaluate_stage(
-            trained.model_dir, prepared, kind, cfg.model, cfg.eval, cfg.train.seed, workdir, run_id
+            trained.model_dir,
+            prepared,
+            kind,
+            cfg.model,
+            cfg.eval,
+            cfg.train.seed,
+            workdir,
+            cache_root(cfg),
+            run_id,
         )
         # How far validation (what selection saw) was from test: optimism shows up here.
         tracking.log_metrics(

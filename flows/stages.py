@@ -463,6 +463,7 @@ def evaluate_stage(
     cfg: EvalConfig,
     seed: int,
     workdir: Path,
+    cache_dir: Path,
     run_id: str,
 ) -> EvalResult:
     """Score the model and the task's two yardsticks on the test split.
@@ -479,6 +480,7 @@ def evaluate_stage(
         cfg,
         seed,
         workdir,
+        cache_dir,
     )
     tracking.log_metrics(
         run_id,

@@ -58,6 +58,11 @@ def code_version(*modules: ModuleType, extra: list[Path] | None = None) -> str:
     return digest(sources)
 
 
+def code_version_of(*functions: Any) -> str:
+    """A hash of the source of the functions that compute a cached value."""
+    return digest([inspect.getsource(f) for f in functions])
+
+
 def tokenizer_identity(tokenizer: Any) -> str:
     """Name plus a hash of the vocabulary: the same name with another vocab is another tokenizer."""
     vocab = sorted(tokenizer.get_vocab().items())

@@ -348,9 +348,16 @@ class TrainConfig(_Section):
         False, description="Recompute activations in the backward pass: less memory, more time."
     )
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Training arithmetic: `bf16` autocast (weights, gradients and optimizer state "
+        "stay fp32) or `fp32`. `auto`: bf16 on GPUs that support it and on CPUs with native bf16 "
+        "matmul (AVX-512 BF16 or AMX), fp32 elsewhere. Test scoring is always fp32.",
+    )
     optim: Literal["adamw_torch", "adamw_bnb_8bit"] = Field(
         "adamw_torch",
-        description="The optimizer: AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW (CUDA "
+        description="The optimizer: AdamW (fused: one kernel per step on CPU and CUDA), or "
+        "bitsandbytes' 8-bit AdamW (CUDA "
         "only; its two moments take 2 bytes per parameter instead of 8).",
     )
     fsdp: Literal["none", "full_shard"] = Field(
@@ -408,6 +415,12 @@ class EvalConfig(_Section):
     )
     max_test_samples: int | None = Field(
         None, ge=1, description="Score at most this many test rows (seeded subset)."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Arithmetic of classification scoring (test split, champion): `auto` is bf16 "
+        "autocast where the device multiplies bf16 natively, as training and its validation; "
+        "`fp32` scores as the served model does.",
     )
     prompts: list[str] = Field(
         default_factory=lambda: ["i love", "today is", "my phone"],

@@ -6,7 +6,8 @@ FLOPs of one training token (forward and backward): ``6 * N + 12 * L * d * s``, 
 number of non-embedding parameters, ``L`` the layers, ``d`` the hidden size and ``s`` the padded
 sequence length the token attends over (the attention score and value products, which ``N`` does
 not count). Only non-pad tokens count: padding is waste, not work. MFU is achieved FLOP/s divided by
-the peak FLOP/s of a large fp32 matmul measured on the same machine.
+the peak FLOP/s of a large matmul in the training arithmetic (fp32 or bf16) measured on the same
+machine.
 """
 
 from __future__ import annotations
@@ -47,6 +48,36 @@ def non_embedding_params(model: torch.nn.Module) -> int:
 def train_flops_per_token(n_non_embedding: int, layers: int, hidden: int, seq_len: float) -> float:
     """Forward + backward FLOPs of one token: 6N for the weights, 12*L*d*s for attention."""
     return 6.0 * n_non_embedding + 12.0 * layers * hidden * seq_len
+
+
+def native_bf16(on_gpu: bool) -> bool:
+    """Whether this device multiplies bf16 natively (a GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX), so that bf16 autocast is faster than fp32 rather than emulated."""
+    if on_gpu:
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(setting: str, on_gpu: bool) -> tuple[str, str]:
+    """(``bf16`` or ``fp32``, why) for a ``precision`` setting of ``auto``, ``fp32`` or ``bf16``.
+
+    ``auto`` is bf16 where the device multiplies it natively. Measured on a 2-core AVX-512 BF16
+    CPU, MiniLM-L6, batch 32 x 40 tokens: a training step (forward, backward, AdamW) 0.70 s in
+    fp32, 0.41 s under bf16 autocast with eager attention; scoring 3,764 tweets 18.7 s in fp32,
+    10.4 s in bf16 (one prediction of the 3,764 differed).
+    """
+    if setting != "auto":
+        return setting, "set in the config"
+    if native_bf16(on_gpu):
+        return "bf16", f"this {'GPU' if on_gpu else 'CPU (AVX-512 BF16 or AMX)'} has native bf16"
+    return "fp32", "no native bf16 matmul on this device"
+
+
+def attention_for(precision: str, on_gpu: bool) -> str | None:
+    """The attention kernel for this arithmetic: eager under CPU bf16 (SDPA's bf16 backward on
+    the CPU is slower than plain matmuls: 0.54 s against 0.41 s for the step above), the model's
+    default (SDPA) elsewhere."""
+    return "eager" if precision == "bf16" and not on_gpu else None
 
 
 @functools.lru_cache(maxsize=4)

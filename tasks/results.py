@@ -203,6 +203,7 @@ class EvalResult(BaseModel):
     test_fingerprint: str
     scores_path: str  # per-example test scores, for the gate's paired comparison
     scoring_s: float = 0.0  # forward passes over the test split: work, not overhead
+    precision: str = "fp32"  # the arithmetic the test split was scored in
 
     headline_keys: tuple[str, ...] = ()
     baseline_names: tuple[str, str] = ("baseline", "classical")
@@ -211,7 +212,7 @@ class EvalResult(BaseModel):
         return [self.scores_path]
 
     def version_tags(self) -> dict[str, str]:
-        return {"test.fingerprint": self.test_fingerprint}
+        return {"test.fingerprint": self.test_fingerprint, "test.precision": self.precision}
 
     def tables(self) -> dict[str, list[dict[str, str]]]:
         return {}

@@ -37,12 +37,14 @@ from tasks.config import ModelConfig, TrainConfig, parse_duration
 from tasks.efficiency import (
     GIB,
     MemoryEstimate,
+    attention_for,
     available_bytes,
     current_rss_bytes,
     estimate_training_memory,
     matmul_peak_flops,
     non_embedding_params,
     peak_rss_bytes,
+    resolve_precision,
     train_flops_per_token,
 )
 from tasks.results import TokenizedData, TrainJob, TrainResult
@@ -395,10 +397,6 @@ def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
     return data
 
 
-def optimizer_for(on_gpu: bool) -> str:
-    return "adamw_torch_fused" if on_gpu else "adamw_torch"
-
-
 def sharding_arguments(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` for ``train.fsdp``, ``train.optim`` and checkpointing.
 
@@ -458,7 +456,9 @@ def setup_args(
         warmup_steps=0.0,
         lr_scheduler_type="linear",
         max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim if cfg.optim != "adamw_torch" else optimizer_for(on_gpu),
+        # Fused AdamW: one kernel over all parameters (CPU and CUDA); on MiniLM-L6 on 2 CPU cores
+        # 13 ms per step instead of 79 ms for the per-tensor (foreach) update.
+        optim=cfg.optim if cfg.optim != "adamw_torch" else "adamw_torch_fused",
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -479,9 +479,9 @@ def setup_args(
         report_to="none",
         use_cpu=not on_gpu,  # also tells accelerate that a torchrun job is CPU DDP (gloo)
         disable_tqdm=False,
-        # The GPU path: bf16 autocast, fused AdamW, TF32 matmuls, pinned host memory. All off on
-        # the CPU, where bf16 autocast is slower than fp32.
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        # bf16 autocast where the device multiplies bf16 natively (train.precision); TF32
+        # matmuls and pinned host memory on GPUs.
+        bf16=resolve_precision(cfg.precision, on_gpu)[0] == "bf16",
         tf32=on_gpu,
         dataloader_pin_memory=on_gpu,
         torch_compile=cfg.compile and on_gpu,
@@ -555,6 +555,11 @@ def train(
     # May give the tokenizer a pad token, which must happen before it is saved with the model.
     collator = kind.collator(tokenizer, model_cfg, training=True)
     model = kind.setup_model(model_cfg, labels)
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    precision, why = resolve_precision(cfg.precision, on_gpu)
+    attention = attention_for(precision, on_gpu)
+    if attention is not None:
+        model.set_attn_implementation(attention)
     before = snapshot(model)
     lengths = np.asarray(data["train"]["length"])
     cfg, estimate = preflight(model, cfg, int(lengths.max()))
@@ -565,6 +570,8 @@ def train(
     )
     extras = kind.train_extras(cfg, data["train"], labels)
     log.info("schedule: %.1f epochs at lr %.2e; %s", epochs, learning_rate, extras.notes)
+    log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
+    extras.notes["train.precision"] = f"{precision} ({why})"
 
     early_stopping = (
         [EarlyStoppingCallback(cfg.early_stopping_patience)]
@@ -661,7 +668,7 @@ def train(
         config.hidden_size,
         float(lengths.mean()),
     )
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(dtype="bfloat16" if precision == "bf16" else "float32")
     step_time = max(timer.seconds, 1e-9)
     losses, curve = training_history(trainer.state.log_history, kind.selection_metric)
     best = trainer.state.best_global_step

@@ -103,3 +103,25 @@ def test_tokenize_saves_every_split(tiny_csv: Path, tiny_model_dir: Path, tmp_pa
     _, splits, result = prepare(cfg, model_cfg, tmp_path)
     assert result.rows == splits.rows
     assert 0 < result.mean_tokens["test"] <= 8
+
+
+def test_the_tfidf_yardstick_is_fit_once_per_rows_labels_and_seed(tmp_path, monkeypatch):
+    import tasks.metrics
+    from tasks.metrics import tfidf_baseline
+
+    train = ["good film", "great fun", "bad film", "awful mess", "fine i guess", "okay then"]
+    labels = [2, 2, 0, 0, 1, 1]
+    test = ["good fun", "awful film", "okay"]
+    fits = []
+    fit = tasks.metrics._fit_tfidf
+    monkeypatch.setattr(tasks.metrics, "_fit_tfidf", lambda *a: fits.append(a) or fit(*a))
+    first = tfidf_baseline(train, labels, test, 0, tmp_path)
+    again = tfidf_baseline(train, labels, test, 0, tmp_path)
+    assert len(fits) == 1 and again.tolist() == first.tolist()
+    assert again.tolist() == fit(train, labels, test, 0).tolist()  # what a fit predicts
+    # Other labels, rows or seed are another yardstick.
+    tfidf_baseline(train, [0, 0, 2, 2, 1, 1], test, 0, tmp_path)
+    tfidf_baseline(train, labels, test[:2], 0, tmp_path)
+    tfidf_baseline(train, labels, test, 1, tmp_path)
+    assert len(fits) == 4
+    assert len(list((tmp_path / "yardstick").iterdir())) == 4

@@ -97,3 +97,31 @@ def test_what_only_cuda_offers_is_refused_on_the_cpu_by_name():
     assert sharding_arguments(TrainConfig(gradient_checkpointing=True), False) == {
         "activation_checkpointing": True
     }
+
+
+def test_precision_follows_the_setting_or_the_hardware(monkeypatch):
+    from tasks.efficiency import attention_for, resolve_precision
+
+    assert resolve_precision("fp32", on_gpu=False) == ("fp32", "set in the config")
+    assert resolve_precision("bf16", on_gpu=False)[0] == "bf16"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: False)
+        precision, why = resolve_precision("auto", on_gpu=False)
+        assert precision == expected, why
+    # Eager attention only where SDPA's bf16 backward is the slow path: bf16 on the CPU.
+    assert attention_for("bf16", on_gpu=False) == "eager"
+    assert attention_for("fp32", on_gpu=False) is None
+    assert attention_for("bf16", on_gpu=True) is None
+
+
+def test_training_arguments_carry_the_precision_and_the_fused_optimizer(tmp_path):
+    from tasks.kinds import get_kind
+    from tasks.train import setup_args
+
+    kind = get_kind("text-classification")
+    for precision, bf16 in (("fp32", False), ("bf16", True)):
+        cfg = TrainConfig(precision=precision)
+        args = setup_args(cfg, tmp_path, 1.0, 1e-4, kind, 8)
+        assert args.bf16 is bf16
+        assert args.optim == "adamw_torch_fused"  # one kernel per step, on CPU as on CUDA

@@ -181,3 +181,20 @@ def test_sorted_batched_scoring_predicts_what_row_by_row_scoring_does(
         ]
     for batch_size in (1, 7, 64):
         assert predict_ids(str(tiny_model_dir), split, batch_size).tolist() == one_by_one
+    # In bf16 the same holds against bf16 scoring one row at a time.
+    bf16_one_by_one = predict_ids(str(tiny_model_dir), split, 1, "bf16").tolist()
+    for batch_size in (7, 64):
+        assert predict_ids(str(tiny_model_dir), split, batch_size, "bf16").tolist() == (
+            bf16_one_by_one
+        )
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_train_every_weight(tokenized, tiny_model_dir, tmp_path, precision):
+    """bf16 autocast keeps fp32 weights, gradients and AdamW state: every tensor moves, and the
+    MFU is taken against the matmul peak of the arithmetic used."""
+    result = run(tokenized, tiny_model_dir, tmp_path, precision=precision, max_steps=4)
+    assert result.tensors_updated == result.tensors_total
+    assert result.notes["train.precision"].startswith(precision)
+    assert result.mfu > 0 and result.matmul_peak_flops > 0

@@ -109,6 +109,7 @@ class Kind(Protocol):
         cfg: EvalConfig,
         seed: int,
         workdir: Path,
+        cache_dir: Path,
     ) -> EvalResult:
         """Score the model and the task's two yardsticks on the test split."""
         ...

@@ -319,6 +319,7 @@ class CausalLM:
         cfg: EvalConfig,
         seed: int,
         workdir: Path,
+        cache_dir: Path,
     ) -> LMEvalResult:
         """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""
         data = load_from_disk(tokenized.path)

@@ -42,6 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.trainer_utils import PredictionOutput
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.efficiency import attention_for, resolve_precision
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
@@ -143,10 +144,7 @@ class ClassificationEval(EvalResult):
         return [self.confusion_matrix_png, self.per_class_png, self.scores_path]
 
     def version_tags(self) -> dict[str, str]:
-        return {
-            "test.fingerprint": self.test_fingerprint,
-            "test.macro_f1": f"{self.metrics['macro_f1']:.4f}",
-        }
+        return super().version_tags() | {"test.macro_f1": f"{self.metrics['macro_f1']:.4f}"}
 
     def details_markdown(self) -> str:
         return f"Majority label: `{self.majority_label}`"
@@ -195,24 +193,34 @@ def plot_per_class(
     return path
 
 
-def predict_ids(model_dir: str, dataset: Dataset, batch_size: int) -> np.ndarray:
+def predict_ids(
+    model_dir: str, dataset: Dataset, batch_size: int, precision: str = "fp32"
+) -> np.ndarray:
     """Predicted class ids for a tokenized dataset, in the dataset's own order.
 
-    Scored in length-sorted batches (padding stays small; a sorted batch can be larger for the
-    same memory) under ``torch.inference_mode``; each prediction goes back to its row.
+    Scored in length-sorted batches (padding stays small) under ``torch.inference_mode``, in
+    ``precision`` (``bf16``: autocast); each prediction goes back to its row.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    inputs = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.features]
-    features = dataset.select_columns(inputs)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    on_gpu = torch.cuda.is_available()
+    attention = attention_for(precision, on_gpu)
+    if attention is not None:
+        model.set_attn_implementation(attention)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    model.to(device).eval()
+    columns = [
+        c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.features
+    ]
+    features = dataset.select_columns(columns).to_dict()  # once: no per-batch Arrow selects
     order = np.argsort(np.asarray(dataset["length"]), kind="stable")
     predicted = np.empty(len(dataset), dtype=np.int64)
-    with torch.inference_mode():
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            batch = tokenizer.pad(features.select(index).to_dict(), return_tensors="pt")
+            rows = {name: [values[i] for i in index] for name, values in features.items()}
+            batch = tokenizer.pad(rows, return_tensors="pt")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             predicted[index] = logits.argmax(-1).cpu().numpy()
     return predicted
@@ -344,6 +352,7 @@ class Classification:
         cfg: EvalConfig,
         seed: int,
         workdir: Path,
+        cache_dir: Path,
     ) -> ClassificationEval:
         """Accuracy, macro P/R/F1, per-class P/R/F1 and a confusion matrix on the test split.
 
@@ -357,8 +366,10 @@ class Classification:
             test = test.shuffle(seed=seed).select(range(cfg.max_test_samples)).sort("row")
         rows = np.asarray(test["row"])
         y_true = np.asarray(test["labels"])
+        precision, why = resolve_precision(cfg.precision, torch.cuda.is_available())
+        log.info("scoring %d test rows in %s (%s)", len(test), precision, why)
         started = time.perf_counter()
-        y_pred = predict_ids(model_dir, test, cfg.batch_size)
+        y_pred = predict_ids(model_dir, test, cfg.batch_size, precision)
         scoring_s = time.perf_counter() - started
 
         train_frame = pd.read_parquet(splits.train_path)
@@ -369,6 +380,7 @@ class Classification:
             [label_ids[v] for v in train_frame["label"]],
             test_frame["text"].tolist(),
             seed,
+            cache_dir,
         )
         majority = majority_label(train_frame["label"].value_counts().to_dict())
         baseline_pred = np.full_like(y_true, labels.index(majority))
@@ -395,6 +407,7 @@ class Classification:
         return ClassificationEval(
             metrics=metrics,
             scoring_s=scoring_s,
+            precision=precision,
             baseline=baseline,
             classical=classical,
             per_class_png=str(per_class),
@@ -436,7 +449,10 @@ class Classification:
         """The champion's predictions on this test split: logged when it saw the same rows."""
         client = MlflowClient()
         y_true = np.asarray(json.loads(Path(evaluation.scores_path).read_text())["y_true"])
-        if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
+        same_rows = champion.tags.get("test.fingerprint") == evaluation.test_fingerprint
+        # Versions from before test.precision was recorded were scored in fp32.
+        same_arithmetic = champion.tags.get("test.precision", "fp32") == evaluation.precision
+        if same_rows and same_arithmetic:
             path = client.download_artifacts(str(champion.run_id), f"evaluation/{PREDICTIONS_FILE}")
             logged = json.loads(Path(path).read_text())
             if logged["labels"] == labels:
@@ -448,7 +464,12 @@ class Classification:
 
         from tasks.sources import load_registered
 
-        log.info("champion v%s saw another test set: scoring it on this one", champion.version)
+        log.info(
+            "champion v%s was scored on other rows or in other arithmetic: scoring it on this "
+            "test split in %s",
+            champion.version,
+            evaluation.precision,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             model, tokenizer = load_registered(
                 champion.name, champion.version, AutoModelForSequenceClassification, Path(tmp)
@@ -456,8 +477,12 @@ class Classification:
         names = model.config.id2label
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
         model.eval()
+        attention = attention_for(evaluation.precision, torch.cuda.is_available())
+        if attention is not None:
+            model.set_attn_implementation(attention)
         predicted = []
-        with torch.inference_mode():
+        bf16 = evaluation.precision == "bf16"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, len(texts), batch_size):
                 batch = tokenizer(
                     texts[start : start + batch_size],

@@ -642,6 +642,7 @@ class SFT:
         cfg: EvalConfig,
         seed: int,
         workdir: Path,
+        cache_dir: Path,
     ) -> SFTEval:
         """Generate an answer to every test prompt with the fine-tuned and the zero-shot model."""
         conversations = conversations_of(splits.test_path)
