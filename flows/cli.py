@@ -177,6 +177,11 @@ def _use_tracking(uri: str | None) -> str:
 
 
 def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
+    from flows.local_server import start_early
+    from tasks.preflight import check_home
+
+    if not check_home(cfg):  # a new home: its Prefect server boots while the pipeline imports
+        start_early(cfg.home_dir())
     from flows.finetune import finetune
     from tasks import tracking
 

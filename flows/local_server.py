@@ -125,8 +125,12 @@ def wait_until_healthy(info: ServerInfo, log_path: Path, timeout: float) -> None
         time.sleep(0.5)
 
 
-def ensure_server(home: Path, timeout: float = START_TIMEOUT_S) -> ServerInfo:
-    """The home's running Prefect server; started (under a file lock) if none answers."""
+def ensure_server(home: Path, timeout: float = START_TIMEOUT_S, wait: bool = True) -> ServerInfo:
+    """The home's running Prefect server; started (under a file lock) if none answers.
+
+    With ``wait=False`` a server is started if none runs, but not waited for: a run imports its
+    libraries while the server boots (both take seconds) and waits for it afterwards.
+    """
     folder = server_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
     info = read_info(home)
@@ -138,7 +142,8 @@ def ensure_server(home: Path, timeout: float = START_TIMEOUT_S) -> ServerInfo:
         if info is not None and alive(info.pid):
             # Running but slow to answer (a busy machine, or still starting): wait for it
             # rather than start a second server on the same database.
-            wait_until_healthy(info, folder / "server.log", timeout)
+            if wait:
+                wait_until_healthy(info, folder / "server.log", timeout)
             return info
         port = free_port()
         log_path = folder / "server.log"
@@ -153,7 +158,8 @@ def ensure_server(home: Path, timeout: float = START_TIMEOUT_S) -> ServerInfo:
             )
         info = ServerInfo(pid=process.pid, port=port, started_at=time.time())
         (folder / "server.json").write_text(info.model_dump_json())
-        wait_until_healthy(info, log_path, timeout)
+        if wait:
+            wait_until_healthy(info, log_path, timeout)
         return info
 
 
@@ -182,6 +188,16 @@ def stop_server(home: Path, timeout: float = 30.0) -> ServerInfo | None:
 def _reap(pid: int) -> None:
     with suppress(ChildProcessError):  # a server this process started is its child: collect it
         os.waitpid(pid, os.WNOHANG)
+
+
+def start_early(home: Path) -> None:
+    """Start this home's server, unless the user configured an API, without waiting for it.
+
+    Best effort: whatever goes wrong here is found again, and reported, by ``prefect_api``.
+    """
+    with suppress(Exception):
+        if configured_api_url() is None:
+            ensure_server(home, wait=False)
 
 
 @contextmanager
