@@ -86,5 +86,11 @@ def test_four_runs_at_once_on_a_loaded_machine(tiny_model_dir: Path, tmp_path: P
         assert len(finished) == RUNS, "every run stays visible in the Prefect API"
         tagged = {v.tags["lineage.prefect_flow_run_id"] for v in versions}
         assert tagged == {r["id"] for r in finished}
+        for version in versions:  # each command logged its own time: start, whole, overhead
+            m = client.get_run(version.run_id).data.metrics
+            assert 0 < m["time/cold_start_s"] < m["time/process_s"]
+            assert m["time/process_s"] >= m["time/cold_start_s"] + m["time/flow_s"]
+            overhead = (m["time/process_s"] - m["efficiency/work_s"]) / m["time/process_s"]
+            assert m["efficiency/process_overhead_fraction"] == pytest.approx(overhead)
     finally:
         stop_server(home)

@@ -125,3 +125,33 @@ def test_training_arguments_carry_the_precision_and_the_fused_optimizer(tmp_path
         args = setup_args(cfg, tmp_path, 1.0, 1e-4, kind, 8)
         assert args.bf16 is bf16
         assert args.optim == "adamw_torch_fused"  # one kernel per step, on CPU as on CUDA
+
+
+def test_a_command_logs_its_start_whole_time_and_overhead(tmp_path, monkeypatch):
+    """``time/cold_start_s``: process start to the run's start (its first stage);
+    ``efficiency/process_overhead_fraction``: the share of the whole command outside work."""
+    import time
+
+    import mlflow
+    import psutil
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    born = time.time() - 30.0  # as if this process had started 30 s ago
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: born)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"))
+    client.log_metric(run.info.run_id, "efficiency/work_s", 12.0)
+    mlflow.set_tracking_uri(uri)
+    times = tracking.log_process_times(run.info.run_id)
+    started = client.get_run(run.info.run_id).info.start_time / 1000
+    assert times["time/cold_start_s"] == pytest.approx(started - born)
+    assert 30.0 <= times["time/process_s"] < 90.0
+    assert times["efficiency/process_overhead_fraction"] == pytest.approx(
+        (times["time/process_s"] - 12.0) / times["time/process_s"]
+    )
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert {k: logged[k] for k in times} == pytest.approx(times)

@@ -58,6 +58,24 @@ def test_run_has_config_metrics_and_artifacts(finished_run):
     assert "training/training_curves.png" in training
 
 
+def test_time_is_split_into_work_and_overhead(finished_run):
+    """Work is forward and backward passes (optimizer steps, validation, test scoring), each
+    timed inside its stage; overhead is the rest of the flow's wall time."""
+    cfg, summary = finished_run
+    m = MlflowClient(cfg.tracking_uri()).get_run(summary.mlflow_run_id).data.metrics
+    steps, validation = m["efficiency/step_time_s"], m["efficiency/validation_s"]
+    scoring, flow = m["efficiency/test_scoring_s"], m["time/flow_s"]
+    assert min(steps, validation, scoring) > 0
+    assert steps + validation <= m["time/train_s"]
+    assert scoring <= m["time/evaluate_s"]
+    stages = ("split_data", "train", "evaluate", "register_model", "promote")
+    assert sum(m[f"time/{stage}_s"] for stage in stages) <= flow
+    assert m["efficiency/work_s"] == pytest.approx(steps + validation + scoring)
+    assert m["efficiency/overhead_s"] == pytest.approx(flow - m["efficiency/work_s"])
+    assert m["efficiency/overhead_fraction"] == pytest.approx(m["efficiency/overhead_s"] / flow)
+    assert 0 < m["efficiency/overhead_fraction"] < 1
+
+
 def test_the_mlflow_ui_gets_what_it_shows(finished_run):
     """Model-training mode, Source and User, Datasets, a Description, single-value summaries,
     and a model card on the version."""
