@@ -88,8 +88,10 @@ def test_four_runs_at_once_on_a_loaded_machine(tiny_model_dir: Path, tmp_path: P
         assert tagged == {r["id"] for r in finished}
         for version in versions:  # each command logged its own time: start, whole, overhead
             m = client.get_run(version.run_id).data.metrics
+            # The flow's clock starts before its first stage (the MLflow run), the command's
+            # before both.
             assert 0 < m["time/cold_start_s"] < m["time/process_s"]
-            assert m["time/process_s"] >= m["time/cold_start_s"] + m["time/flow_s"]
+            assert m["time/flow_s"] < m["time/process_s"]
             overhead = (m["time/process_s"] - m["efficiency/work_s"]) / m["time/process_s"]
             assert m["efficiency/process_overhead_fraction"] == pytest.approx(overhead)
     finally:
