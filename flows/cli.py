@@ -183,6 +183,9 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     if not check_home(cfg):  # a new home: its Prefect server boots while the pipeline imports
         start_early(cfg.home_dir())
     from flows.finetune import finetune
+    from tasks.kinds import get_kind
+
+    get_kind(cfg.task)  # the kind's libraries (torch, transformers) load before the flow's clock
     from tasks import tracking
 
     with _orchestrated(cfg, "run") as stored:

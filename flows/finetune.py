@@ -33,13 +33,13 @@ from flows.stages import (
     train_stage,
 )
 from tasks import caching, tracking
+from tasks.checkpoints import latest_checkpoint, lock_folder
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
 from tasks.preflight import max_positions, preflight
 from tasks.register import CardFacts, base_license, describe_version, lineage_tags
 from tasks.results import Decision, EvalResult, RegisteredModel
 from tasks.sources import load_tokenizer, materialize_model
-from tasks.train import ModelCollapsed, collapse_advice, latest_checkpoint, lock_folder
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -150,6 +150,8 @@ def finetune(
         # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+        # When the first stage (the data contract) starts: the command's cold start ends here.
+        tracking.set_tags(run_id, {tracking.FIRST_STAGE_TAG: f"{time.time():.3f}"})
         prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id, limit)
         cfg = cfg.model_copy(update={"model": prepared.model})  # `auto` sized to the data
         trained = train_stage.with_options(
@@ -211,6 +213,8 @@ def finetune(
             card,
         )
         if trained.collapse:  # registered for inspection, never a candidate
+            from tasks.train import ModelCollapsed, collapse_advice
+
             advice = collapse_advice(
                 trained.collapse, cfg.train, trained.learning_rate, registered.version
             )

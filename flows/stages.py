@@ -23,11 +23,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from transformers import PreTrainedTokenizerBase
 
-from tasks import caching, distributed, sizing, tracking
+from tasks import caching, sizing, tracking
 from tasks import sources as sources_module
 from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
 from tasks.caching import rehome_json
+from tasks.checkpoints import latest_checkpoint
 from tasks.config import (
     DEFAULT_MAX_TRUNCATED,
     DataConfig,
@@ -39,7 +40,6 @@ from tasks.config import (
     TrainConfig,
 )
 from tasks.kinds import Kind
-from tasks.promote import promote
 from tasks.register import CardFacts, register_model
 from tasks.results import (
     Decision,
@@ -52,9 +52,7 @@ from tasks.results import (
     ValidatedData,
 )
 from tasks.sources import fingerprint
-from tasks.split import split_data
 from tasks.tokenize import tokenize
-from tasks.train import latest_checkpoint, run_job
 from tasks.validate import DataValidationError, render_markdown, suite_path, validate_data
 
 log = logging.getLogger(__name__)
@@ -91,7 +89,9 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, OSError | ConnectionError | TimeoutError):
         return True
-    if isinstance(err, distributed.DistributedError):
+    from tasks.distributed import DistributedError  # the training stack: imported on failure
+
+    if isinstance(err, DistributedError):
         return err.signalled  # a rank killed from outside (OOM killer, preemption), not a bug
     from mlflow.exceptions import MlflowException
 
@@ -237,6 +237,8 @@ def split_data_stage(
     run_id: str,
 ) -> Splits:
     """Carve the seeded, stratified validation and test splits (and the train subset)."""
+    from tasks.split import split_data
+
     splits = split_data(data, cfg, workdir, max_train_samples, seed)
     tracking.log_metrics_once(run_id, {f"data/split_{k}": v for k, v in splits.rows.items()})
     tracking.log_datasets(
@@ -417,13 +419,16 @@ def train_stage(
     # metrics: what the training cost.
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    from tasks import distributed
+    from tasks.train import MlflowMetricsCallback, run_job
+
     monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resuming)
     monitor.start()
     try:
         if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
             result = distributed.launch(job, num_processes)
         else:
-            callbacks = [tracking.MlflowMetricsCallback(run_id, job.after_step)]
+            callbacks = [MlflowMetricsCallback(run_id, job.after_step)]
             result = run_job(job, kind, callbacks, tokenizer)
     finally:
         monitor.finish()
@@ -552,6 +557,8 @@ def promote_stage(
     collapse: str | None,
 ) -> Decision:
     """Move the champion alias to the new version only if the evidence says it is better."""
+    from tasks.promote import promote
+
     decision = promote(
         registered,
         evaluation,

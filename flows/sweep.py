@@ -27,7 +27,7 @@ from tasks.config import RunConfig, SearchDimension, TrainConfig
 from tasks.kinds import Kind, get_kind
 from tasks.preflight import check_model, max_positions
 from tasks.sources import load_tokenizer, materialize_model
-from tasks.train import train
+from tasks.train import MlflowMetricsCallback, train
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def trial_stage(
             cfg.eval.batch_size,
             workdir,
             kind,
-            [tracking.MlflowMetricsCallback(run_id), pruner],
+            [MlflowMetricsCallback(run_id), pruner],
             tokenizer=tokenizer,
         )
     except BaseException:

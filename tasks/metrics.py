@@ -12,7 +12,7 @@ import sklearn
 from scipy.stats import bootstrap
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.pipeline import make_pipeline
 
 from tasks import caching
@@ -51,12 +51,29 @@ def gate_statistic(metric: str, n_classes: int) -> Callable[[np.ndarray, np.ndar
     A prediction outside the declared set (a champion with another label set predicts -1) is
     simply wrong: it counts against the true class's recall and no class's precision.
     """
-    ids = list(range(n_classes))
     if metric == "accuracy":
         return lambda y, p: float(np.mean(y == p))
     if metric == "macro_f1":
-        return lambda y, p: float(f1_score(y, p, labels=ids, average="macro", zero_division=0))
+        return lambda y, p: macro_f1(y, p, n_classes)
     raise ValueError(f"promote.metric {metric!r} is not a classification metric")
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro F1 over classes ``0..n_classes-1``, as sklearn's ``f1_score(average="macro",
+    zero_division=0)`` computes it, from counts: F1 = 2 TP / (predicted + true) per class.
+
+    The gate's bootstrap calls this once per resample and model (2,000 times by default): from
+    counts it takes microseconds, where sklearn's input checking took 4.4 s on the demo's 3,764
+    rows.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    declared = (y_pred >= 0) & (y_pred < n_classes)
+    hits = np.bincount(y_true[declared & (y_true == y_pred)], minlength=n_classes)
+    predicted = np.bincount(y_pred[declared], minlength=n_classes)
+    actual = np.bincount(y_true, minlength=n_classes)
+    both = predicted + actual
+    f1 = np.divide(2.0 * hits, both, out=np.zeros(n_classes), where=both > 0)
+    return float(f1[:n_classes].mean())
 
 
 def tfidf_baseline(

@@ -24,7 +24,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from transformers import TrainerCallback
 
 from tasks.config import RunConfig
 
@@ -267,17 +266,22 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
     MlflowClient().log_batch(run_id, metrics=batch)
 
 
+FIRST_STAGE_TAG = "fulltune.first_stage_at"  # epoch seconds when the data contract started
+
+
 def log_process_times(run_id: str) -> dict[str, float]:
     """The command's own times, logged to its run once the flow is done: ``time/cold_start_s``
-    (process start to the run's first stage: interpreter, imports, config, the Prefect server,
-    the preflight), ``time/process_s``, and the overhead share of the whole command
-    (``efficiency/process_overhead_fraction``, process start and imports included)."""
+    (process start to the start of the run's first stage, the data contract: interpreter,
+    imports, config, the Prefect server, the preflight, the tokenizer), ``time/process_s``, and
+    the overhead share of the whole command (``efficiency/process_overhead_fraction``, process
+    start and imports included)."""
     run = MlflowClient().get_run(run_id)
     born = psutil.Process().create_time()
     alive = time.time() - born
     work = run.data.metrics.get("efficiency/work_s", 0.0)
+    first_stage = float(run.data.tags.get(FIRST_STAGE_TAG, run.info.start_time / 1000))
     times = {
-        "time/cold_start_s": run.info.start_time / 1000 - born,
+        "time/cold_start_s": first_stage - born,
         "time/process_s": alive,
         "efficiency/process_overhead_fraction": (alive - work) / alive,
     }
@@ -380,26 +384,3 @@ def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> No
 def _metric_key(key: str) -> str:
     # MLflow metric names allow letters, digits, _ - . space : and /.
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
-
-
-class MlflowMetricsCallback(TrainerCallback):
-    """Send the Trainer's logs (loss, learning rate, grad norm, eval metrics) to one MLflow run.
-
-    One batched call per logging step: no per-step round trips beyond what the user asked for
-    with ``logging_steps``.
-    """
-
-    def __init__(self, run_id: str, after_step: int = -1):
-        self.run_id = run_id
-        # A resumed run replays the steps between its checkpoint and the crash: those metric
-        # steps are in MLflow already, and are not logged twice.
-        self.after_step = after_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or state.global_step <= self.after_step:
-            return
-        renamed = {
-            (f"val/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"): v
-            for key, v in logs.items()
-        }
-        log_metrics(self.run_id, renamed, step=state.global_step)

@@ -9,7 +9,6 @@ class, collator and checks; resume, scheduling, preflight and efficiency are sha
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import math
@@ -17,7 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +32,8 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from tasks import tracking
+from tasks.checkpoints import COMPLETE, latest_checkpoint
 from tasks.config import ModelConfig, TrainConfig, parse_duration
 from tasks.efficiency import (
     GIB,
@@ -87,6 +88,29 @@ def collapse_advice(finding: str, cfg: TrainConfig, learning_rate: float, versio
     )
 
 
+class MlflowMetricsCallback(TrainerCallback):
+    """Send the Trainer's logs (loss, learning rate, grad norm, eval metrics) to one MLflow run.
+
+    One batched call per logging step: no per-step round trips beyond what the user asked for
+    with ``logging_steps``.
+    """
+
+    def __init__(self, run_id: str, after_step: int = -1):
+        self.run_id = run_id
+        # A resumed run replays the steps between its checkpoint and the crash: those metric
+        # steps are in MLflow already, and are not logged twice.
+        self.after_step = after_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or state.global_step <= self.after_step:
+            return
+        renamed = {
+            (f"val/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"): v
+            for key, v in logs.items()
+        }
+        tracking.log_metrics(self.run_id, renamed, step=state.global_step)
+
+
 class StepTimer(TrainerCallback):
     """Wall time spent in optimizer steps only (evaluation and checkpointing excluded)."""
 
@@ -122,9 +146,6 @@ class BudgetGuard(TrainerCallback):
             control.should_training_stop = True
 
 
-COMPLETE = "COMPLETE"
-
-
 class CheckpointMarker(TrainerCallback):
     """Mark a checkpoint complete once the Trainer has written all of it (trainer state last).
 
@@ -138,14 +159,6 @@ class CheckpointMarker(TrainerCallback):
             tmp = folder / f".{COMPLETE}.tmp"
             tmp.write_text(str(state.global_step))
             os.replace(tmp, folder / COMPLETE)
-
-
-def latest_checkpoint(folder: Path | None) -> Path | None:
-    """The newest complete checkpoint under ``folder``, or None."""
-    if folder is None or not folder.is_dir():
-        return None
-    complete = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).exists()]
-    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -227,22 +240,6 @@ class FinetuneTrainer(Trainer):
                 sampler.batch_size, lengths=sampler.lengths, seed=seed
             )
         return sampler
-
-
-def lock_folder(folder: Path) -> IO[str] | None:
-    """Take an exclusive lock on a checkpoint folder, or None if a live process holds it.
-
-    The operating system drops the lock when its holder exits, SIGKILL included: a folder whose
-    lock can be taken belongs to a run that is no longer running.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = (folder / ".lock").open("w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
 
 
 def measure_step_seconds(trainer: Trainer, accumulation: int) -> tuple[float, float]:
@@ -754,7 +751,6 @@ def run_job(
 def main(job_path: str) -> None:
     """One torchrun rank: run the recipe; every rank writes its result (its weights' digest)."""
     from tasks.kinds import get_kind
-    from tasks.tracking import MlflowMetricsCallback
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")
     job = TrainJob.model_validate_json(Path(job_path).read_text())

@@ -10,6 +10,7 @@ CORE = {"tasks.config", "tasks.results", "tasks.sources", "tasks.caching", "task
 CORE |= {"tasks.efficiency", "tasks.metrics"}
 CORE |= {"tasks.kinds"}  # the kinds' interface: the protocol and get_kind
 CORE |= {"tasks.sizing"}  # pure sizing rules (max length, truncation, warm-up, time budget)
+CORE |= {"tasks.checkpoints"}  # which checkpoint is complete, who holds the folder
 
 
 def module_name(path: Path) -> str:

@@ -125,3 +125,19 @@ def test_the_tfidf_yardstick_is_fit_once_per_rows_labels_and_seed(tmp_path, monk
     tfidf_baseline(train, labels, test, 1, tmp_path)
     assert len(fits) == 4
     assert len(list((tmp_path / "yardstick").iterdir())) == 4
+
+
+def test_the_gates_macro_f1_is_sklearns():
+    from sklearn.metrics import f1_score
+
+    from tasks.metrics import macro_f1
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3, 5):
+        ids = list(range(n_classes))
+        for _ in range(50):
+            y = rng.integers(0, n_classes, size=int(rng.integers(1, 40)))
+            # -1: a champion's label this test set doesn't know; some classes never predicted
+            p = rng.integers(-1, n_classes - 1, size=len(y))
+            expected = f1_score(y, p, labels=ids, average="macro", zero_division=0)
+            assert macro_f1(y, p, n_classes) == pytest.approx(expected)
