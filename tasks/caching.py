@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -51,16 +51,11 @@ def source_identity(name: str | None) -> str | None:
     return file_digest(path)
 
 
-def code_version(*modules: ModuleType, extra: list[Path] | None = None) -> str:
-    """A hash of the source of the modules (and files) that compute a stage."""
-    sources = [inspect.getsource(m) for m in modules]
+def code_version(*code: ModuleType | Callable[..., Any], extra: list[Path] | None = None) -> str:
+    """A hash of the source of the modules or functions (and files) that compute a cached value."""
+    sources = [inspect.getsource(c) for c in code]
     sources += [p.read_text(encoding="utf-8") for p in extra or []]
     return digest(sources)
-
-
-def code_version_of(*functions: Any) -> str:
-    """A hash of the source of the functions that compute a cached value."""
-    return digest([inspect.getsource(f) for f in functions])
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
