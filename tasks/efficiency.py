@@ -12,6 +12,7 @@ machine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -73,11 +74,23 @@ def resolve_precision(setting: str, on_gpu: bool) -> tuple[str, str]:
     return "fp32", "no native bf16 matmul on this device"
 
 
-def attention_for(precision: str, on_gpu: bool) -> str | None:
-    """The attention kernel for this arithmetic: eager under CPU bf16 (SDPA's bf16 backward on
-    the CPU is slower than plain matmuls: 0.54 s against 0.41 s for the step above), the model's
-    default (SDPA) elsewhere."""
-    return "eager" if precision == "bf16" and not on_gpu else None
+def use_attention(model: Any, precision: str, on_gpu: bool) -> str | None:
+    """Give ``model`` the attention kernel for this arithmetic, and return its name when it is not
+    the model's default: eager under CPU bf16 (SDPA's bf16 backward on the CPU is slower than
+    plain matmuls: 0.54 s against 0.41 s for the step above), the default (SDPA) elsewhere."""
+    if precision != "bf16" or on_gpu:
+        return None
+    model.set_attn_implementation("eager")
+    return "eager"
+
+
+def scoring_arithmetic(
+    model: Any, precision: str, device: torch.device
+) -> contextlib.AbstractContextManager[Any]:
+    """Prepare ``model`` to score in ``precision`` on ``device`` (its attention kernel) and return
+    the context to score in: bf16 autocast, or nothing for fp32."""
+    use_attention(model, precision, device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @functools.lru_cache(maxsize=4)

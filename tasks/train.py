@@ -38,7 +38,6 @@ from tasks.config import ModelConfig, TrainConfig, parse_duration
 from tasks.efficiency import (
     GIB,
     MemoryEstimate,
-    attention_for,
     available_bytes,
     current_rss_bytes,
     estimate_training_memory,
@@ -47,6 +46,7 @@ from tasks.efficiency import (
     peak_rss_bytes,
     resolve_precision,
     train_flops_per_token,
+    use_attention,
 )
 from tasks.results import TokenizedData, TrainJob, TrainResult
 from tasks.sizing import auto_warmup, plan_budget
@@ -554,9 +554,7 @@ def train(
     model = kind.setup_model(model_cfg, labels)
     on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
     precision, why = resolve_precision(cfg.precision, on_gpu)
-    attention = attention_for(precision, on_gpu)
-    if attention is not None:
-        model.set_attn_implementation(attention)
+    attention = use_attention(model, precision, on_gpu)
     before = snapshot(model)
     lengths = np.asarray(data["train"]["length"])
     cfg, estimate = preflight(model, cfg, int(lengths.max()))

@@ -100,7 +100,7 @@ def test_what_only_cuda_offers_is_refused_on_the_cpu_by_name():
 
 
 def test_precision_follows_the_setting_or_the_hardware(monkeypatch):
-    from tasks.efficiency import attention_for, resolve_precision
+    from tasks.efficiency import resolve_precision, use_attention
 
     assert resolve_precision("fp32", on_gpu=False) == ("fp32", "set in the config")
     assert resolve_precision("bf16", on_gpu=False)[0] == "bf16"
@@ -109,10 +109,20 @@ def test_precision_follows_the_setting_or_the_hardware(monkeypatch):
         monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: False)
         precision, why = resolve_precision("auto", on_gpu=False)
         assert precision == expected, why
+
     # Eager attention only where SDPA's bf16 backward is the slow path: bf16 on the CPU.
-    assert attention_for("bf16", on_gpu=False) == "eager"
-    assert attention_for("fp32", on_gpu=False) is None
-    assert attention_for("bf16", on_gpu=True) is None
+    class Model:
+        kernel = "sdpa"
+
+        def set_attn_implementation(self, name: str) -> None:
+            self.kernel = name
+
+    for precision, on_gpu, kernel in (("bf16", False, "eager"), ("fp32", False, "sdpa")):
+        model = Model()
+        assert use_attention(model, precision, on_gpu) == (None if kernel == "sdpa" else kernel)
+        assert model.kernel == kernel
+    model = Model()
+    assert use_attention(model, "bf16", on_gpu=True) is None and model.kernel == "sdpa"
 
 
 def test_training_arguments_carry_the_precision_and_the_fused_optimizer(tmp_path):

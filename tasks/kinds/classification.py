@@ -42,7 +42,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.trainer_utils import PredictionOutput
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.efficiency import attention_for, resolve_precision
+from tasks.efficiency import resolve_precision, scoring_arithmetic
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
@@ -203,11 +203,8 @@ def predict_ids(
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    on_gpu = torch.cuda.is_available()
-    attention = attention_for(precision, on_gpu)
-    if attention is not None:
-        model.set_attn_implementation(attention)
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    arithmetic = scoring_arithmetic(model, precision, device)
     model.to(device).eval()
     columns = [
         c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.features
@@ -215,8 +212,7 @@ def predict_ids(
     features = dataset.select_columns(columns).to_dict()  # once: no per-batch Arrow selects
     order = np.argsort(np.asarray(dataset["length"]), kind="stable")
     predicted = np.empty(len(dataset), dtype=np.int64)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), arithmetic:
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             rows = {name: [values[i] for i in index] for name, values in features.items()}
@@ -476,13 +472,10 @@ class Classification:
             )
         names = model.config.id2label
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
-        model.eval()
-        attention = attention_for(evaluation.precision, torch.cuda.is_available())
-        if attention is not None:
-            model.set_attn_implementation(attention)
+        model.eval()  # scored where it was loaded: on the CPU
+        arithmetic = scoring_arithmetic(model, evaluation.precision, torch.device("cpu"))
         predicted = []
-        bf16 = evaluation.precision == "bf16"
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), arithmetic:
             for start in range(0, len(texts), batch_size):
                 batch = tokenizer(
                     texts[start : start + batch_size],
