@@ -215,7 +215,7 @@ def step_batches(rows: pd.DataFrame, steps: int, order: str) -> list[dict[str, A
     return batches
 
 
-def time_setting(rows: pd.DataFrame, steps: int, setting: dict[str, Any]) -> dict[str, float]:
+def time_setting(batches: list[dict[str, Any]], setting: dict[str, Any]) -> dict[str, float]:
     """Seconds per optimizer step (forward, backward, AdamW) after one untimed step, and that
     first step's time (torch.compile compiles there)."""
     import torch
@@ -236,7 +236,6 @@ def time_setting(rows: pd.DataFrame, steps: int, setting: dict[str, Any]) -> dic
         )
         forward = torch.compile(model) if setting.get("compile") else model
         bf16 = setting["precision"] == "bf16"
-        batches = step_batches(rows, steps + 1, setting.get("order", "grouped"))
         seconds = []
         for batch in batches:
             started = time.perf_counter()
@@ -255,12 +254,14 @@ def run_settings(rows: pd.DataFrame, steps: int, repeats: int) -> list[dict[str,
     """Every setting ``repeats`` times, interleaved (compile once: it compiles for 30 s and
     more); the faster repetition counts. Samples/s and the speed-up over the old default."""
     timings: dict[str, list[dict[str, float]]] = {name: [] for name, _ in SETTINGS}
+    batches = {order: step_batches(rows, steps + 1, order) for order in ("grouped", "random")}
     for rep in range(repeats):
         for name, setting in SETTINGS:
             if setting.get("compile") and rep > 0:
                 continue
             try:
-                timings[name].append(time_setting(rows, steps, setting))
+                order = setting.get("order", "grouped")
+                timings[name].append(time_setting(batches[order], setting))
             except Exception as err:  # torch.compile needs a C++ compiler, for one
                 log.warning("training-step setting %r failed: %s", name, err)
     before = min(t["step_s"] for t in timings[SETTINGS[0][0]])
@@ -272,7 +273,7 @@ def run_settings(rows: pd.DataFrame, steps: int, repeats: int) -> list[dict[str,
         out.append(
             {
                 "setting": name.strip(),
-                **{k: v for k, v in setting.items()},
+                **setting,
                 "step_s": best["step_s"],
                 "first_step_s": best["first_step_s"],
                 "samples_per_s": BATCH / best["step_s"],

@@ -178,10 +178,8 @@ def _use_tracking(uri: str | None) -> str:
 
 def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     from flows.local_server import start_early
-    from tasks.preflight import check_home
 
-    if not check_home(cfg):  # a new home: its Prefect server boots while the pipeline imports
-        start_early(cfg.home_dir())
+    start_early(cfg.home_dir())  # a new home's Prefect server boots while the pipeline imports
     from flows.finetune import finetune
     from tasks.kinds import get_kind
 
