@@ -352,13 +352,13 @@ class TrainConfig(_Section):
         "auto",
         description="Training arithmetic: `bf16` autocast (weights, gradients and optimizer state "
         "stay fp32) or `fp32`. `auto`: bf16 on GPUs that support it and on CPUs with native bf16 "
-        "matmul (AVX-512 BF16 or AMX), fp32 elsewhere. Test scoring is always fp32.",
+        "matmul (AVX-512 BF16 or AMX), fp32 elsewhere. Test scoring follows `eval.precision`.",
     )
     optim: Literal["adamw_torch", "adamw_bnb_8bit"] = Field(
         "adamw_torch",
         description="The optimizer: AdamW (fused: one kernel per step on CPU and CUDA), or "
-        "bitsandbytes' 8-bit AdamW (CUDA "
-        "only; its two moments take 2 bytes per parameter instead of 8).",
+        "bitsandbytes' 8-bit AdamW (CUDA only; its two moments take 2 bytes per parameter "
+        "instead of 8).",
     )
     fsdp: Literal["none", "full_shard"] = Field(
         "none",
