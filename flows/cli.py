@@ -180,10 +180,9 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     from flows.local_server import start_early
 
     start_early(cfg.home_dir())  # a new home's Prefect server boots while the pipeline imports
+    # torch, transformers' models, datasets, sklearn and GE load in the stages that need them,
+    # inside the flow: its first stage starts without them, and its clock counts them.
     from flows.finetune import finetune
-    from tasks.kinds import get_kind
-
-    get_kind(cfg.task)  # the kind's libraries (torch, transformers) load before the flow's clock
     from tasks import tracking
 
     with _orchestrated(cfg, "run") as stored:

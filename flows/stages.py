@@ -14,14 +14,13 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
-from transformers import PreTrainedTokenizerBase
 
 from tasks import caching, sizing, tracking
 from tasks import sources as sources_module
@@ -54,6 +53,9 @@ from tasks.results import (
 from tasks.sources import fingerprint
 from tasks.tokenize import tokenize
 from tasks.validate import DataValidationError, render_markdown, suite_path, validate_data
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")

@@ -1,19 +1,18 @@
 """Label metrics and the classical yardstick, shared by the kinds that predict labels (a
-classifier, an instruction-tuned LM answering from a closed set), from sklearn."""
+classifier, an instruction-tuned LM answering from a closed set), from sklearn.
+
+sklearn and scipy load in the functions that use them (about a second), not with the module: the
+kinds import it, and a run's data contract starts before anything here is needed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import sklearn
-from scipy.stats import bootstrap
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-from sklearn.pipeline import make_pipeline
 
 from tasks import caching
 from tasks.results import Evidence
@@ -27,6 +26,8 @@ def classification_metrics(
     Classes that are never predicted score 0 precision rather than raising a warning: a model that
     ignores a class should look bad, not noisy.
     """
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     ids = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=ids, average=None, zero_division=0
@@ -98,7 +99,7 @@ def tfidf_baseline(
         list(map(int, train_labels)),
         _texts_digest(test_texts),
         seed,
-        sklearn.__version__,
+        version("scikit-learn"),
         caching.code_version(_fit_tfidf),
     )
     folder = caching.entry(cache_dir, "yardstick", key)
@@ -117,6 +118,10 @@ def _texts_digest(texts: list[str]) -> str:
 def _fit_tfidf(
     train_texts: list[str], train_labels: Sequence[int], test_texts: list[str], seed: int
 ) -> np.ndarray:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
     model = make_pipeline(
         TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, max_features=200_000),
         LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
@@ -134,6 +139,8 @@ def paired_bootstrap(
     Both models are scored on the same resampled rows each time, so the interval is about the
     difference between the models rather than the noise of the test set.
     """
+    from scipy.stats import bootstrap
+
     sign = 1.0 if evidence.higher_is_better else -1.0
     k = len(evidence.columns)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from datasets import Dataset, DatasetDict
-from transformers import PreTrainedTokenizerBase
-
 from tasks.config import ModelConfig
 from tasks.results import Splits, TokenizedData
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from tasks.kinds import Kind
 
 
@@ -32,6 +31,8 @@ def tokenize(
     The kind's ``encode`` returns ``input_ids``, ``labels``, ``length`` (tokens per example, for
     length-grouped batching), per split.
     """
+    from datasets import Dataset, DatasetDict
+
     paths = {
         "train": splits.train_path,
         "validation": splits.validation_path,

@@ -74,3 +74,24 @@ def test_tasks_never_import_flows_and_stages_never_import_stages():
             allowed = allowed | {"tasks.kinds.causal_lm"}
         stray = {t for t in targets if t.startswith("tasks")} - allowed
         assert not stray, f"{module} imports {sorted(stray)}"
+
+
+def test_the_pipeline_starts_without_the_training_stack():
+    """The flow, the stages and every kind import without torch, transformers' models, datasets,
+    sklearn, matplotlib or GE: the first stage (the data contract) starts before the seconds those
+    take to import, which load in the stages that use them."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers.modeling_utils", "datasets", "sklearn", "matplotlib")
+    heavy += ("great_expectations",)
+    code = (
+        "import sys, flows.finetune, flows.stages\n"
+        "from tasks.kinds import get_kind\n"
+        "for task in ('text-classification', 'causal-lm', 'sft'): get_kind(task)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"

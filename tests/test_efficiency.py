@@ -137,13 +137,30 @@ def test_training_arguments_carry_the_precision_and_the_fused_optimizer(tmp_path
         assert args.optim == "adamw_torch_fused"  # one kernel per step, on CPU as on CUDA
 
 
+def test_process_start_is_read_to_the_clock_tick():
+    """A child's start lies between the moment it was spawned and the child's own clock: not a
+    second early, as the boot time in whole seconds (psutil's create_time) can put it."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time; from tasks.tracking import process_started; "
+        "print(process_started(), time.time())"
+    )
+    spawned = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    started, child_now = map(float, out.stdout.split())
+    tick = 0.011  # the kernel counts a process's start in 10 ms ticks
+    assert spawned - tick <= started <= child_now
+
+
 def test_a_command_logs_its_start_whole_time_and_overhead(tmp_path, monkeypatch):
     """``time/cold_start_s``: process start to the start of the run's first stage;
     ``efficiency/process_overhead_fraction``: the share of the whole command outside work."""
     import time
 
     import mlflow
-    import psutil
     from mlflow import MlflowClient
 
     from tasks import tracking
@@ -151,7 +168,7 @@ def test_a_command_logs_its_start_whole_time_and_overhead(tmp_path, monkeypatch)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     born = time.time() - 30.0  # as if this process had started 30 s ago
-    monkeypatch.setattr(psutil.Process, "create_time", lambda self: born)
+    monkeypatch.setattr(tracking, "process_started", lambda: born)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("x"))
     client.log_metric(run.info.run_id, "efficiency/work_s", 12.0)

@@ -15,28 +15,15 @@ import math
 import time
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from datasets import Dataset, load_from_disk
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    set_seed,
-)
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -50,6 +37,17 @@ from tasks.results import (
     TrainExtras,
 )
 from tasks.sources import fingerprint, resolve_model
+
+# torch, transformers' models and datasets load where they are used: the data contract (the first
+# stage) needs none of them, and importing them takes seconds.
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        Trainer,
+    )
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of a position that is not scored (padding)
@@ -74,6 +72,8 @@ def pack(documents: list[list[int]], block_size: int) -> list[list[int]]:
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads ``input_ids`` with the pad token and ``labels`` with -100 (left out of the loss)."""
+    from transformers import DataCollatorForSeq2Seq
+
     if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
@@ -85,6 +85,8 @@ def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
     ``is_decoder`` makes an encoder checkpoint (BERT) attend causally, so it can be trained and
     used as a left-to-right language model; decoder-only models (GPT-2) are unaffected.
     """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     path = resolve_model(cfg.name_or_path)
     config = AutoConfig.from_pretrained(path, revision=cfg.revision)
     if getattr(config, "is_decoder", None) is False:  # encoder configs have the switch
@@ -95,11 +97,21 @@ def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
     return model
 
 
-@torch.no_grad()
 def block_losses(
     model: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed next-token loss, predicted tokens) per example, in the dataset's order."""
+    import torch
+
+    with torch.no_grad():
+        return _block_losses(model, dataset, tokenizer, batch_size)
+
+
+def _block_losses(
+    model: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    import torch.nn.functional as F
+
     model.eval()
     device = next(model.parameters()).device
     collate = collator(tokenizer)
@@ -128,6 +140,8 @@ def perplexity(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 
 def validation_perplexity(trainer: Trainer, validation: Dataset) -> Checked:
     """The selected model's loss and perplexity over the validation split's scored tokens."""
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     model, tokenizer = trainer.model, trainer.processing_class
     assert isinstance(model, PreTrainedModel) and isinstance(tokenizer, PreTrainedTokenizerBase)
     sums, counts = block_losses(
@@ -154,6 +168,8 @@ def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, seed: int
 ) -> list[dict[str, str]]:
     """Completions of ``cfg.prompts``: greedy, or top-p sampled with a fixed seed."""
+    from transformers import set_seed
+
     model.eval()
     set_seed(seed)
     out = []
@@ -322,6 +338,9 @@ class CausalLM:
         cache_dir: Path,
     ) -> LMEvalResult:
         """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""
+        from datasets import load_from_disk
+        from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
         data = load_from_disk(tokenized.path)
         test = data["test"]
         if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
@@ -386,6 +405,9 @@ class CausalLM:
         Perplexities under different tokenizers count different tokens, so they are never
         compared.
         """
+        from datasets import load_from_disk
+        from transformers import AutoModelForCausalLM
+
         assert isinstance(evaluation, LMEvalResult)
         if champion.tags.get("test.tokenizer") != evaluation.tokenizer:
             return (

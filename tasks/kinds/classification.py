@@ -12,37 +12,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from datasets import Dataset, load_from_disk
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    EvalPrediction,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-)
-from transformers.modeling_outputs import ModelOutput
-from transformers.trainer_utils import PredictionOutput
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.efficiency import resolve_precision, scoring_arithmetic
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
@@ -55,6 +34,21 @@ from tasks.results import (
 )
 from tasks.sizing import head_tail
 from tasks.sources import fingerprint, resolve_model
+
+# torch, transformers' models, datasets, sklearn and matplotlib load where they are used: the data
+# contract (the first stage) needs none of them, and importing them takes seconds.
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        DataCollatorWithPadding,
+        EvalPrediction,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        Trainer,
+    )
+    from transformers.modeling_outputs import ModelOutput
+    from transformers.trainer_utils import PredictionOutput
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +79,9 @@ def class_weights(cfg: TrainConfig, label_counts: list[int]) -> list[float] | No
 
 def weighted_loss(weights: list[float]) -> Callable[..., torch.Tensor]:
     """A ``Trainer`` ``compute_loss_func``: class-weighted cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
     weight = torch.tensor(weights)
 
     def loss(
@@ -158,8 +155,21 @@ def majority_label(train_label_counts: dict[str, int]) -> str:
     return max(sorted(train_label_counts), key=lambda label: train_label_counts[label])
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only: no display on servers and CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
     """Write the confusion matrix (rows: true label, columns: predicted) as a PNG."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
     size = max(4.0, 0.9 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(matrix, display_labels=labels).plot(
@@ -176,6 +186,7 @@ def plot_per_class(
     scores: dict[str, dict[str, float]], labels: list[str], path: Path, key: str = "f1"
 ) -> Path:
     """Per-class F1 of the model and its yardsticks, as grouped bars (PNG)."""
+    plt = _pyplot()
     width = 0.8 / len(scores)
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 2), 3.6))
@@ -201,6 +212,11 @@ def predict_ids(
     Scored in length-sorted batches (padding stays small) under ``torch.inference_mode``, in
     ``precision`` (``bf16``: autocast); each prediction goes back to its row.
     """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.efficiency import scoring_arithmetic
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,6 +302,8 @@ class Classification:
 
     def setup_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
         """The pretrained encoder plus a new head sized to ``labels``, every weight trainable."""
+        from transformers import AutoModelForSequenceClassification
+
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model(cfg.name_or_path),
             revision=cfg.revision,
@@ -302,6 +320,8 @@ class Classification:
     def collator(
         self, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, training: bool
     ) -> DataCollatorWithPadding:
+        from transformers import DataCollatorWithPadding
+
         return DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(self, labels: list[str]) -> Callable[[EvalPrediction], dict[str, float]]:
@@ -355,6 +375,12 @@ class Classification:
         The same rows are scored by the majority-class and the TF-IDF baselines, and the per-row
         predictions are saved so that a later model can be compared with this one row by row.
         """
+        import torch
+        from datasets import load_from_disk
+        from sklearn.metrics import confusion_matrix
+
+        from tasks.efficiency import resolve_precision
+
         test = load_from_disk(tokenized.path)["test"].add_column(
             "row", list(range(tokenized.rows["test"]))
         )
@@ -443,6 +469,11 @@ class Classification:
         metric: str,
     ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
         """The champion's predictions on this test split: logged when it saw the same rows."""
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from tasks.efficiency import scoring_arithmetic
+
         client = MlflowClient()
         y_true = np.asarray(json.loads(Path(evaluation.scores_path).read_text())["y_true"])
         same_rows = champion.tags.get("test.fingerprint") == evaluation.test_fingerprint

@@ -31,26 +31,14 @@ import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from datasets import Dataset, load_from_disk
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-)
-from transformers.modeling_outputs import ModelOutput
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import (
@@ -72,6 +60,19 @@ from tasks.results import (
     TrainExtras,
 )
 from tasks.sources import fingerprint
+
+# torch, transformers' models and datasets load where they are used: the data contract (the first
+# stage) needs none of them, and importing them takes seconds.
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        Trainer,
+    )
+    from transformers.modeling_outputs import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,6 @@ def answer_metrics(
     return metrics
 
 
-@torch.inference_mode()
 def generate_answers(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig
 ) -> list[str]:
@@ -318,6 +318,15 @@ def generate_answers(
 
     Sorting by length keeps padding small; answers come back in the prompts' order.
     """
+    import torch
+
+    with torch.inference_mode():
+        return _generate_answers(model, tokenizer, prompts, cfg)
+
+
+def _generate_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig
+) -> list[str]:
     model.eval()
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     if tokenizer.pad_token is None:
@@ -364,6 +373,8 @@ class PackedRows:
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
         rows: list[list[dict[str, Any]]] = []
         used: list[int] = []
         for feature in sorted(features, key=lambda f: -len(f["input_ids"])):
@@ -407,6 +418,8 @@ def answer_loss(
 ) -> torch.Tensor:
     """Next-token cross-entropy on the targets: from kept logits (packed training rows) or from
     full logits (padded scoring batches), summed over targets and divided as the model would."""
+    import torch.nn.functional as F
+
     logits = outputs["logits"].float()
     if logits.shape[1] == labels.shape[1]:
         logits, targets = logits[:, :-1], labels[:, 1:]
@@ -615,6 +628,8 @@ class SFT:
             tokenizer.pad_token = tokenizer.eos_token
         if training and cfg.packing:
             return PackedRows(cfg.tokens(), int(tokenizer.pad_token_id))
+        from transformers import DataCollatorForSeq2Seq
+
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
 
     def compute_metrics(self, labels: list[str]) -> None:
@@ -645,6 +660,9 @@ class SFT:
         cache_dir: Path,
     ) -> SFTEval:
         """Generate an answer to every test prompt with the fine-tuned and the zero-shot model."""
+        from datasets import load_from_disk
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         conversations = conversations_of(splits.test_path)
         test = load_from_disk(tokenized.path)["test"]
         rows = np.arange(len(conversations))
@@ -779,6 +797,8 @@ class SFT:
         rescored = False
         if answers is None or len(answers) != len(logged["references"]):
             import tempfile
+
+            from transformers import AutoModelForCausalLM
 
             from tasks.sources import load_registered
 
