@@ -3,9 +3,9 @@
 validate_data -> split_data -> tokenize -> train -> evaluate -> register_model -> promote
 
 The flow resolves the run's kind (``tasks/kinds``: what depends on the task type) and tokenizer
-once and hands them to the stages (``flows/stages.py``), which wrap the plain functions in
-``tasks/``. Stages hand each other small typed results (paths, ids, metrics), never models in
-memory.
+(loaded by the first stage that needs it) once and hands them to the stages
+(``flows/stages.py``), which wrap the plain functions in ``tasks/``. Stages hand each other small
+typed results (paths, ids, metrics), never models in memory.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tasks.kinds import get_kind
 from tasks.preflight import max_positions, preflight
 from tasks.register import CardFacts, base_license, describe_version, lineage_tags
 from tasks.results import Decision, EvalResult, RegisteredModel
-from tasks.sources import load_tokenizer, materialize_model
+from tasks.sources import TokenizerSource, materialize_model
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -149,7 +149,7 @@ def finetune(
     try:
         # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+        tokenizer = TokenizerSource(cfg.model.name_or_path, cfg.model.revision)
         # When the first stage (the data contract) starts: the command's cold start ends here.
         tracking.set_tags(run_id, {tracking.FIRST_STAGE_TAG: f"{time.time():.3f}"})
         prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id, limit)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -50,12 +50,9 @@ from tasks.results import (
     TrainResult,
     ValidatedData,
 )
-from tasks.sources import fingerprint
+from tasks.sources import TokenizerSource, fingerprint
 from tasks.tokenize import tokenize
 from tasks.validate import DataValidationError, render_markdown, suite_path, validate_data
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -178,7 +175,7 @@ def cached(stage: Any, folder: Path) -> Any:
 def validate_data_stage(
     cfg: DataConfig,
     kind: Kind,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TokenizerSource,
     max_length: int,
     folder: Path,
     run_id: str,
@@ -190,7 +187,7 @@ def validate_data_stage(
     """
     with caching.building(folder) as staging:
         try:
-            data = validate_data(cfg, staging, kind, tokenizer, max_length)
+            data = validate_data(cfg, staging, kind, tokenizer.get(), max_length)
         except DataValidationError as err:
             # The reports stay in the cache folder the message points to, until the next attempt.
             report = staging / "validation.json"
@@ -263,13 +260,13 @@ def tokenize_stage(
     labels: list[str],
     cfg: ModelConfig,
     kind: Kind,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TokenizerSource,
     folder: Path,
     run_id: str,
 ) -> TokenizedData:
     """Tokenize all splits (unpadded) into ``folder`` (see tokenization_cache)."""
     with caching.building(folder) as staging:
-        tokenized = tokenize(splits, labels, cfg, staging, kind, tokenizer)
+        tokenized = tokenize(splits, labels, cfg, staging, kind, tokenizer.get())
     return caching.rehome(tokenized, staging, folder)
 
 
@@ -360,14 +357,15 @@ def validation_length(model: ModelConfig, limit: int | None) -> int:
 def prepare_data(
     cfg: RunConfig,
     kind: Kind,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TokenizerSource,
     workdir: Path,
     run_id: str,
     limit: int | None = None,
 ) -> Prepared:
     """validate -> size -> split -> tokenize, each cached by content, each logged to ``run_id``.
 
-    ``limit`` is the model's position limit: the bound of an ``auto`` max length.
+    ``limit`` is the model's position limit: the bound of an ``auto`` max length. The tokenizer
+    is loaded by the first stage that runs rather than comes from the cache.
     """
     tokenizer_id = caching.tokenizer_identity(tokenizer)
     checked_length = validation_length(cfg.model, limit)
@@ -403,7 +401,7 @@ def prepare_data(
 def train_stage(
     job: TrainJob,
     kind: Kind,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TokenizerSource,
     num_processes: int,
     run_id: str,
 ) -> TrainResult:
@@ -431,7 +429,7 @@ def train_stage(
             result = distributed.launch(job, num_processes)
         else:
             callbacks = [MlflowMetricsCallback(run_id, job.after_step)]
-            result = run_job(job, kind, callbacks, tokenizer)
+            result = run_job(job, kind, callbacks, tokenizer.get())
     finally:
         monitor.finish()
     if result.resumed_from_step:

@@ -26,7 +26,7 @@ from tasks import tracking
 from tasks.config import RunConfig, SearchDimension, TrainConfig
 from tasks.kinds import Kind, get_kind
 from tasks.preflight import check_model, max_positions
-from tasks.sources import load_tokenizer, materialize_model
+from tasks.sources import TokenizerSource, materialize_model
 from tasks.train import MlflowMetricsCallback, train
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def trial_stage(
     study: optuna.Study,
     prepared: Prepared,
     kind: Kind,
-    tokenizer: Any,
+    tokenizer: TokenizerSource,
     cfg: RunConfig,
     parent_run_id: str,
 ) -> TrialResult:
@@ -153,7 +153,7 @@ def trial_stage(
             workdir,
             kind,
             [MlflowMetricsCallback(run_id), pruner],
-            tokenizer=tokenizer,
+            tokenizer=tokenizer.get(),
         )
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -193,7 +193,7 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     metric = kind.selection_metric
     try:
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+        tokenizer = TokenizerSource(cfg.model.name_or_path, cfg.model.revision)
         limit = max_positions(check_model(cfg)[0])
         prepared = prepare_data(cfg, kind, tokenizer, workdir, parent, limit)
         cfg = cfg.model_copy(update={"model": prepared.model})

@@ -1,7 +1,7 @@
 """Content keys for caching stage results across runs.
 
 A key covers everything that determines a stage's output: the bytes of the data, the tokenizer
-(name and vocabulary), the settings, and the code that computes it. The outputs live under
+(its files), the settings, and the code that computes it. The outputs live under
 ``<home>/cache/<stage>/<key>/``, and a ``DONE`` marker is written last: a stage whose folder is not
 complete (half-written, or deleted since) is run with ``refresh_cache`` instead of being trusted.
 """
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from tasks.sources import file_digest, resolve_local
+from tasks.sources import TokenizerSource, file_digest, resolve_local
 
 DONE = "DONE"
 
@@ -58,8 +58,39 @@ def code_version(*code: ModuleType | Callable[..., Any], extra: list[Path] | Non
     return digest(sources)
 
 
-def tokenizer_identity(tokenizer: Any) -> str:
-    """Name plus a hash of the vocabulary: the same name with another vocab is another tokenizer."""
+# What decides how a local model's tokenizer encodes: its own files, and config.json, from which
+# transformers picks the tokenizer class.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "chat_template.jinja",
+        "chat_template.json",
+        "config.json",
+    }
+)
+
+
+def tokenizer_identity(source: TokenizerSource) -> str:
+    """What results computed with a tokenizer are keyed by.
+
+    A local model: its folder and the bytes of its tokenizer files, read without loading the
+    tokenizer (which imports torch and transformers). A hub id: the name plus a hash of the loaded
+    vocabulary, the same name with another vocabulary being another tokenizer.
+    """
+    folder = resolve_local(source.name_or_path)
+    if folder is not None and folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.name in TOKENIZER_FILES and p.is_file())
+        return f"{folder}:{digest([(p.name, file_digest(p)) for p in files])}"
+    tokenizer = source.get()
     vocab = sorted(tokenizer.get_vocab().items())
     return f"{tokenizer.name_or_path}:{digest(vocab)}"
 

@@ -139,26 +139,34 @@ def check_registry(cfg: RunConfig) -> list[str]:
 
 
 def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
-    """The model's config as a dict (read without loading weights), and problems found."""
-    from transformers import AutoConfig
+    """The model's config as a dict (read without loading weights), and problems found.
 
+    A local folder's ``config.json`` is read as JSON: transformers' ``AutoConfig`` would import
+    torch (seconds) before the run's first stage, which needs neither. A GGUF file's metadata and
+    a hub model's config go through ``AutoConfig`` (which downloads, or reads the local cache).
+    """
     model = cfg.model
     setting = "model.name_or_path"
     try:
         gguf = gguf_source(model.name_or_path, model.gguf_file)
+        path = resolve_local(model.name_or_path) if gguf is None else None
         if gguf is not None:
             folder, file_name = gguf
             local = Path(folder) / file_name
             if Path(folder).exists() and not local.is_file():
                 return {}, [f"model.gguf_file: {file_name!r} is not in {folder}"]
-            config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
-        else:
-            path = resolve_local(model.name_or_path)
-            if path is not None and not (path / "config.json").is_file():
+            facts = _auto_config(folder, gguf_file=file_name)
+        elif path is not None:
+            if not (path / "config.json").is_file():
                 return {}, [f"{setting}: {path} has no config.json (not a model folder)"]
-            config = AutoConfig.from_pretrained(
-                str(path) if path else model.name_or_path, revision=model.revision
-            )
+            try:
+                facts = json.loads((path / "config.json").read_text("utf-8"))
+            except ValueError as err:
+                return {}, [f"{setting}: {path / 'config.json'} is not valid JSON: {err}"]
+            if not isinstance(facts, dict):
+                return {}, [f"{setting}: {path / 'config.json'} is not a JSON object"]
+        else:
+            facts = _auto_config(model.name_or_path, revision=model.revision)
     except SourceError as err:
         return {}, [f"{setting}: {err}"]
     except (OSError, ValueError) as err:
@@ -167,7 +175,6 @@ def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
             f"{setting}: {model.name_or_path!r} is neither a local model folder nor a model the "
             f"Hugging Face hub (or its local cache, when offline) could provide: {first}"
         ]
-    facts = json.loads(config.to_json_string())
     limit = max_positions(facts)
     problems = []
     if limit is not None and model.max_length != "auto" and model.max_length > limit:
@@ -176,6 +183,14 @@ def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
             f"{model.name_or_path} was trained with (max_position_embeddings); use at most {limit}"
         )
     return facts, problems
+
+
+def _auto_config(name_or_path: str, **kwargs: Any) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    facts: dict[str, Any] = json.loads(config.to_json_string())
+    return facts
 
 
 def max_positions(config: dict[str, Any]) -> int | None:

@@ -337,6 +337,27 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
+class TokenizerSource:
+    """A model's tokenizer, loaded the first time a stage needs it, then shared by the run.
+
+    A run whose data contract, split and tokenization come from the cache needs no tokenizer
+    before training: those stages are keyed by the tokenizer's files
+    (:func:`tasks.caching.tokenizer_identity`), and loading it imports torch and transformers
+    (seconds), so they start and finish without it.
+    """
+
+    def __init__(self, name_or_path: str, revision: str | None = None) -> None:
+        self.name_or_path = name_or_path
+        self.revision = revision
+        self._tokenizer: Any = None
+
+    def get(self) -> Any:
+        """The loaded fast tokenizer (see :func:`load_tokenizer`)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.name_or_path, self.revision)
+        return self._tokenizer
+
+
 def registered_weights(name: str, version: str, into: Path) -> tuple[Path, Path]:
     """(model folder, tokenizer folder) of a registered version, downloaded into ``into``.
 

@@ -95,3 +95,27 @@ def test_the_pipeline_starts_without_the_training_stack():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cached_data_contract_needs_no_tokenizer(tmp_path):
+    """Before its first stage a run checks its settings and keys its cached stages by the
+    tokenizer's files: for a local model neither loads the tokenizer, nor imports torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tasks.caching import tokenizer_identity\n"
+        "from tasks.config import RunConfig\n"
+        "from tasks.preflight import check_model, max_positions\n"
+        "from tasks.sources import TokenizerSource\n"
+        f"cfg = RunConfig(home={str(tmp_path)!r})\n"
+        "facts, problems = check_model(cfg)\n"
+        "source = TokenizerSource(cfg.model.name_or_path)\n"
+        "identity = tokenizer_identity(source)\n"
+        "print(max_positions(facts), problems, source._tokenizer is None, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.split() == ["512", "[]", "True", "False"]

@@ -77,3 +77,29 @@ def test_fingerprint_follows_content():
     a = pd.DataFrame({"text": ["x", "y"], "label": ["1", "2"]})
     assert fingerprint(a) == fingerprint(a.copy())
     assert fingerprint(a) != fingerprint(a.assign(label=["1", "1"]))
+
+
+def test_a_local_tokenizer_is_keyed_by_its_files_without_loading_it(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """Cached stages are keyed by the tokenizer's files: what decides how it encodes (a changed
+    tokenizer setting misses the cache), not the weights beside it; reading them loads nothing."""
+    import shutil
+
+    from tasks.caching import tokenizer_identity
+    from tasks.sources import TokenizerSource
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    source = TokenizerSource(str(folder))
+    first = tokenizer_identity(source)
+    assert source._tokenizer is None  # not loaded
+    assert tokenizer_identity(TokenizerSource(str(folder))) == first
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    assert tokenizer_identity(TokenizerSource(str(folder))) == first
+    settings = folder / "tokenizer_config.json"
+    settings.write_text(
+        settings.read_text().replace('"do_lower_case": true', '"do_lower_case": false')
+    )
+    assert tokenizer_identity(TokenizerSource(str(folder))) != first
+    assert source.get() is source.get()  # loaded once, when a stage first needs it
