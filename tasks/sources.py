@@ -334,6 +334,13 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
     )
     if not tokenizer.is_fast:
         raise SourceError(f"{name_or_path}: no fast tokenizer available")
+    # Without tokenizer files transformers still builds the model type's tokenizer, empty: every
+    # word would become the unknown token.
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise SourceError(
+            f"{name_or_path}: no tokenizer files (tokenizer.json, vocab.txt, ...): the tokenizer "
+            f"built from its config knows only its {len(tokenizer)} special tokens"
+        )
     return tokenizer
 
 

@@ -103,3 +103,16 @@ def test_a_local_tokenizer_is_keyed_by_its_files_without_loading_it(
     )
     assert tokenizer_identity(TokenizerSource(str(folder))) != first
     assert source.get() is source.get()  # loaded once, when a stage first needs it
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_model_dir: Path, tmp_path: Path):
+    """transformers builds an empty tokenizer from a bare config.json (every word unknown): the
+    run stops there, naming the folder, instead of training on unknown tokens."""
+    import shutil
+
+    from tasks.sources import SourceError, load_tokenizer
+
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(SourceError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+    assert len(load_tokenizer(str(tiny_model_dir))) > 1000  # a real vocabulary loads as before
