@@ -365,7 +365,7 @@ def prepare_data(
     """validate -> size -> split -> tokenize, each cached by content, each logged to ``run_id``.
 
     ``limit`` is the model's position limit: the bound of an ``auto`` max length. The tokenizer
-    is loaded by the first stage that runs rather than comes from the cache.
+    is loaded by the first stage that runs rather than coming from the cache.
     """
     tokenizer_id = caching.tokenizer_identity(tokenizer)
     checked_length = validation_length(cfg.model, limit)

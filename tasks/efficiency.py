@@ -99,8 +99,7 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 3, dtype: str = "float32"
 
     Best of three timings of ``repeats`` products: on 2 CPU cores 3 products gave the same peak
     as 10 (359 to 377 against 364 to 382 GFLOP/s in bf16, 164 to 165 against 163 to 164 in
-    fp32) in 0.6 s
-    instead of 1.8 s (bf16), and every run measures it once.
+    fp32) in 0.6 s instead of 1.8 s (bf16), and every run measures it once.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))

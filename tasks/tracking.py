@@ -311,17 +311,24 @@ def log_metrics_once(run_id: str, metrics: Mapping[str, float]) -> None:
     log_metrics(run_id, {k: v for k, v in metrics.items() if _metric_key(k) not in logged})
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (no display on servers and CI); imported on
+    first use, since it takes a while and a run's first stages draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def log_training_curves(run_id: str, path: Path) -> None:
     """Training loss per step and every validation metric per evaluation, as one PNG.
 
     Drawn from the run's own metric history, so a resumed run's curve is whole; a single
     validation point shows as a marker.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     client = MlflowClient()
     keys = sorted(client.get_run(run_id).data.metrics)
     validation = [k for k in keys if k.startswith("val/") and not k.endswith(("_s", "runtime"))]

@@ -102,14 +102,6 @@ def block_losses(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed next-token loss, predicted tokens) per example, in the dataset's order."""
     import torch
-
-    with torch.no_grad():
-        return _block_losses(model, dataset, tokenizer, batch_size)
-
-
-def _block_losses(
-    model: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
     import torch.nn.functional as F
 
     model.eval()
@@ -121,12 +113,17 @@ def _block_losses(
         rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
         batch = collate([{k: row[k] for k in columns} for row in rows])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # Position t predicts token t+1: the same shift as the model's own loss.
         targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-        )
+        with torch.no_grad():
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2),
+                targets,
+                ignore_index=IGNORE,
+                reduction="none",
+            )
         sums.append(loss.sum(1).cpu().numpy())
         counts.append((targets != IGNORE).sum(1).cpu().numpy())
     return np.concatenate(sums), np.concatenate(counts)

@@ -34,6 +34,7 @@ from tasks.results import (
 )
 from tasks.sizing import head_tail
 from tasks.sources import fingerprint, resolve_model
+from tasks.tracking import pyplot
 
 # torch, transformers' models, datasets, sklearn and matplotlib load where they are used: the data
 # contract (the first stage) needs none of them, and importing them takes seconds.
@@ -155,21 +156,11 @@ def majority_label(train_label_counts: dict[str, int]) -> str:
     return max(sorted(train_label_counts), key=lambda label: train_label_counts[label])
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot, drawing to files only: no display on servers and CI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
     """Write the confusion matrix (rows: true label, columns: predicted) as a PNG."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.0, 0.9 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(matrix, display_labels=labels).plot(
@@ -186,7 +177,7 @@ def plot_per_class(
     scores: dict[str, dict[str, float]], labels: list[str], path: Path, key: str = "f1"
 ) -> Path:
     """Per-class F1 of the model and its yardsticks, as grouped bars (PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     width = 0.8 / len(scores)
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 2), 3.6))

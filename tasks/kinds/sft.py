@@ -320,13 +320,6 @@ def generate_answers(
     """
     import torch
 
-    with torch.inference_mode():
-        return _generate_answers(model, tokenizer, prompts, cfg)
-
-
-def _generate_answers(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig
-) -> list[str]:
     model.eval()
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     if tokenizer.pad_token is None:
@@ -338,12 +331,13 @@ def _generate_answers(
         rows = order[start : start + cfg.batch_size]
         padded = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
         batch = {k: v.to(model.device) for k, v in padded.items()}
-        out = model.generate(  # type: ignore[operator]
-            **batch,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with torch.inference_mode():
+            out = model.generate(  # type: ignore[operator]
+                **batch,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new = out[:, batch["input_ids"].shape[1] :]
         for i, ids in zip(rows, new, strict=True):
             answers[int(i)] = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
