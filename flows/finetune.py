@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from flows import notify
 from flows.stages import (
     evaluate_stage,
+    lm_eval_stage,
     prepare_data,
     promote_stage,
     register_model_stage,
@@ -37,6 +38,13 @@ from tasks.checkpoints import latest_checkpoint, lock_folder
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
 from tasks.preflight import max_positions, preflight
+from tasks.promote import (
+    ModelForgot,
+    capability_markdown,
+    forgetting,
+    forgetting_advice,
+    gate_metric,
+)
 from tasks.register import CardFacts, base_license, describe_version, lineage_tags
 from tasks.results import Decision, EvalResult, RegisteredModel
 from tasks.sources import TokenizerSource, materialize_model
@@ -186,6 +194,11 @@ def finetune(
                 if name in trained.validation
             },
         )
+        harness = None
+        if cfg.eval.lm_eval.tasks:
+            harness = lm_eval_stage(trained.model_dir, kind, cfg.model, cfg.eval, run_id)
+        lost, forgotten = forgetting(evaluation, harness, cfg.promote)
+        tracking.log_metrics(run_id, lost)
         example = kind.input_example(prepared.splits)
         card = CardFacts(
             task=cfg.task,
@@ -198,18 +211,21 @@ def finetune(
             test_rows=evaluation.test_rows,
             collapse=trained.collapse,
             license=base_license(base_model),
+            capability=capability_markdown(evaluation, harness, lost),
+            forgetting=forgotten,
         )
         registered = register_model_stage(
             trained.model_dir,
             cfg.registry,
-            kind.inference_config(cfg.eval),
+            kind.inference_config(cfg.eval, evaluation),
             kind,
             run_id,
             example,
             lineage_tags(run_id, str(flow_run_id), prepared.data, cfg.digest())
             | evaluation.version_tags()
             | {"quality.collapse": trained.collapse or "none"}
-            | ({"collapsed": "true"} if trained.collapse else {}),
+            | ({"collapsed": "true"} if trained.collapse else {})
+            | ({"forgetting": "; ".join(forgotten)} if forgotten else {}),
             card,
         )
         if trained.collapse:  # registered for inspection, never a candidate
@@ -222,7 +238,7 @@ def finetune(
                 raise ModelCollapsed(advice)
             get_run_logger().warning("%s", advice)
         decision = None
-        if cfg.promote.enabled:  # a collapsed version is not eligible: the gate says so
+        if cfg.promote.enabled:  # a collapsed or forgetful version is not eligible
             decision = promote_stage(
                 registered,
                 evaluation,
@@ -231,9 +247,15 @@ def finetune(
                 cfg.promote,
                 cfg.eval.batch_size,
                 run_id,
-                trained.collapse,
+                trained.collapse or ("it forgot: " + "; ".join(forgotten) if forgotten else None),
             )
-            describe_version(registered, card, decision.reason)
+            describe_version(
+                registered,
+                card,
+                f"{decision.reason}.\n\nDecided on `{decision.metric}`: {decision.metric_reason}.",
+            )
+        if forgotten:
+            raise ModelForgot(forgetting_advice(forgotten, registered.version, cfg.promote))
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
@@ -252,8 +274,8 @@ def finetune(
             "efficiency/overhead_fraction": (total - work) / total,
         },
     )
-    assert cfg.promote.metric is not None  # RunConfig resolves it from the task
-    tracking.describe_run(run_id, run_description(card, cfg.promote.metric, evaluation, decision))
+    metric = decision.metric if decision else gate_metric(cfg.promote, evaluation)[0]
+    tracking.describe_run(run_id, run_description(card, metric, evaluation, decision))
     tracking.end_run(run_id, "FINISHED")
     # The model is registered (its weights are in the artifact store): the working copy and the
     # checkpoints are done. The splits and reports stay, for lineage.
@@ -271,8 +293,9 @@ def finetune(
             f"- Registered model: `{registered.name}` version {registered.version} "
             f"(alias `{registered.alias}`)\n- Data fingerprint: `{prepared.data.fingerprint}`\n"
             f"- Test rows: {evaluation.test_rows}\n"
-            f"- Promotion: {decision.reason if decision else 'gate disabled'}\n\n{table}\n\n"
-            f"{evaluation.details_markdown()}\n"
+            f"- Promotion: {decision.reason if decision else 'gate disabled'}\n"
+            + (f"- Decided on `{decision.metric}`: {decision.metric_reason}\n" if decision else "")
+            + f"\n{table}\n\n{card.capability}\n\n{evaluation.details_markdown()}\n"
         ),
         description="Test metrics of the fine-tuned model against the task's yardsticks",
     )

@@ -43,6 +43,7 @@ from tasks.register import CardFacts, register_model
 from tasks.results import (
     Decision,
     EvalResult,
+    HarnessResult,
     RegisteredModel,
     Splits,
     TokenizedData,
@@ -503,6 +504,41 @@ def evaluate_stage(
         key="evaluation",
         markdown=f"# Test evaluation\n\n{result.table()}\n\n{result.details_markdown()}\n",
         description="The fine-tuned model against the task's yardsticks on the test split",
+    )
+    return result
+
+
+@task(name="lm_eval", cache_policy=NONE)
+@timed
+def lm_eval_stage(
+    model_dir: str, kind: Kind, model_cfg: ModelConfig, cfg: EvalConfig, run_id: str
+) -> HarnessResult:
+    """lm-evaluation-harness tasks on the fine-tuned and the base model (``eval.lm_eval``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.harness import run_harness
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    result = run_harness(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        kind.setup_model(model_cfg, []),
+        tokenizer,
+        cfg.lm_eval,
+        cfg.batch_size,
+    )
+    tracking.log_metrics(run_id, result.metrics())
+    tracking.set_tags(
+        run_id,
+        {
+            "lm_eval.tasks": ",".join(cfg.lm_eval.tasks),
+            "lm_eval.chat_template": str(cfg.lm_eval.apply_chat_template).lower(),
+        },
+    )
+    tracking.log_json(run_id, result.model_dump(), "evaluation/lm_eval.json")
+    create_markdown_artifact(
+        key="lm-eval",
+        markdown=f"# lm-evaluation-harness\n\n{result.markdown()}\n",
+        description="General capability of the fine-tuned and the base model",
     )
     return result
 

@@ -404,6 +404,26 @@ class TrainConfig(_Section):
         return self
 
 
+class LmEvalConfig(_Section):
+    """lm-evaluation-harness as a stage: general capability before and after fine-tuning."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Task names (standard ones need the hub; offline, tasks from "
+        "`include_path`). Empty: the stage is skipped.",
+    )
+    include_path: str | None = Field(
+        None, description="A folder of task YAMLs (e.g. `dataset_path: json` with local files)."
+    )
+    limit: int | None = Field(None, ge=1, description="Documents per task at most (None: all).")
+    apply_chat_template: bool = Field(
+        False,
+        description="Render the requests through the chat template (scores differ with and "
+        "without it; the mode is recorded).",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's).")
+
+
 class EvalConfig(_Section):
     """How the final model is scored on the test split."""
 
@@ -426,9 +446,38 @@ class EvalConfig(_Section):
         default_factory=lambda: ["i love", "today is", "my phone"],
         description="causal-lm: prompts to generate from after training (logged and shown).",
     )
-    max_new_tokens: int = Field(20, ge=1, le=1024, description="causal-lm: tokens per generation.")
+    max_new_tokens: int | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per generation at most. `auto`: for sft, the 95th percentile of the "
+        "training answers' tokens x1.25 + 4, capped at 512 (answers are not cut mid-sentence; "
+        "every answer that hit the cap is counted in `test/generation_capped`); for causal-lm, 20.",
+    )
     do_sample: bool = Field(
         False, description="causal-lm: sample (top-p 0.9, seeded) instead of greedy decoding."
+    )
+    generation_samples: int | None = Field(
+        100,
+        ge=1,
+        description="sft: generate answers for at most this many of the scored test rows (a "
+        "seeded subset; None: all). Likelihood and answer-loss scoring always cover every scored "
+        "row; exact match, ROUGE-L and the generated-label accuracy come from these.",
+    )
+    general_text: str | None = Field(
+        None,
+        description="causal-lm and sft: general text the fine-tuning did not see (a file, a saved "
+        "dataset or `pkg://PACKAGE/PATH`; `.txt` by paragraph), scored by the base and the "
+        "fine-tuned model to measure what was forgotten (`general/...`, the gate's "
+        "`promote.max_forgetting`). None: not measured.",
+    )
+    general_text_column: str = Field("text", description="The column of `general_text` to read.")
+    general_blocks: int = Field(
+        64,
+        ge=2,
+        description="Blocks of `model.max_length` tokens of `general_text` scored per model.",
+    )
+    lm_eval: LmEvalConfig = Field(
+        default_factory=lambda: LmEvalConfig(),
+        description="lm-evaluation-harness tasks run on the fine-tuned and the base model.",
     )
 
 
@@ -456,11 +505,27 @@ class PromoteConfig(_Section):
         "tagged `collapsed` either way. `fail`: the run then fails (exit 1) with what to try; "
         "`warn`: it finishes with a warning (smoke tests of the plumbing with a few steps).",
     )
-    metric: Literal["macro_f1", "accuracy", "perplexity", "exact_match"] | None = Field(
+    metric: (
+        Literal["macro_f1", "accuracy", "perplexity", "answer_loss", "exact_match", "rouge_l"]
+        | None
+    ) = Field(
         None,
         description="Primary metric: macro_f1 or accuracy (text-classification), perplexity "
-        "(causal-lm), exact_match, accuracy or macro_f1 over the label set (sft). None: the "
-        "task's own (macro_f1, perplexity, exact_match).",
+        "(causal-lm); for sft answer_loss (mean token loss of the reference answers, lower is "
+        "better), accuracy or macro_f1 by likelihood over a closed answer set, exact_match or "
+        "rouge_l of the generated answers. None: the task's own (macro_f1, perplexity; for sft it "
+        "follows the data: accuracy when the answers form a closed set, else answer_loss).",
+    )
+    max_forgetting: float | None = Field(
+        0.1,
+        ge=0,
+        description="How much general capability a version may lose and still take an alias, "
+        "relative to the base model: the rise of `eval.general_text` perplexity (0.1: 10% "
+        "higher), and the drop of each `eval.lm_eval` task's metric (0.1: 10% lower). Judged by "
+        "the upper end of the paired bootstrap 95% CI, so a version is promoted only when the "
+        "evidence says it forgot at most this much. One that forgot more is registered without an "
+        "alias, tagged `forgetting`, and the run fails. "
+        "None: not gated (still measured and reported).",
     )
     min_delta: float = Field(
         0.005,
@@ -547,8 +612,10 @@ class NotifyConfig(_Section):
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text-classification": ("macro_f1", "accuracy"),
     "causal-lm": ("perplexity",),
-    "sft": ("exact_match", "accuracy", "macro_f1"),
+    # sft's default follows the data (a closed answer set or not): the kind decides after scoring.
+    "sft": ("answer_loss", "accuracy", "macro_f1", "exact_match", "rouge_l"),
 }
+DATA_DEPENDENT_METRIC = {"sft"}
 
 
 class RunConfig(BaseModel):
@@ -579,8 +646,16 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check_task(self) -> RunConfig:
         metrics = TASK_METRICS[self.task]
+        if self.task == "text-classification" and (
+            self.eval.general_text or self.eval.lm_eval.tasks
+        ):
+            raise ValueError(
+                "eval.general_text and eval.lm_eval measure a language model's general "
+                "capability: they apply to task causal-lm or sft, not text-classification"
+            )
         if self.promote.metric is None:
-            self.promote.metric = metrics[0]  # type: ignore[assignment]
+            if self.task not in DATA_DEPENDENT_METRIC:
+                self.promote.metric = metrics[0]  # type: ignore[assignment]
         elif self.promote.metric not in metrics:
             raise ValueError(
                 f"promote.metric {self.promote.metric!r} does not fit task {self.task!r}: use "

@@ -23,6 +23,7 @@ from tasks.results import (
     Decision,
     EvalResult,
     Evidence,
+    HarnessResult,
     RegisteredModel,
     Splits,
     TokenizedData,
@@ -123,12 +124,17 @@ def first_against_yardstick(
     better = (lambda a, b: a > b) if evidence.higher_is_better else (lambda a, b: a < b)
     score = evidence.statistic(*evidence.columns)
     beaten = [n for n, v in evidence.floors.items() if not better(score, v)]
-    promoted = low > 0 and not beaten
+    promoted = low > 0 and delta >= cfg.min_delta and not beaten
     yardstick = evidence.reported(evidence.statistic(*columns))
     reason = (
         f"first model: {evidence.metric} {base['challenger_score']:.4f} vs {name} "
         f"{yardstick:.4f}: improvement {delta:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]) "
         + ("beats it with a CI above 0" if low > 0 else "does not beat it with a CI above 0")
+        + (
+            f" but not by the margin {cfg.min_delta:.4f}"
+            if low > 0 and delta < cfg.min_delta
+            else ""
+        )
         + (f"; does not beat {', '.join(beaten)}" if beaten else "")
     )
     return Decision(
@@ -181,13 +187,13 @@ def promote(
         blocked: why this version may never be champion (the collapse guard's finding).
     """
     client = MlflowClient()
-    assert cfg.metric is not None  # RunConfig resolves it from the task
-    evidence = kind.evidence(evaluation, cfg.metric)
+    metric, why = gate_metric(cfg, evaluation)
+    evidence = kind.evidence(evaluation, metric)
     champion = current_champion(client, registered.name, cfg.alias)
     columns, rescored = None, False
     if champion is not None and str(champion.version) != registered.version and not blocked:
         columns, blocked, rescored = kind.champion_columns(
-            champion, evaluation, splits, tokenized, labels, batch_size, cfg.metric
+            champion, evaluation, splits, tokenized, labels, batch_size, metric
         )
     decision = decide(
         cfg,
@@ -196,8 +202,96 @@ def promote(
         str(champion.version) if champion is not None else None,
         columns,
         blocked,
-    ).model_copy(update={"reevaluated_champion": rescored})
+    ).model_copy(update={"reevaluated_champion": rescored, "metric_reason": why})
     return record_decision(client, registered, decision, cfg.alias)
+
+
+def gate_metric(cfg: PromoteConfig, evaluation: EvalResult) -> tuple[str, str]:
+    """The metric the gate decides on, and why: ``promote.metric``, else what the data says."""
+    if cfg.metric is not None:
+        return cfg.metric, "set by promote.metric"
+    if evaluation.default_metric is None:
+        raise ValueError("promote.metric is unset and the evaluation names no default")
+    return evaluation.default_metric, evaluation.default_metric_reason
+
+
+def forgetting(
+    evaluation: EvalResult, harness: HarnessResult | None, cfg: PromoteConfig
+) -> tuple[dict[str, float], list[str]]:
+    """What the fine-tuning cost in general capability, relative to the base model, and where
+    it exceeds ``promote.max_forgetting``: (metrics ``forgetting/...``, findings).
+
+    General-text perplexity: its relative rise, with a paired bootstrap CI over blocks. Each
+    lm-eval task: the relative drop of its metric, with a paired bootstrap CI over documents. A
+    finding is a measure whose CI's upper end exceeds the limit: the evidence does not show the
+    loss is within it.
+    """
+    from tasks.lm_scoring import loss_rise, read_general
+
+    metrics: dict[str, float] = {}
+    found: list[str] = []
+    limit = cfg.max_forgetting
+    if evaluation.general_path:
+        after, before = read_general(evaluation.general_path)
+        rise, low, high = loss_rise(after, before, cfg.bootstrap_samples, cfg.seed)
+        metrics |= {
+            "forgetting/general_perplexity_rise": rise,
+            "forgetting/general_perplexity_rise_ci_low": low,
+            "forgetting/general_perplexity_rise_ci_high": high,
+        }
+        if limit is not None and high > limit:
+            found.append(
+                f"general-text perplexity rose {rise:+.1%} (95% CI [{low:+.1%}, {high:+.1%}]; "
+                f"{evaluation.general['perplexity_before']:.2f} -> "
+                f"{evaluation.general['perplexity_after']:.2f}), more than the "
+                f"{limit:.0%} promote.max_forgetting allows"
+            )
+    for task in harness.tasks if harness else []:
+        drop, low, high = task.relative_drop(cfg.bootstrap_samples, cfg.seed)
+        key = f"forgetting/lm_eval/{task.name}/{task.metric}"
+        metrics |= {f"{key}_drop": drop, f"{key}_drop_ci_low": low, f"{key}_drop_ci_high": high}
+        if limit is not None and high > limit:
+            found.append(
+                f"lm-eval {task.name} {task.metric} fell {drop:+.1%} relative to the base "
+                f"({task.before:.4f} -> {task.after:.4f}; 95% CI of the drop [{low:+.1%}, "
+                f"{high:+.1%}] over {task.samples} documents), more than the {limit:.0%} "
+                "promote.max_forgetting allows"
+            )
+    return metrics, found
+
+
+class ModelForgot(RuntimeError):
+    """The fine-tuned model lost more general capability than promote.max_forgetting allows."""
+
+
+def capability_markdown(
+    evaluation: EvalResult, harness: HarnessResult | None, metrics: dict[str, float]
+) -> str:
+    """General capability before and after, for the model card and the summary."""
+    lines = []
+    general = evaluation.general
+    if general:
+        rise = metrics.get("forgetting/general_perplexity_rise", general["rise"])
+        low = metrics.get("forgetting/general_perplexity_rise_ci_low", rise)
+        high = metrics.get("forgetting/general_perplexity_rise_ci_high", rise)
+        lines.append(
+            f"General-text perplexity ({int(general['blocks'])} blocks): "
+            f"{general['perplexity_before']:.3f} base, {general['perplexity_after']:.3f} "
+            f"fine-tuned ({rise:+.1%}, 95% CI [{low:+.1%}, {high:+.1%}])."
+        )
+    if harness is not None and harness.tasks:
+        lines += ["", harness.markdown()]
+    return "\n".join(lines).strip()
+
+
+def forgetting_advice(found: list[str], version: str, cfg: PromoteConfig) -> str:
+    """The failing run's message: what was forgotten and what to try."""
+    return (
+        f"version {version} forgot more than it may: " + "; ".join(found) + ". It is registered "
+        "for inspection (tag `forgetting`) without an alias. Try fewer steps or epochs, a lower "
+        "train.learning_rate, or mixing general text into the training data; or raise "
+        f"promote.max_forgetting (now {cfg.max_forgetting}) if this loss is acceptable."
+    )
 
 
 def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> str | None:

@@ -129,6 +129,8 @@ class CardFacts(BaseModel):
     test_rows: int
     collapse: str | None = None
     license: str | None = None  # the base model's (see :func:`base_license`)
+    capability: str = ""  # general capability before and after (Markdown), when measured
+    forgetting: list[str] = []  # what it forgot beyond promote.max_forgetting: never a candidate
 
 
 def base_license(base_model: str) -> str | None:
@@ -164,6 +166,14 @@ def model_card(facts: CardFacts, decision: str | None = None) -> str:
     if facts.labels:
         lines.append(f"- **Labels**: {', '.join(facts.labels)}")
     lines += ["", f"## Results on {facts.test_rows} held-out test rows", "", facts.metrics_table]
+    if facts.capability:
+        lines += ["", "## General capability (what the fine-tuning cost)", "", facts.capability]
+        verdict = (
+            "**Forgot too much**: " + "; ".join(facts.forgetting) + ". Not for production."
+            if facts.forgetting
+            else "Within `promote.max_forgetting`."
+        )
+        lines += ["", verdict]
     if decision:
         lines += ["", "## Promotion gate", "", decision]
     lines += [
@@ -266,8 +276,9 @@ def register_model(
                 "loads); `@challenger` is the newest. Each version's description is its model "
                 "card; its tags hold its lineage and the gate's decision.",
             )
-    alias = None if card is not None and card.collapse else cfg.alias
-    if alias is not None:  # a collapsed model is kept for inspection, never made a candidate
+    never = card is not None and (card.collapse or card.forgetting)
+    alias = None if never else cfg.alias
+    if alias is not None:  # a collapsed or forgetful model is kept for inspection only
         client.set_registered_model_alias(cfg.model_name, alias, version_)
     return RegisteredModel(
         name=cfg.model_name,

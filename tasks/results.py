@@ -204,12 +204,19 @@ class EvalResult(BaseModel):
     scores_path: str  # per-example test scores, for the gate's paired comparison
     scoring_s: float = 0.0  # forward passes over the test split: work, not overhead
     precision: str = "fp32"  # the arithmetic the test split was scored in
+    # The gate's metric when promote.metric leaves it to the data (sft), and why.
+    default_metric: str | None = None
+    default_metric_reason: str = ""
+    # General text before and after (perplexity_before, perplexity_after, rise, blocks), when
+    # measured, and the per-block losses behind it (for the forgetting gate).
+    general: dict[str, float] = {}
+    general_path: str | None = None
 
     headline_keys: tuple[str, ...] = ()
     baseline_names: tuple[str, str] = ("baseline", "classical")
 
     def artifacts(self) -> list[str]:
-        return [self.scores_path]
+        return [self.scores_path, *([self.general_path] if self.general_path else [])]
 
     def version_tags(self) -> dict[str, str]:
         return {"test.fingerprint": self.test_fingerprint, "test.precision": self.precision}
@@ -225,8 +232,12 @@ class EvalResult(BaseModel):
         first, second = self.baseline_names
         rows = [f"| metric | fine-tuned | {first} | {second} |", "|---|---|---|---|"]
         for key in self.headline_keys:
-            values = (self.metrics[key], self.baseline[key], self.classical[key])
-            rows.append(f"| {key} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+            values = (self.metrics.get(key), self.baseline.get(key), self.classical.get(key))
+            rows.append(
+                f"| {key} | "
+                + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values)
+                + " |"
+            )
         return "\n".join(rows)
 
 
@@ -251,6 +262,89 @@ class Evidence:
     yardstick: tuple[str, tuple[np.ndarray, ...]] | None = None
 
 
+class HarnessTask(BaseModel):
+    """One lm-evaluation-harness task on the fine-tuned (``after``) and the base model."""
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    after: float
+    before: float
+    after_stderr: float
+    before_stderr: float
+    after_docs: list[float]  # per-document scores, the same documents in the same order
+    before_docs: list[float]
+
+    @property
+    def samples(self) -> int:
+        return len(self.after_docs)
+
+    def relative_drop(self, samples: int, seed: int) -> tuple[float, float, float]:
+        """How much worse the fine-tuned model is, relative to the base score, with a paired
+        bootstrap 95% CI over documents: (drop, low, high); negative when it got better."""
+        from scipy.stats import bootstrap
+
+        sign = 1.0 if self.higher_is_better else -1.0
+
+        def drop(after: np.ndarray, before: np.ndarray) -> float:
+            base = float(np.mean(before))
+            return sign * (base - float(np.mean(after))) / (abs(base) or 1.0)
+
+        data = (np.asarray(self.after_docs), np.asarray(self.before_docs))
+        observed = drop(*data)
+        if self.samples < 2:
+            return observed, observed, observed
+        interval = bootstrap(
+            data,
+            drop,
+            paired=True,
+            vectorized=False,
+            n_resamples=samples,
+            confidence_level=0.95,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+        return observed, float(interval.low), float(interval.high)
+
+
+class HarnessResult(BaseModel):
+    """lm-evaluation-harness tasks on the fine-tuned and the base model."""
+
+    tasks: list[HarnessTask]
+    chat_template: bool
+    limit: int | None
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        """``lm_eval/TASK/METRIC`` (fine-tuned), ``lm_eval_base/...``, with ``_stderr``."""
+        out: dict[str, float] = {"lm_eval/seconds": self.seconds}
+        for t in self.tasks:
+            out |= {
+                f"lm_eval/{t.name}/{t.metric}": t.after,
+                f"lm_eval/{t.name}/{t.metric}_stderr": t.after_stderr,
+                f"lm_eval_base/{t.name}/{t.metric}": t.before,
+                f"lm_eval_base/{t.name}/{t.metric}_stderr": t.before_stderr,
+            }
+        return out
+
+    def markdown(self) -> str:
+        mode = "with the chat template" if self.chat_template else "without the chat template"
+        rows = [
+            f"lm-evaluation-harness, {mode}"
+            + (f", at most {self.limit} documents per task" if self.limit else "")
+            + ":",
+            "",
+            "| task | metric | base | fine-tuned | documents |",
+            "|---|---|---|---|---|",
+        ]
+        rows += [
+            f"| {t.name} | {t.metric} | {t.before:.4f} ± {t.before_stderr:.4f} | "
+            f"{t.after:.4f} ± {t.after_stderr:.4f} | {t.samples} |"
+            for t in self.tasks
+        ]
+        return "\n".join(rows)
+
+
 class Decision(BaseModel):
     """The gate's verdict for one model version."""
 
@@ -266,6 +360,7 @@ class Decision(BaseModel):
     ci_high: float | None = None
     mcnemar_p: float | None = None
     reevaluated_champion: bool = False
+    metric_reason: str = ""  # why this metric decided (promote.metric, or what the data says)
 
     def tags(self) -> dict[str, str]:
         """The decision as model-version tags."""
@@ -273,6 +368,7 @@ class Decision(BaseModel):
             "promotion.decision": "promoted" if self.promoted else "kept",
             "promotion.reason": self.reason,
             "promotion.metric": self.metric,
+            "promotion.metric_reason": self.metric_reason or "set by promote.metric",
             "promotion.compared_to": self.champion_before or "none",
         }
         if self.delta is not None:

@@ -188,7 +188,6 @@ def tiny_overrides(
             "task=sft",
             "data.labels=null",  # open answers (the demo config declares sentiment labels)
             "model.max_length=64",
-            "eval.max_new_tokens=4",
             "eval.batch_size=16",
             "registry.model_name=tiny-chat",
         ]

@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CORE = {"tasks.config", "tasks.results", "tasks.sources", "tasks.caching", "tasks.tracking"}
 CORE |= {"tasks.efficiency", "tasks.metrics"}
+CORE |= {"tasks.lm_scoring"}  # how a causal LM's answers and general text are scored
 CORE |= {"tasks.kinds"}  # the kinds' interface: the protocol and get_kind
 CORE |= {"tasks.sizing"}  # pure sizing rules (max length, truncation, warm-up, time budget)
 CORE |= {"tasks.checkpoints"}  # which checkpoint is complete, who holds the folder

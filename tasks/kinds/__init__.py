@@ -131,8 +131,8 @@ class Kind(Protocol):
         """The champion's per-example columns on this test split: (columns, why not, rescored)."""
         ...
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
-        """Settings stored with the registered model (generation length, ...)."""
+    def inference_config(self, cfg: EvalConfig, evaluation: EvalResult) -> dict[str, int | bool]:
+        """Settings stored with the registered model (generation length, ...), as evaluated."""
         ...
 
 

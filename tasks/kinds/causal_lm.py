@@ -27,6 +27,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.lm_scoring import general_blocks, read_general_texts, record_general
 from tasks.results import (
     Checked,
     EvalResult,
@@ -161,6 +162,11 @@ def unigram_perplexity(train: Dataset, test: Dataset, vocab_size: int) -> dict[s
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": float(len(targets))}
 
 
+def new_tokens(cfg: EvalConfig) -> int:
+    """``eval.max_new_tokens`` for completions of raw text: ``auto`` is 20."""
+    return 20 if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
+
+
 def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, seed: int
 ) -> list[dict[str, str]]:
@@ -174,7 +180,7 @@ def generate(
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
         generated = model.generate(  # type: ignore[operator]
             **ids,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=new_tokens(cfg),
             do_sample=cfg.do_sample,
             top_p=0.9 if cfg.do_sample else None,
             pad_token_id=tokenizer.pad_token_id,
@@ -198,7 +204,7 @@ class LMEvalResult(EvalResult):
     baseline_names: tuple[str, str] = ("untrained model", "unigram")
 
     def artifacts(self) -> list[str]:
-        return [self.scores_path, self.generations_path]
+        return [*super().artifacts(), self.generations_path]
 
     def version_tags(self) -> dict[str, str]:
         return {
@@ -345,14 +351,24 @@ class CausalLM:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         started = time.perf_counter()
+        general = None
+        if cfg.general_text:
+            texts = read_general_texts(cfg.general_text, cfg.general_text_column)
+            general = general_blocks(texts, tokenizer, model_cfg.tokens(), cfg.general_blocks)
         sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
         generations = generate(model, tokenizer, cfg, seed)
+        after = block_losses(model, general, tokenizer, cfg.batch_size) if general else None
         scoring_s = time.perf_counter() - started
         set_seed(seed)  # the same initial weights (and new head) that training started from
         untrained = setup_model(model_cfg, labels)
         started = time.perf_counter()
         base_sums, base_counts = block_losses(untrained, test, tokenizer, cfg.batch_size)
+        before = block_losses(untrained, general, tokenizer, cfg.batch_size) if general else None
         scoring_s += time.perf_counter() - started
+        general_path: str | None = None
+        general_summary: dict[str, float] = {}
+        if after is not None and before is not None:
+            general_path, general_summary = record_general(workdir, after, before)
         losses_path = workdir / "test_losses.json"
         losses_path.write_text(json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}))
         generations_path = workdir / "generations.json"
@@ -368,6 +384,8 @@ class CausalLM:
             generations=generations,
             scores_path=str(losses_path),
             generations_path=str(generations_path),
+            general=general_summary,
+            general_path=general_path,
         )
 
     def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
@@ -437,6 +455,6 @@ class CausalLM:
             )
         return block_losses(model, test, tokenizer, batch_size), None, True
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
+    def inference_config(self, cfg: EvalConfig, evaluation: EvalResult) -> dict[str, int | bool]:
         """Generation settings stored with the registered model (pyfunc ``predict`` uses them)."""
-        return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}
+        return {"max_new_tokens": new_tokens(cfg), "do_sample": cfg.do_sample}

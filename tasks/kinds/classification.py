@@ -511,5 +511,5 @@ class Classification:
         # A champion with another label set can predict a label this test set doesn't know: wrong.
         return (y_true, np.asarray([index.get(p, -1) for p in predicted])), None, True
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
+    def inference_config(self, cfg: EvalConfig, evaluation: EvalResult) -> dict[str, int | bool]:
         return {}

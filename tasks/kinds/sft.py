@@ -30,6 +30,7 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +45,22 @@ from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import (
     IGNORE,
     block_losses,
+    mean_loss,
     perplexity,
     setup_model,
     validation_perplexity,
     vocabulary_identity,
+)
+from tasks.lm_scoring import (
+    answer_budget,
+    choice_loglikelihoods,
+    continuation,
+    general_blocks,
+    generate_answers,
+    read_general_texts,
+    record_general,
+    rouge_l,
+    to_list,
 )
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
@@ -311,39 +324,6 @@ def answer_metrics(
     return metrics
 
 
-def generate_answers(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig
-) -> list[str]:
-    """Greedy answers to rendered prompts: batched by similar length, left-padded, capped.
-
-    Sorting by length keeps padding small; answers come back in the prompts' order.
-    """
-    import torch
-
-    model.eval()
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = np.argsort([len(ids) for ids in encoded], kind="stable")
-    answers: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), cfg.batch_size):
-        rows = order[start : start + cfg.batch_size]
-        padded = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
-        batch = {k: v.to(model.device) for k, v in padded.items()}
-        with torch.inference_mode():
-            out = model.generate(  # type: ignore[operator]
-                **batch,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new = out[:, batch["input_ids"].shape[1] :]
-        for i, ids in zip(rows, new, strict=True):
-            answers[int(i)] = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
-    return answers
-
-
 class PackedRows:
     """Pack a batch's conversations into as few rows of ``row_length`` tokens as fit, no padding
     between them, and ask the model for logits only where an answer token follows.
@@ -428,36 +408,53 @@ def answer_loss(
 
 
 class SFTEval(EvalResult):
-    """Answers of the fine-tuned model, the zero-shot model and a classical baseline, judged."""
+    """The fine-tuned and the zero-shot model judged on the same rows, and a classical baseline."""
 
     labels: list[str]
     answer_loss: dict[str, float]  # answer-only loss/perplexity: fine-tuned and zero-shot
-    samples: list[dict[str, str]]
+    samples: list[dict[str, Any]]
     tokenizer: str
+    max_new_tokens: int
+    max_new_tokens_reason: str
 
-    headline_keys: tuple[str, ...] = ("exact_match",)
+    headline_keys: tuple[str, ...] = ("answer_loss",)
     baseline_names: tuple[str, str] = ("zero-shot model", "classical")
 
     def version_tags(self) -> dict[str, str]:
         tags = {"test.fingerprint": self.test_fingerprint, "test.tokenizer": self.tokenizer}
         return tags | {f"test.{k}": f"{v:.4f}" for k, v in self.metrics.items() if "/" not in k}
 
-    def tables(self) -> dict[str, list[dict[str, str]]]:
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"evaluation/answers_table.json": self.samples}
 
     def details_markdown(self) -> str:
         loss = self.answer_loss
+        capped = self.metrics.get("generation_capped", 0.0)
         rows = [
             f"Answer-only perplexity: {loss['perplexity']:.3f} fine-tuned, "
             f"{loss['zero_shot_perplexity']:.3f} zero-shot.",
             "",
-            "| prompt | reference | fine-tuned | zero-shot |",
-            "|---|---|---|---|",
+            f"Generation: {int(self.metrics.get('generated_rows', 0))} of {self.test_rows} rows, "
+            f"at most {self.max_new_tokens} new tokens ({self.max_new_tokens_reason}); "
+            f"{capped:.1%} of the fine-tuned answers hit the cap.",
+        ]
+        if self.labels:
+            rows += [
+                "",
+                "Closed answer set: accuracy and macro F1 are those of the most likely answer "
+                "(summed log-probability of each candidate after the prompt, as "
+                "lm-evaluation-harness scores multiple choice; `accuracy_norm` divides by the "
+                "answer's length); `generated_accuracy` reads the label the greedy answer names.",
+            ]
+        rows += [
+            "",
+            "| prompt | reference | fine-tuned | zero-shot | loss | ROUGE-L |",
+            "|---|---|---|---|---|---|",
         ]
         rows += [
             "| "
-            + " | ".join(_cell(s[k]) for k in ("prompt", "reference", "answer", "zero_shot"))
-            + " |"
+            + " | ".join(_cell(str(s[k])) for k in ("prompt", "reference", "answer", "zero_shot"))
+            + f" | {s['answer_loss']:.3f} | {s['rouge_l']:.3f} |"
             for s in self.samples[:20]
         ]
         return "\n".join(rows)
@@ -653,7 +650,13 @@ class SFT:
         workdir: Path,
         cache_dir: Path,
     ) -> SFTEval:
-        """Generate an answer to every test prompt with the fine-tuned and the zero-shot model."""
+        """Judge the fine-tuned and the zero-shot model on the same held-out rows.
+
+        Every scored row: the answer-only loss of its reference answer and, over a closed answer
+        set, the most likely answer. A seeded subset (``eval.generation_samples``): the greedy
+        answer, judged by exact match, ROUGE-L and the label it names. With
+        ``eval.general_text``: the perplexity of general text, before and after.
+        """
         from datasets import load_from_disk
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -664,108 +667,121 @@ class SFT:
             rows = np.sort(np.random.default_rng(seed).choice(rows, cfg.max_test_samples, False))
         test = test.select(rows.tolist())
         chosen = [conversations[i] for i in rows]
+        generated = np.arange(len(chosen))
+        if cfg.generation_samples is not None and cfg.generation_samples < len(generated):
+            generated = np.sort(
+                np.random.default_rng(seed + 1).choice(generated, cfg.generation_samples, False)
+            )
         train = conversations_of(splits.train_path)
         closed = closed_set([m[-1]["content"] for m in train], labels or None)
         tokenizer = with_template(AutoTokenizer.from_pretrained(model_dir), model_cfg)
-        prompts = [render(tokenizer, m[:-1], generation_prompt=True) for m in chosen]
-        references = [m[-1]["content"] for m in chosen]
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        started = time.perf_counter()
-        sums, counts = block_losses(model, test, tokenizer, cfg.batch_size)
-        answers = generate_answers(model, tokenizer, prompts, cfg)
-        scoring_s = time.perf_counter() - started
-        del model
-        zero_shot = setup_model(model_cfg, [])
-        started = time.perf_counter()
-        zs_sums, zs_counts = block_losses(zero_shot, test, tokenizer, cfg.batch_size)
-        zs_answers = generate_answers(zero_shot, tokenizer, prompts, cfg)
-        scoring_s += time.perf_counter() - started
-        del zero_shot
-        classical = classical_answers(train, [prompt_key(m) for m in chosen], closed, seed)
-
-        fine = perplexity(sums, counts)
-        before = perplexity(zs_sums, zs_counts)
-        scores_path = workdir / ANSWERS_FILE
-        scores_path.write_text(
-            json.dumps(
-                {
-                    "labels": closed,
-                    "rows": rows.tolist(),
-                    "references": references,
-                    "answers": answers,
-                    "zero_shot": zs_answers,
-                    "classical": classical,
-                },
-                ensure_ascii=False,
-            )
+        budget, budget_reason = answer_budget(
+            cfg.max_new_tokens, tokenizer, [m[-1]["content"] for m in train]
         )
+        references = [m[-1]["content"] for m in chosen]
+        question = Questions.of(tokenizer, chosen, generated, closed)
+        general = (
+            general_blocks(
+                read_general_texts(cfg.general_text, cfg.general_text_column),
+                tokenizer,
+                model_cfg.tokens(),
+                cfg.general_blocks,
+            )
+            if cfg.general_text
+            else None
+        )
+        started = time.perf_counter()
+        fine = question.judge(
+            AutoModelForCausalLM.from_pretrained(model_dir), test, general, cfg.batch_size, budget
+        )
+        zero = question.judge(setup_model(model_cfg, []), test, general, cfg.batch_size, budget)
+        scoring_s = time.perf_counter() - started
+        classical = classical_answers(train, [prompt_key(m) for m in chosen], closed, seed)
+        logged = {
+            "labels": closed,
+            "rows": rows.tolist(),
+            "generated": generated.tolist(),
+            "references": references,
+            "classical": classical,
+            "fine_tuned": fine.logged(),
+            "zero_shot": zero.logged(),
+        }
+        scores_path = workdir / ANSWERS_FILE
+        scores_path.write_text(json.dumps(logged, ensure_ascii=False))
+        metric, reason = gate_metric(closed)
+        fine_metrics, zero_metrics = (
+            fine.metrics(references, generated, closed),
+            zero.metrics(references, generated, closed),
+        )
+        general_path: str | None = None
+        general_summary: dict[str, float] = {}
+        if fine.general is not None and zero.general is not None:
+            general_path, general_summary = record_general(workdir, fine.general, zero.general)
         samples = [
-            {"prompt": m[-2]["content"], "reference": r, "answer": a, "zero_shot": z}
-            for m, r, a, z in zip(chosen, references, answers, zs_answers, strict=True)
+            {
+                "prompt": chosen[i][-2]["content"],
+                "reference": references[i],
+                "answer": fine.answers[j],
+                "zero_shot": zero.answers[j],
+                "answer_loss": round(fine.row_loss(i), 4),
+                "zero_shot_loss": round(zero.row_loss(i), 4),
+                "rouge_l": round(float(fine.rouge[j]), 4),
+            }
+            | (
+                {
+                    "likely": closed[int(fine.picked[i])],
+                    "zero_shot_likely": closed[int(zero.picked[i])],
+                }
+                if closed
+                else {}
+            )
+            for j, i in enumerate(generated)
         ]
         return SFTEval(
             scoring_s=scoring_s,
-            metrics=answer_metrics(references, answers, closed)
-            | {"answer_loss": fine["loss"], "answer_perplexity": fine["perplexity"]},
-            baseline=answer_metrics(references, zs_answers, closed)
-            | {"answer_loss": before["loss"], "answer_perplexity": before["perplexity"]},
+            metrics=fine_metrics,
+            baseline=zero_metrics,
             classical=answer_metrics(references, classical, closed),
             test_rows=len(chosen),
             test_fingerprint=fingerprint(pd.read_parquet(splits.test_path).iloc[rows]),
             scores_path=str(scores_path),
             labels=closed,
             answer_loss={
-                "loss": fine["loss"],
-                "perplexity": fine["perplexity"],
-                "zero_shot_loss": before["loss"],
-                "zero_shot_perplexity": before["perplexity"],
+                "loss": fine_metrics["answer_loss"],
+                "perplexity": fine_metrics["answer_perplexity"],
+                "zero_shot_loss": zero_metrics["answer_loss"],
+                "zero_shot_perplexity": zero_metrics["answer_perplexity"],
             },
             samples=samples,
             tokenizer=vocabulary_identity(tokenizer),
+            max_new_tokens=budget,
+            max_new_tokens_reason=budget_reason,
+            default_metric=metric,
+            default_metric_reason=reason,
+            general=general_summary,
+            general_path=general_path,
             headline_keys=(
-                ("exact_match", "accuracy", "macro_f1", "outside_label_set")
+                ("accuracy", "macro_f1", "generated_accuracy", "outside_label_set", "answer_loss")
                 if closed
-                else ("exact_match",)
+                else ("answer_loss", "rouge_l", "exact_match", "generation_capped")
             ),
         )
 
     def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
-        """Per-row (reference, answer) ids over the closed set, or per-row exact match."""
-        """The first version must beat the zero-shot model on the same prompts with a paired
-        bootstrap CI; the classical baseline is reported beside it, not required."""
+        """The challenger's per-row scores in ``metric``, with the zero-shot model's on the same
+        rows as the yardstick the first version must beat with a paired bootstrap CI above 0."""
         logged = json.loads(Path(evaluation.scores_path).read_text())
-        columns, statistic = self._columns(logged, logged["answers"], metric)
-        zero_shot, _ = self._columns(logged, logged["zero_shot"], metric)
+        columns, statistic, higher = metric_columns(logged, logged["fine_tuned"], metric)
+        zero_shot, _, _ = metric_columns(logged, logged["zero_shot"], metric)
         return Evidence(
             metric=metric,
             columns=columns,
             statistic=statistic,
-            higher_is_better=True,
+            higher_is_better=higher,
             floors={},
             correct=(lambda y, p: y == p) if metric == "accuracy" else None,
             yardstick=("zero-shot model", zero_shot),
         )
-
-    def _columns(
-        self, logged: dict[str, Any], answers: list[str], metric: str
-    ) -> tuple[tuple[np.ndarray, ...], Callable[..., float]]:
-        labels = logged["labels"]
-        if metric in ("accuracy", "macro_f1"):
-            if not labels:
-                raise ValueError(
-                    f"promote.metric {metric} needs answers from a closed set (data.labels)"
-                )
-            columns = (label_ids(logged["references"], labels), label_ids(answers, labels))
-            return columns, gate_statistic(metric, len(labels))
-        exact = np.asarray(
-            [
-                normalise_answer(r) == normalise_answer(a)
-                for r, a in zip(logged["references"], answers, strict=True)
-            ],
-            dtype=float,
-        )
-        return (exact,), lambda x: float(np.mean(x))
 
     def champion_columns(
         self,
@@ -777,40 +793,231 @@ class SFT:
         batch_size: int,
         metric: str,
     ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
-        """The champion's answers to the same prompts: logged, or generated again."""
+        """The champion's scores on the same rows: logged by its own run, or scored again."""
+        from datasets import load_from_disk
+
         assert isinstance(evaluation, SFTEval)
         logged = json.loads(Path(evaluation.scores_path).read_text())
-        client = MlflowClient()
-        answers = None
+        if metric == "answer_loss" and champion.tags.get("test.tokenizer") != evaluation.tokenizer:
+            return None, "the champion uses another tokenizer: its answer losses differ", False
         if champion.tags.get("test.fingerprint") == evaluation.test_fingerprint:
             try:
-                path = client.download_artifacts(str(champion.run_id), f"evaluation/{ANSWERS_FILE}")
-                answers = json.loads(Path(path).read_text())["answers"]
-            except (MlflowException, OSError, KeyError):
-                answers = None
-        rescored = False
-        if answers is None or len(answers) != len(logged["references"]):
-            import tempfile
-
-            from transformers import AutoModelForCausalLM
-
-            from tasks.sources import load_registered
-
-            log.info("champion v%s saw other prompts: generating its answers", champion.version)
-            with tempfile.TemporaryDirectory() as tmp:
-                model, tokenizer = load_registered(
-                    champion.name, champion.version, AutoModelForCausalLM, Path(tmp)
+                path = MlflowClient().download_artifacts(
+                    str(champion.run_id), f"evaluation/{ANSWERS_FILE}"
                 )
-            conversations = conversations_of(splits.test_path)
-            prompts = [
-                render(tokenizer, conversations[i][:-1], generation_prompt=True)
-                for i in logged["rows"]
-            ]
-            answers = generate_answers(model, tokenizer, prompts, EvalConfig(batch_size=batch_size))
-            rescored = True
-        columns, _ = self._columns(logged, answers, metric)
-        return columns, None, rescored
+                theirs = json.loads(Path(path).read_text())
+                if (
+                    theirs.get("rows") == logged["rows"]
+                    and theirs.get("generated") == logged["generated"]
+                    and theirs.get("labels") == logged["labels"]
+                ):
+                    columns, _, _ = metric_columns(logged, theirs["fine_tuned"], metric)
+                    return columns, None, False
+            except (MlflowException, OSError, KeyError, ValueError):
+                pass
+        import tempfile
 
-    def inference_config(self, cfg: EvalConfig) -> dict[str, int | bool]:
-        """Generation settings stored with the registered model (greedy, capped)."""
-        return {"max_new_tokens": cfg.max_new_tokens, "do_sample": False}
+        from transformers import AutoModelForCausalLM
+
+        from tasks.sources import load_registered
+
+        log.info("champion v%s saw other prompts: scoring it on these", champion.version)
+        with tempfile.TemporaryDirectory() as tmp:
+            model, tokenizer = load_registered(
+                champion.name, champion.version, AutoModelForCausalLM, Path(tmp)
+            )
+        conversations = conversations_of(splits.test_path)
+        chosen = [conversations[i] for i in logged["rows"]]
+        generated = np.asarray(logged["generated"], dtype=int)
+        question = Questions.of(tokenizer, chosen, generated, logged["labels"])
+        test = load_from_disk(tokenized.path)["test"].select(logged["rows"])
+        judged = question.judge(
+            model,
+            test,
+            None,
+            batch_size,
+            evaluation.max_new_tokens,
+            only=metric,
+        )
+        columns, _, _ = metric_columns(logged, judged.logged(), metric)
+        return columns, None, True
+
+    def inference_config(self, cfg: EvalConfig, evaluation: EvalResult) -> dict[str, int | bool]:
+        """Generation settings stored with the registered model (greedy, the answer budget)."""
+        assert isinstance(evaluation, SFTEval)
+        return {"max_new_tokens": evaluation.max_new_tokens, "do_sample": False}
+
+
+def gate_metric(closed: list[str]) -> tuple[str, str]:
+    """The gate's default metric for this data, and why."""
+    if closed:
+        return "accuracy", (
+            f"the answers form a closed set of {len(closed)} ({', '.join(closed[:5])}"
+            + ("…" if len(closed) > 5 else "")
+            + "): accuracy of the most likely answer"
+        )
+    return "answer_loss", (
+        "the answers are free-form: the mean token loss of the reference answers (lower is better)"
+    )
+
+
+def metric_columns(
+    logged: dict[str, Any], scores: dict[str, Any], metric: str
+) -> tuple[tuple[np.ndarray, ...], Callable[..., float], bool]:
+    """(per-row columns, statistic, higher is better) of one model's logged scores."""
+    labels = logged["labels"]
+    if metric in ("accuracy", "macro_f1"):
+        if not labels:
+            raise ValueError(
+                f"promote.metric {metric} needs answers from a closed set (data.labels, or at most "
+                f"{MAX_LABELS} distinct training answers)"
+            )
+        truth = label_ids(logged["references"], labels)
+        return (truth, np.asarray(scores["picked"])), gate_statistic(metric, len(labels)), True
+    if metric == "answer_loss":
+        return (np.asarray(scores["sums"]), np.asarray(scores["counts"])), mean_loss, False
+    references = [logged["references"][i] for i in logged["generated"]]
+    if metric == "rouge_l":
+        values = rouge_l(references, scores["answers"])
+    else:
+        values = np.asarray(
+            [
+                normalise_answer(r) == normalise_answer(a)
+                for r, a in zip(references, scores["answers"], strict=True)
+            ],
+            dtype=float,
+        )
+    return (values,), lambda x: float(np.mean(x)), True
+
+
+@dataclass
+class Judged:
+    """One model's scores on the held-out rows (see :meth:`Questions.judge`)."""
+
+    sums: np.ndarray  # answer-only loss summed per row
+    counts: np.ndarray  # answer tokens per row
+    picked: np.ndarray  # closed set: the most likely answer's index per row
+    choice_scores: np.ndarray  # closed set: [rows, labels] summed log-probabilities
+    answers: list[str]  # greedy answers of the generated rows
+    capped: np.ndarray  # which of those hit max_new_tokens unfinished
+    rouge: np.ndarray  # ROUGE-L of each generated answer against its reference
+    general: tuple[np.ndarray, np.ndarray] | None  # general-text losses per block
+
+    def row_loss(self, i: int | np.integer) -> float:
+        return float(self.sums[i] / max(int(self.counts[i]), 1))
+
+    def logged(self) -> dict[str, Any]:
+        out = {
+            "sums": to_list(self.sums),
+            "counts": to_list(self.counts),
+            "picked": to_list(self.picked),
+            "choice_scores": to_list(self.choice_scores),
+            "answers": self.answers,
+            "capped": to_list(self.capped),
+        }
+        return out
+
+    def metrics(
+        self, references: list[str], generated: np.ndarray, labels: list[str]
+    ) -> dict[str, float]:
+        loss = perplexity(self.sums, self.counts)
+        gen_refs = [references[i] for i in generated]
+        judged = answer_metrics(gen_refs, self.answers, labels)
+        out = {
+            "answer_loss": loss["loss"],
+            "answer_perplexity": loss["perplexity"],
+            "exact_match": judged.pop("exact_match"),
+            "rouge_l": float(np.mean(self.rouge)) if len(self.rouge) else 0.0,
+            "generation_capped": float(np.mean(self.capped)) if len(self.capped) else 0.0,
+            "generated_rows": float(len(generated)),
+        }
+        if labels:
+            truth = label_ids(references, labels)
+            scores = classification_metrics(truth, self.picked, labels)
+            lengths = np.asarray([max(len(label), 1) for label in labels], dtype=float)
+            normalised = (self.choice_scores / lengths).argmax(1)
+            out |= {k: scores[k] for k in ("accuracy", "macro_f1")}
+            out |= {f"f1/{label}": scores[f"f1/{label}"] for label in labels}
+            out["accuracy_norm"] = float(np.mean(normalised == truth))
+            out["outside_label_set"] = judged.pop("outside_label_set")
+            out |= {f"generated_{k}": v for k, v in judged.items() if "/" not in k}
+        return out
+
+
+@dataclass
+class Questions:
+    """The held-out rows as a model is asked them: rendered prompts for generation and, over a
+    closed set, every candidate answer's tokens after its prompt."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[str]  # rendered with the generation prompt, for the generated rows
+    references: list[str]  # the generated rows' reference answers
+    prompt_ids: list[list[int]]  # closed set: every row's prompt tokens
+    choices: list[list[list[int]]]  # closed set: every row's candidate answers' tokens
+
+    @classmethod
+    def of(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        chosen: list[Conversation],
+        generated: np.ndarray,
+        labels: list[str],
+    ) -> Questions:
+        prompts = [render(tokenizer, m[:-1], generation_prompt=True) for m in chosen]
+        prompt_ids: list[list[int]] = []
+        choices: list[list[list[int]]] = []
+        if labels:
+            for messages, prompt in zip(chosen, prompts, strict=True):
+                row = []
+                for label in labels:
+                    full = render(
+                        tokenizer,
+                        [*messages[:-1], {"role": "assistant", "content": label}],
+                        generation_prompt=False,
+                    )
+                    ids, candidate = continuation(tokenizer, prompt, full)
+                    row.append(candidate)
+                prompt_ids.append(ids)
+                choices.append(row)
+        return cls(
+            tokenizer,
+            [prompts[i] for i in generated],
+            [chosen[i][-1]["content"] for i in generated],
+            prompt_ids,
+            choices,
+        )
+
+    def judge(
+        self,
+        model: PreTrainedModel,
+        test: Dataset,
+        general: Dataset | None,
+        batch_size: int,
+        max_new_tokens: int,
+        only: str | None = None,
+    ) -> Judged:
+        """Score ``model`` on every row (``only``: just what the gate's metric needs)."""
+        empty = np.zeros(0)
+        sums = counts = empty
+        if only in (None, "answer_loss"):
+            sums, counts = block_losses(model, test, self.tokenizer, batch_size)
+        picked, choice_scores = np.zeros(0, dtype=int), np.zeros((0, 0))
+        if self.choices and only in (None, "accuracy", "macro_f1"):
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            choice_scores = choice_loglikelihoods(
+                model, self.prompt_ids, self.choices, batch_size, int(self.tokenizer.pad_token_id)
+            )
+            picked = choice_scores.argmax(1)
+        answers: list[str] = []
+        capped, rouge = np.zeros(0, dtype=bool), empty
+        if only in (None, "exact_match", "rouge_l"):
+            answers, capped = generate_answers(
+                model, self.tokenizer, self.prompts, batch_size, max_new_tokens
+            )
+            rouge = rouge_l(self.references, answers)
+        losses = None
+        if general is not None:
+            losses = block_losses(model, general, self.tokenizer, batch_size)
+        del model
+        return Judged(sums, counts, picked, choice_scores, answers, capped, rouge, losses)

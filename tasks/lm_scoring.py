@@ -1,0 +1,302 @@
+"""How a language model's answers are scored: by likelihood over a closed set of answers, by what
+it generates (with a length budget read from the data), by overlap with the reference (ROUGE-L),
+and on general text it was not tuned on (what it forgot).
+
+Shared by the kinds that score a causal LM (``causal-lm``, ``sft``); torch and transformers load in
+the functions that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# eval.max_new_tokens: auto is the 95th percentile of the training answers' tokens, with room to
+# spare (a 25% margin plus a few tokens for the end-of-turn marker), never above the cap.
+AUTO_QUANTILE = 95
+AUTO_MARGIN = 1.25
+AUTO_EXTRA = 4
+AUTO_CAP = 512
+
+
+def answer_budget(
+    setting: int | str, tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]
+) -> tuple[int, str]:
+    """(max new tokens, why): the configured number, or for ``auto`` enough for the answers."""
+    if setting != "auto":
+        return int(setting), "eval.max_new_tokens"
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers] or [16]
+    p95 = float(np.percentile(lengths, AUTO_QUANTILE))
+    budget = min(AUTO_CAP, math.ceil(p95 * AUTO_MARGIN) + AUTO_EXTRA)
+    return budget, (
+        f"auto: 95th percentile of the training answers {p95:.0f} tokens, x{AUTO_MARGIN} + "
+        f"{AUTO_EXTRA}, capped at {AUTO_CAP}"
+    )
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return ids
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+) -> tuple[list[str], np.ndarray]:
+    """Greedy answers to rendered prompts, and which of them hit ``max_new_tokens`` unfinished.
+
+    Batched by similar length (little padding), left-padded; a batch stops when all its rows have
+    ended; answers come back in the prompts' order.
+    """
+    import torch
+
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stops = stop_ids(model, tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    answers: list[str] = [""] * len(prompts)
+    capped = np.zeros(len(prompts), dtype=bool)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+        batch = {k: v.to(model.device) for k, v in padded.items()}
+        with torch.inference_mode():
+            out = model.generate(  # type: ignore[operator]
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        for i, ids in zip(rows, new, strict=True):
+            tokens = ids.tolist()
+            capped[int(i)] = len(tokens) >= max_new_tokens and not stops & set(tokens)
+            answers[int(i)] = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    return answers, capped
+
+
+def continuation(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, full: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids) of ``full``, which starts with ``prompt``.
+
+    The whole text is tokenized once and split where the prompt's tokens end, so a candidate is
+    scored in the tokens the model would read; where the tokenizer merges across the boundary the
+    continuation is tokenized on its own.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids) :]
+    return prompt_ids, tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+
+
+def choice_loglikelihoods(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    choices: list[list[list[int]]],
+    batch_size: int,
+    pad_token_id: int,
+) -> np.ndarray:
+    """Summed log-probability of every candidate continuation after its prompt: ``[rows, K]``.
+
+    lm-evaluation-harness's multiple-choice scoring, with the shared prompt computed once: a batch
+    of prompts runs with the KV cache, the cache is repeated for the K candidates, and the
+    candidates run as one batch on top of it. The first candidate token is scored from the prompt's
+    last logits, each later one from the candidate's own previous position.
+    """
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    k = len(choices[0])
+    scores = np.zeros((len(prompts), k))
+    for start in range(0, len(prompts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        width = max(len(prompts[r]) for r in rows)
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):  # left-padded: every prompt ends at the right edge
+            ids[j, width - len(prompts[r]) :] = torch.as_tensor(prompts[r])
+            mask[j, width - len(prompts[r]) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cands = [choices[r][c] for r in rows for c in range(k)]
+        length = max(len(c) for c in cands)
+        cand_ids = torch.full((len(cands), length), pad_token_id, dtype=torch.long)
+        cand_mask = torch.zeros((len(cands), length), dtype=torch.long)
+        for j, c in enumerate(cands):
+            cand_ids[j, : len(c)] = torch.as_tensor(c)
+            cand_mask[j, : len(c)] = 1
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)
+            first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)
+            ends = mask.sum(1).repeat_interleave(k).unsqueeze(1)
+            later = model(
+                input_ids=cand_ids.to(device),
+                attention_mask=torch.cat([mask.repeat_interleave(k, 0), cand_mask], 1).to(device),
+                position_ids=(ends + torch.arange(length)).to(device),
+                past_key_values=cache,
+            ).logits
+            logp = torch.cat([first.unsqueeze(1), torch.log_softmax(later[:, :-1].float(), -1)], 1)
+            picked = logp.gather(2, cand_ids.to(device).unsqueeze(2)).squeeze(2).cpu()
+        total = (picked * cand_mask).sum(1).view(len(rows), k)
+        scores[rows[0] : rows[-1] + 1] = total.double().numpy()
+    return scores
+
+
+def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """Per-example ROUGE-L F-measure (``rouge-score``, its default tokenizer, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return np.asarray(
+        [
+            scorer.score(r, p)["rougeL"].fmeasure
+            for r, p in zip(references, predictions, strict=True)
+        ],
+        dtype=float,
+    )
+
+
+def general_blocks(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int, blocks: int
+) -> Dataset:
+    """General text as blocks of ``block_size`` tokens, every token a target: documents joined by
+    the EOS token, cut into blocks, the first ``blocks`` kept (the same ones for every model)."""
+    from datasets import Dataset
+
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(str(text), add_special_tokens=False)["input_ids"] + [separator]
+        if len(stream) >= block_size * blocks:
+            break
+    cut = [stream[i : i + block_size] for i in range(0, len(stream), block_size)][:blocks]
+    cut = [b for b in cut if len(b) > 1]
+    return Dataset.from_dict(
+        {"input_ids": cut, "attention_mask": [[1] * len(b) for b in cut], "labels": cut}
+    )
+
+
+def read_general_texts(source: str, column: str) -> list[str]:
+    """The texts of ``eval.general_text`` (any source the data readers read, ``.txt`` by
+    paragraph), from ``column``.
+
+    Raises:
+        ValueError: naming the source and the columns it has when ``column`` is missing.
+    """
+    from tasks.sources import read_table
+
+    frame = read_table(source, documents="paragraph").frame
+    if column not in frame.columns:
+        raise ValueError(
+            f"eval.general_text {source}: no column {column!r} (columns found: "
+            f"{list(frame.columns)[:10]}); set eval.general_text_column"
+        )
+    texts = [str(t) for t in frame[column].tolist() if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"eval.general_text {source}: column {column!r} holds no text")
+    return texts
+
+
+GENERAL_FILE = "general_losses.json"  # per-block general-text losses, before and after
+
+
+def record_general(
+    workdir: Path, after: tuple[np.ndarray, np.ndarray], before: tuple[np.ndarray, np.ndarray]
+) -> tuple[str, dict[str, float]]:
+    """Write the per-block general-text losses of the fine-tuned (``after``) and the base model
+    (``before``) for the gate; return the file and its summary (perplexity before and after)."""
+    path = workdir / GENERAL_FILE
+    path.write_text(
+        json.dumps(
+            {
+                "after": {"sums": to_list(after[0]), "counts": to_list(after[1])},
+                "before": {"sums": to_list(before[0]), "counts": to_list(before[1])},
+            }
+        )
+    )
+
+    def ppl(sums: np.ndarray, counts: np.ndarray) -> float:
+        return math.exp(min(float(sums.sum() / max(counts.sum(), 1)), 700.0))
+
+    return str(path), {
+        "perplexity_before": ppl(*before),
+        "perplexity_after": ppl(*after),
+        "rise": ppl(*after) / ppl(*before) - 1.0,
+        "blocks": float(len(after[0])),
+    }
+
+
+def read_general(path: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(after, before) per-block losses as :func:`record_general` wrote them."""
+    logged = json.loads(Path(path).read_text())
+    return tuple(  # type: ignore[return-value]
+        (np.asarray(logged[k]["sums"]), np.asarray(logged[k]["counts"]))
+        for k in ("after", "before")
+    )
+
+
+def loss_rise(
+    after: tuple[np.ndarray, np.ndarray],
+    before: tuple[np.ndarray, np.ndarray],
+    samples: int,
+    seed: int,
+) -> tuple[float, float, float]:
+    """Relative rise of perplexity from ``before`` to ``after`` (per-block loss sums and token
+    counts, the same blocks), with its paired bootstrap 95% CI: (rise, low, high)."""
+    from scipy.stats import bootstrap
+
+    def rise(sa: np.ndarray, ca: np.ndarray, sb: np.ndarray, cb: np.ndarray) -> float:
+        delta = sa.sum() / max(ca.sum(), 1) - sb.sum() / max(cb.sum(), 1)
+        return float(math.expm1(delta))
+
+    data = (*after, *before)
+    observed = rise(*data)
+    if len(after[0]) < 2:
+        return observed, observed, observed
+    result = bootstrap(
+        data,
+        rise,
+        paired=True,
+        vectorized=False,
+        n_resamples=samples,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return observed, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def to_list(values: np.ndarray | torch.Tensor | list[Any]) -> list[Any]:
+    """A JSON-ready list of numbers."""
+    return np.asarray(values).tolist()

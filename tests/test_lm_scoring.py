@@ -1,0 +1,110 @@
+"""How a causal LM's answers are scored: likelihood over a closed set, the answer budget, ROUGE-L,
+general text and the rise of its perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.lm_scoring import (
+    answer_budget,
+    choice_loglikelihoods,
+    continuation,
+    general_blocks,
+    generate_answers,
+    loss_rise,
+    read_general_texts,
+    rouge_l,
+)
+
+
+def brute_force(model, prompt: list[int], candidate: list[int]) -> float:
+    """One candidate, one forward pass over prompt + candidate, no cache, no padding."""
+    ids = torch.as_tensor([prompt + candidate])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return float(sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(candidate)))
+
+
+def test_closed_set_likelihoods_agree_with_a_per_candidate_loop(tiny_llama_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    labels = ["red", "green", "blue"]
+    questions = ["colour of the sky?", "colour of the grass please now 12?", "apple?"]
+    prompts, choices = [], []
+    for q in questions:
+        messages = [{"role": "user", "content": q}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        row = []
+        for label in labels:
+            full = tokenizer.apply_chat_template(
+                [*messages, {"role": "assistant", "content": label}], tokenize=False
+            )
+            prompt_ids, cont = continuation(tokenizer, prompt, full)
+            row.append(cont)
+        prompts.append(prompt_ids)
+        choices.append(row)
+    # Prompts of different lengths in one batch (left padding) and a batch of one.
+    for batch_size in (3, 1):
+        scores = choice_loglikelihoods(model, prompts, choices, batch_size, tokenizer.pad_token_id)
+        expected = [
+            [brute_force(model, p, c) for c in row] for p, row in zip(prompts, choices, strict=True)
+        ]
+        np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+def test_greedy_answers_and_the_cap_are_reported(tiny_llama_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "colour of the sky?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    answers, capped = generate_answers(model, tokenizer, [prompt, prompt + "x"], 2, 3)
+    assert len(answers) == 2 and capped.dtype == bool
+    # A random tiny model rarely emits EOS in 3 tokens: it ran to the cap, which is counted.
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)[0, ids["input_ids"].shape[1] :]
+    assert capped[0] == (tokenizer.eos_token_id not in out.tolist())
+    assert answers[0] == tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_the_answer_budget_follows_the_training_answers(tiny_llama_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    short, why = answer_budget("auto", tokenizer, ["red", "blue", "green"] * 10)
+    long, _ = answer_budget("auto", tokenizer, ["the sky is blue and the sea is blue too"] * 10)
+    assert 4 < short < long <= 512 and "95th percentile" in why
+    assert answer_budget(7, tokenizer, ["red"]) == (7, "eval.max_new_tokens")
+
+
+def test_rouge_l_scores_each_answer_against_its_reference():
+    scores = rouge_l(["the sky is blue", "red"], ["the sky is blue", "a green leaf"])
+    assert scores[0] == pytest.approx(1.0) and scores[1] == 0.0
+
+
+def test_general_text_is_cut_into_the_same_blocks_for_every_model(tiny_llama_dir: Path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    path = tmp_path / "general.txt"
+    path.write_text("the sky is blue.\n\nthe grass is green.\n\nan apple is red.\n")
+    texts = read_general_texts(str(path), "text")
+    assert len(texts) == 3
+    blocks = general_blocks(texts * 20, tokenizer, 16, 5)
+    assert len(blocks) == 5 and all(len(b) == 16 for b in blocks["input_ids"])
+    with pytest.raises(ValueError, match="no column 'body'"):
+        read_general_texts(str(path), "body")
+
+
+def test_the_perplexity_rise_has_a_paired_interval():
+    rng = np.random.default_rng(0)
+    counts = np.full(50, 10)
+    before = rng.uniform(20, 40, 50)
+    after = before + 10 * 0.1  # every block 0.1 nats worse: exp(0.1) - 1 = 10.5% higher
+    rise, low, high = loss_rise((after, counts), (before, counts), 500, 0)
+    assert rise == pytest.approx(np.expm1(0.1)) and low <= rise <= high
+    same = loss_rise((before, counts), (before, counts), 500, 0)
+    assert same == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
