@@ -531,14 +531,19 @@ def compare_command(
         str, typer.Argument(help="models:/NAME/VERSION, models:/NAME@ALIAS, or an MLflow run id")
     ],
     model_b: Annotated[str, typer.Argument(help="the other version (or run id)")],
-    metric: Annotated[str, typer.Option(help="The metric of the CI: macro_f1 or accuracy.")] = (
-        "macro_f1"
-    ),
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="The metric of the CI: macro_f1 or accuracy (classifiers; default macro_f1); "
+            "answer_loss, accuracy, macro_f1, exact_match or rouge_l (sft; default: the one B's "
+            "gate decided on)."
+        ),
+    ] = None,
     examples: Annotated[int, typer.Option(min=0, help="Disagreements to show.")] = 10,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Two classifier versions on the same test rows: metrics, the gate's paired CI, and the
-    rows where one is right and the other wrong."""
+    """Two versions on the same test rows: metrics, the gate's paired CI, and the rows where one
+    is right and the other wrong (for sft: whose answer loss changed most)."""
     from tasks.compare import compare, render
     from tasks.config import PromoteConfig
 

@@ -1,4 +1,5 @@
-"""Two registered classifier versions side by side, on the same test rows, as the gate sees them."""
+"""Two registered versions side by side, on the same test rows, as the gate sees them: classifiers
+by their predictions, instruction-tuned LMs (sft) by their logged per-row judgments."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Comparison(BaseModel):
     only_a_right: int
     only_b_right: int
     disagreements: list[dict[str, Any]]  # rows only one of them gets right: text, truth, a, b
+    per_row: str = "right"  # what only_a_right / only_b_right count: right answers, or lower loss
 
 
 def logged_predictions(client: MlflowClient, name: str, version: str) -> tuple[Any, dict[str, Any]]:
@@ -61,8 +63,99 @@ def test_texts(client: MlflowClient, run_id: str) -> list[str] | None:
     return None
 
 
+ANSWERS = "evaluation/test_answers.json"
+
+
+def logged_answers(client: MlflowClient, name: str, version: str) -> tuple[Any, dict[str, Any]]:
+    """An sft version and its run's per-row judgments, or (version, {}) when it logged none."""
+    mv = client.get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(str(mv.run_id), ANSWERS, tmp)
+        except Exception:
+            return mv, {}
+        logged = json.loads(Path(path).read_text())
+    return mv, logged if "fine_tuned" in logged else {}
+
+
+def compare_answers(
+    a: tuple[str, str], b: tuple[str, str], metric: str | None, samples: int, seed: int, shown: int
+) -> Comparison | None:
+    """Two sft versions on the rows both were judged on; None when they are not sft versions.
+
+    The metric defaults to the one B's gate decided on. Rows that changed most: the largest
+    differences of per-row answer loss (or, over a closed set, where one picks the right answer).
+    """
+    from tasks.lm_scoring import metric_columns
+
+    client = MlflowClient()
+    mv_a, la = logged_answers(client, *a)
+    mv_b, lb = logged_answers(client, *b)
+    if not la or not lb:
+        return None
+    same = ("rows", "generated", "references", "labels")
+    if mv_a.tags.get("test.fingerprint") != mv_b.tags.get("test.fingerprint") or any(
+        la.get(k) != lb.get(k) for k in same
+    ):
+        raise ValueError("the two versions were judged on different test rows: not paired")
+    if (
+        mv_a.tags.get("test.tokenizer") != mv_b.tags.get("test.tokenizer")
+        and metric == "answer_loss"
+    ):
+        raise ValueError("the two versions use different tokenizers: answer losses differ")
+    metric = metric or mv_b.tags.get("promotion.metric") or "answer_loss"
+    names = ["answer_loss", "exact_match", "rouge_l"]
+    names += ["accuracy", "macro_f1"] if la["labels"] else []
+    if metric not in names:
+        raise ValueError(f"--metric {metric!r} does not fit these versions: use one of {names}")
+    metrics = {}
+    for m in names:
+        (ca, stat, _), (cb, _, _) = (
+            metric_columns(la, la["fine_tuned"], m),
+            metric_columns(lb, lb["fine_tuned"], m),
+        )
+        metrics[m] = (stat(*ca), stat(*cb))
+    columns_a, statistic, higher = metric_columns(la, la["fine_tuned"], metric)
+    columns_b, _, _ = metric_columns(lb, lb["fine_tuned"], metric)
+    evidence = Evidence(
+        metric=metric, columns=columns_b, statistic=statistic, higher_is_better=higher, floors={}
+    )
+    delta, low, high = paired_bootstrap(evidence, columns_a, samples, seed)
+    if not higher:  # report B - A in the metric's own direction
+        delta, low, high = -delta, -high, -low
+    sa, ca_ = np.asarray(la["fine_tuned"]["sums"]), np.asarray(la["fine_tuned"]["counts"])
+    sb, cb_ = np.asarray(lb["fine_tuned"]["sums"]), np.asarray(lb["fine_tuned"]["counts"])
+    loss_a, loss_b = sa / np.maximum(ca_, 1), sb / np.maximum(cb_, 1)
+    order = np.argsort(-np.abs(loss_b - loss_a), kind="stable")[:shown]
+    better = (loss_b < loss_a).sum(), (loss_a < loss_b).sum()
+    changed = [
+        {
+            "row": int(i),
+            "text": la["references"][i],
+            "truth": f"answer loss {loss_a[i]:.3f} -> {loss_b[i]:.3f}",
+            "a": la["labels"][la["fine_tuned"]["picked"][i]] if la["labels"] else "",
+            "b": lb["labels"][lb["fine_tuned"]["picked"][i]] if lb["labels"] else "",
+        }
+        for i in order
+    ]
+    return Comparison(
+        a=f"{a[0]} v{a[1]}",
+        b=f"{b[0]} v{b[1]}",
+        rows=len(la["references"]),
+        metrics=metrics,
+        metric=metric,
+        delta=delta,
+        ci_low=low,
+        ci_high=high,
+        only_a_right=int(better[1]),
+        only_b_right=int(better[0]),
+        disagreements=changed,
+        per_row="answer loss",
+    )
+
+
 def compare(
-    a: tuple[str, str], b: tuple[str, str], metric: str, samples: int, seed: int, shown: int
+    a: tuple[str, str], b: tuple[str, str], metric: str | None, samples: int, seed: int, shown: int
 ) -> Comparison:
     """Compare version ``a`` and ``b`` (name, version) on the test rows both were scored on.
 
@@ -70,6 +163,10 @@ def compare(
         ValueError: a version has no logged predictions, or the two saw different test rows or
             label sets (their scores would not be paired).
     """
+    answers = compare_answers(a, b, metric, samples, seed, shown)
+    if answers is not None:
+        return answers
+    metric = metric or "macro_f1"
     client = MlflowClient()
     mv_a, pa = logged_predictions(client, *a)
     mv_b, pb = logged_predictions(client, *b)
@@ -139,9 +236,16 @@ def render(c: Comparison) -> str:
         f"B - A on {c.metric}: {c.delta:+.4f}, paired bootstrap 95% CI "
         f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
         + (" (excludes 0)" if c.ci_low > 0 or c.ci_high < 0 else " (includes 0)"),
-        f"rows only A gets right: {c.only_a_right}; only B: {c.only_b_right}",
+        f"rows only A gets right: {c.only_a_right}; only B: {c.only_b_right}"
+        if c.per_row == "right"
+        else f"rows where A's answer loss is lower: {c.only_a_right}; B's: {c.only_b_right}",
     ]
-    if c.disagreements:
+    if c.disagreements and c.per_row != "right":
+        lines += ["", "the rows that changed most:"]
+        for d in c.disagreements:
+            picks = f", A {d['a']}, B {d['b']}" if d["a"] else ""
+            lines.append(f"  row {d['row']}: {d['truth']}{picks}  reference {d['text'][:80]!r}")
+    elif c.disagreements:
         lines += ["", "where they disagree (one right, one wrong):"]
         for d in c.disagreements:
             text = (d["text"] or "")[:100]

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from tasks.metrics import gate_statistic
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +31,7 @@ AUTO_QUANTILE = 95
 AUTO_MARGIN = 1.25
 AUTO_EXTRA = 4
 AUTO_CAP = 512
+MAX_LABELS = 20  # more distinct answers than this: open-ended, not a closed set
 
 
 def answer_budget(
@@ -300,3 +305,75 @@ def loss_rise(
 def to_list(values: np.ndarray | torch.Tensor | list[Any]) -> list[Any]:
     """A JSON-ready list of numbers."""
     return np.asarray(values).tolist()
+
+
+# --- judging answers ---------------------------------------------------------------------
+
+
+def normalise_answer(text: str) -> str:
+    """Case, accents, surrounding punctuation and whitespace removed: what exact match compares."""
+    text = unicodedata.normalize("NFKC", text).casefold().strip()
+    text = re.sub(r"\s+", " ", text)
+    return text.strip(" .,:;!?\"'`()[]{}*")
+
+
+def closed_set(answers: list[str], declared: list[str] | None) -> list[str]:
+    """The answers' label set: declared, or the distinct training answers when few; else empty."""
+    if declared:
+        return list(declared)
+    distinct = sorted({normalise_answer(a) for a in answers})
+    return distinct if len(distinct) <= MAX_LABELS and len(answers) >= 2 * len(distinct) else []
+
+
+def label_of(answer: str, labels: list[str]) -> int:
+    """The label an answer gives: itself after normalisation, else the one label it names as a
+    word ("The sentiment is negative." gives negative); -1 when it names none or several.
+
+    A verbose zero-shot answer is read for its label rather than failed for its wording, so the
+    yardstick is fair; exact match stays strict.
+    """
+    normalised = [normalise_answer(label) for label in labels]
+    text = normalise_answer(answer)
+    if text in normalised:
+        return normalised.index(text)
+    named = [i for i, label in enumerate(normalised) if re.search(rf"\b{re.escape(label)}\b", text)]
+    return named[0] if len(named) == 1 else -1
+
+
+def label_ids(answers: list[str], labels: list[str]) -> np.ndarray:
+    """Each answer's index in ``labels`` (see :func:`label_of`), or -1 outside the set."""
+    return np.asarray([label_of(a, labels) for a in answers], dtype=int)
+
+
+def mean_loss(sums: np.ndarray, counts: np.ndarray) -> float:
+    """The gate's statistic: mean next-token loss over the predicted tokens of the rows given."""
+    return float(sums.sum() / max(float(counts.sum()), 1.0))
+
+
+def metric_columns(
+    logged: dict[str, Any], scores: dict[str, Any], metric: str
+) -> tuple[tuple[np.ndarray, ...], Callable[..., float], bool]:
+    """(per-row columns, statistic, higher is better) of one model's logged scores."""
+    labels = logged["labels"]
+    if metric in ("accuracy", "macro_f1"):
+        if not labels:
+            raise ValueError(
+                f"promote.metric {metric} needs answers from a closed set (data.labels, or at most "
+                f"{MAX_LABELS} distinct training answers)"
+            )
+        truth = label_ids(logged["references"], labels)
+        return (truth, np.asarray(scores["picked"])), gate_statistic(metric, len(labels)), True
+    if metric == "answer_loss":
+        return (np.asarray(scores["sums"]), np.asarray(scores["counts"])), mean_loss, False
+    references = [logged["references"][i] for i in logged["generated"]]
+    if metric == "rouge_l":
+        values = rouge_l(references, scores["answers"])
+    else:
+        values = np.asarray(
+            [
+                normalise_answer(r) == normalise_answer(a)
+                for r, a in zip(references, scores["answers"], strict=True)
+            ],
+            dtype=float,
+        )
+    return (values,), lambda x: float(np.mean(x)), True

@@ -120,3 +120,35 @@ def test_mlflow_models_serve_answers_a_chat_request(sft_run):
     choices = reply[0]["choices"] if isinstance(reply, list) else reply["choices"]
     assert choices[0]["message"]["role"] == "assistant"
     assert choices[0]["message"]["content"].strip() == "blue"
+
+
+def test_compare_shows_two_sft_versions_on_the_same_rows(sft_run):
+    cfg, _ = sft_run  # versions 1 and 2: the module's run and the identical one above
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "models:/tiny-chat/1",
+            "models:/tiny-chat/2",
+            "--tracking-uri",
+            cfg.tracking_uri(),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "the same for both" in out and "| answer_loss |" in out and "| accuracy |" in out
+    assert "B - A on accuracy: +0.0000" in out  # the gate's metric over this closed set
+    assert "the rows that changed most" in out
+    wrong = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "models:/tiny-chat/1",
+            "models:/tiny-chat/2",
+            "--metric",
+            "perplexity",
+            "--tracking-uri",
+            cfg.tracking_uri(),
+        ],
+    )
+    assert wrong.exit_code != 0 and "does not fit these versions" in wrong.output

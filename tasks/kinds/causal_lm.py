@@ -27,7 +27,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.lm_scoring import general_blocks, read_general_texts, record_general
+from tasks.lm_scoring import general_blocks, mean_loss, read_general_texts, record_general
 from tasks.results import (
     Checked,
     EvalResult,
@@ -238,11 +238,6 @@ def read_losses(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Per-block (loss sums, token counts) as ``evaluate`` wrote them to ``test_losses.json``."""
     logged = json.loads(Path(path).read_text())
     return np.asarray(logged["sums"]), np.asarray(logged["counts"])
-
-
-def mean_loss(sums: np.ndarray, counts: np.ndarray) -> float:
-    """The gate's statistic: mean next-token loss over the predicted tokens of the rows given."""
-    return float(sums.sum() / max(float(counts.sum()), 1.0))
 
 
 class CausalLM:

@@ -26,10 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +42,6 @@ from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import (
     IGNORE,
     block_losses,
-    mean_loss,
     perplexity,
     setup_model,
     validation_perplexity,
@@ -54,15 +50,19 @@ from tasks.kinds.causal_lm import (
 from tasks.lm_scoring import (
     answer_budget,
     choice_loglikelihoods,
+    closed_set,
     continuation,
     general_blocks,
     generate_answers,
+    label_ids,
+    metric_columns,
+    normalise_answer,
     read_general_texts,
     record_general,
     rouge_l,
     to_list,
 )
-from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
+from tasks.metrics import classification_metrics, tfidf_baseline
 from tasks.results import (
     Checked,
     EvalResult,
@@ -92,7 +92,6 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]  # {"role": ..., "content": ...}
 Conversation = list[Message]
 ROLES = ("system", "user", "assistant")
-MAX_LABELS = 20  # more distinct answers than this: open-ended, judged by exact match only
 ANSWERS_FILE = "test_answers.json"  # per-row references and generations, logged for the gate
 
 
@@ -267,41 +266,6 @@ def encode_conversation(
 
 
 # --- judging answers -------------------------------------------------------------------------
-
-
-def normalise_answer(text: str) -> str:
-    """Case, accents, surrounding punctuation and whitespace removed: what exact match compares."""
-    text = unicodedata.normalize("NFKC", text).casefold().strip()
-    text = re.sub(r"\s+", " ", text)
-    return text.strip(" .,:;!?\"'`()[]{}*")
-
-
-def closed_set(answers: list[str], declared: list[str] | None) -> list[str]:
-    """The answers' label set: declared, or the distinct training answers when few; else empty."""
-    if declared:
-        return list(declared)
-    distinct = sorted({normalise_answer(a) for a in answers})
-    return distinct if len(distinct) <= MAX_LABELS and len(answers) >= 2 * len(distinct) else []
-
-
-def label_of(answer: str, labels: list[str]) -> int:
-    """The label an answer gives: itself after normalisation, else the one label it names as a
-    word ("The sentiment is negative." gives negative); -1 when it names none or several.
-
-    A verbose zero-shot answer is read for its label rather than failed for its wording, so the
-    yardstick is fair; exact match stays strict.
-    """
-    normalised = [normalise_answer(label) for label in labels]
-    text = normalise_answer(answer)
-    if text in normalised:
-        return normalised.index(text)
-    named = [i for i, label in enumerate(normalised) if re.search(rf"\b{re.escape(label)}\b", text)]
-    return named[0] if len(named) == 1 else -1
-
-
-def label_ids(answers: list[str], labels: list[str]) -> np.ndarray:
-    """Each answer's index in ``labels`` (see :func:`label_of`), or -1 outside the set."""
-    return np.asarray([label_of(a, labels) for a in answers], dtype=int)
 
 
 def answer_metrics(
@@ -859,35 +823,6 @@ def gate_metric(closed: list[str]) -> tuple[str, str]:
     return "answer_loss", (
         "the answers are free-form: the mean token loss of the reference answers (lower is better)"
     )
-
-
-def metric_columns(
-    logged: dict[str, Any], scores: dict[str, Any], metric: str
-) -> tuple[tuple[np.ndarray, ...], Callable[..., float], bool]:
-    """(per-row columns, statistic, higher is better) of one model's logged scores."""
-    labels = logged["labels"]
-    if metric in ("accuracy", "macro_f1"):
-        if not labels:
-            raise ValueError(
-                f"promote.metric {metric} needs answers from a closed set (data.labels, or at most "
-                f"{MAX_LABELS} distinct training answers)"
-            )
-        truth = label_ids(logged["references"], labels)
-        return (truth, np.asarray(scores["picked"])), gate_statistic(metric, len(labels)), True
-    if metric == "answer_loss":
-        return (np.asarray(scores["sums"]), np.asarray(scores["counts"])), mean_loss, False
-    references = [logged["references"][i] for i in logged["generated"]]
-    if metric == "rouge_l":
-        values = rouge_l(references, scores["answers"])
-    else:
-        values = np.asarray(
-            [
-                normalise_answer(r) == normalise_answer(a)
-                for r, a in zip(references, scores["answers"], strict=True)
-            ],
-            dtype=float,
-        )
-    return (values,), lambda x: float(np.mean(x)), True
 
 
 @dataclass
