@@ -456,7 +456,7 @@ class EvalConfig(_Section):
         False, description="causal-lm: sample (top-p 0.9, seeded) instead of greedy decoding."
     )
     generation_samples: int | None = Field(
-        100,
+        64,
         ge=1,
         description="sft: generate answers for at most this many of the scored test rows (a "
         "seeded subset; None: all). Likelihood and answer-loss scoring always cover every scored "
@@ -471,7 +471,7 @@ class EvalConfig(_Section):
     )
     general_text_column: str = Field("text", description="The column of `general_text` to read.")
     general_blocks: int = Field(
-        64,
+        32,
         ge=2,
         description="Blocks of `model.max_length` tokens of `general_text` scored per model.",
     )

@@ -8,6 +8,7 @@ the functions that use them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -118,6 +119,27 @@ def continuation(
     return prompt_ids, tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (a system prompt, an instruction), leaving at
+    least one token of each prompt to run per row."""
+    if not prompts:
+        return 0
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _cached_forward(model: PreTrainedModel, **inputs: Any) -> tuple[Any, Any]:
+    """(logits, KV cache) of a forward pass, whichever name this transformers gives the cache."""
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+    if "past" in inputs:  # the cache to continue from
+        inputs[cache_kw or "past_key_values"] = inputs.pop("past")
+    out = model(**inputs, use_cache=True)
+    return out.logits, (out.cache if cache_kw else out.past_key_values)
+
+
 def choice_loglikelihoods(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -127,9 +149,11 @@ def choice_loglikelihoods(
 ) -> np.ndarray:
     """Summed log-probability of every candidate continuation after its prompt: ``[rows, K]``.
 
-    lm-evaluation-harness's multiple-choice scoring, with the shared prompt computed once: a batch
-    of prompts runs with the KV cache, the cache is repeated for the K candidates, and the
-    candidates run as one batch on top of it. The first candidate token is scored from the prompt's
+    lm-evaluation-harness's multiple-choice scoring, with each prompt computed once: the tokens
+    all prompts share run once per batch, each row's own tokens run on top of that cache, the cache
+    is repeated for the K candidates, and the candidates run as one batch on top of it. Rows are
+    padded between the shared prefix and their own tokens, with positions that skip the padding,
+    so every row reads exactly its prompt. The first candidate token is scored from the prompt's
     last logits, each later one from the candidate's own previous position.
     """
     import torch
@@ -138,15 +162,17 @@ def choice_loglikelihoods(
     device = next(model.parameters()).device
     k = len(choices[0])
     scores = np.zeros((len(prompts), k))
+    n_shared = shared_prefix(prompts)
+    order = np.argsort([len(p) for p in prompts], kind="stable")  # batches of similar length
     for start in range(0, len(prompts), batch_size):
-        rows = list(range(start, min(start + batch_size, len(prompts))))
-        width = max(len(prompts[r]) for r in rows)
+        rows = order[start : start + batch_size].tolist()
+        own = [prompts[r][n_shared:] for r in rows]
+        width = max(len(o) for o in own)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):  # left-padded: every prompt ends at the right edge
-            ids[j, width - len(prompts[r]) :] = torch.as_tensor(prompts[r])
-            mask[j, width - len(prompts[r]) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        for j, o in enumerate(own):  # left-padded: every prompt ends at the right edge
+            ids[j, width - len(o) :] = torch.as_tensor(o)
+            mask[j, width - len(o) :] = 1
         cands = [choices[r][c] for r in rows for c in range(k)]
         length = max(len(c) for c in cands)
         cand_ids = torch.full((len(cands), length), pad_token_id, dtype=torch.long)
@@ -155,26 +181,38 @@ def choice_loglikelihoods(
             cand_ids[j, : len(c)] = torch.as_tensor(c)
             cand_mask[j, : len(c)] = 1
         with torch.inference_mode():
-            out = model(
+            inputs: dict[str, Any] = {}
+            if n_shared:
+                _, cache = _cached_forward(
+                    model, input_ids=torch.as_tensor([prompts[rows[0]][:n_shared]]).to(device)
+                )
+                cache.batch_repeat_interleave(len(rows))
+                inputs["past"] = cache
+            mask = torch.cat([torch.ones((len(rows), n_shared), dtype=torch.long), mask], 1)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, n_shared:]
+            if "logits_to_keep" in inspect.signature(model.forward).parameters:
+                inputs["logits_to_keep"] = 1  # only the last position's: the first candidate token
+            logits, cache = _cached_forward(
+                model,
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
-                use_cache=True,
+                **inputs,
             )
-            cache = out.past_key_values
             cache.batch_repeat_interleave(k)
-            first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)
+            first = torch.log_softmax(logits[:, -1].float(), -1).repeat_interleave(k, 0)
             ends = mask.sum(1).repeat_interleave(k).unsqueeze(1)
-            later = model(
+            later, _ = _cached_forward(
+                model,
                 input_ids=cand_ids.to(device),
                 attention_mask=torch.cat([mask.repeat_interleave(k, 0), cand_mask], 1).to(device),
                 position_ids=(ends + torch.arange(length)).to(device),
-                past_key_values=cache,
-            ).logits
+                past=cache,
+            )
             logp = torch.cat([first.unsqueeze(1), torch.log_softmax(later[:, :-1].float(), -1)], 1)
             picked = logp.gather(2, cand_ids.to(device).unsqueeze(2)).squeeze(2).cpu()
         total = (picked * cand_mask).sum(1).view(len(rows), k)
-        scores[rows[0] : rows[-1] + 1] = total.double().numpy()
+        scores[rows] = total.double().numpy()
     return scores
 
 

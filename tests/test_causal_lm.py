@@ -161,6 +161,8 @@ def test_config_ties_the_promotion_metric_to_the_task() -> None:
 
     # The metric's default follows the task; a metric of another task is refused by name.
     assert load_config(None, ["task=causal-lm"]).promote.metric == "perplexity"
-    assert load_config(None, ["task=sft"]).promote.metric == "exact_match"
+    assert load_config(None, ["task=sft"]).promote.metric is None  # the data decides (sft)
+    with pytest.raises(ConfigError, match="not text-classification"):
+        load_config(None, ["eval.general_text=speeches.txt"])
     with pytest.raises(ConfigError, match="perplexity for causal-lm"):
         load_config(None, ["task=causal-lm", "promote.metric=macro_f1"])

@@ -41,7 +41,17 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
 ) -> None:
     from flows.finetune import finetune
 
-    cfg = load_config(None, [*lm_overrides(tiny_gpt2_dir, tmp_path), "train.max_steps=60"])
+    general = tmp_path / "general.txt"  # text it did not train on: the same kind of sentences
+    general.write_text("\n\n".join(corpus(40, seed=7)))
+    cfg = load_config(
+        None,
+        [
+            *lm_overrides(tiny_gpt2_dir, tmp_path),
+            "train.max_steps=60",
+            f"eval.general_text={general}",
+            "eval.general_blocks=8",
+        ],
+    )
     summary = finetune(config=cfg)
 
     # The fine-tuned model predicts held-out tokens far better than where it started.
@@ -55,6 +65,8 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
     assert metrics["data/tokens_train"] > metrics["data/examples_train"]
     assert metrics["test/perplexity"] == pytest.approx(summary.metrics["perplexity"])
     assert run.data.tags["fulltune.task"] == "causal-lm"
+    # Continued pre-training gets the general-text check too: here it learned, not forgot.
+    assert metrics["forgetting/general_perplexity_rise"] < 0 and summary.decision.promoted
     artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "evaluation")}
     assert "evaluation/generations.json" in artifacts
 

@@ -19,6 +19,7 @@ from tasks.lm_scoring import (
     loss_rise,
     read_general_texts,
     rouge_l,
+    shared_prefix,
 )
 
 
@@ -37,7 +38,9 @@ def test_closed_set_likelihoods_agree_with_a_per_candidate_loop(tiny_llama_dir: 
     questions = ["colour of the sky?", "colour of the grass please now 12?", "apple?"]
     prompts, choices = [], []
     for q in questions:
-        messages = [{"role": "user", "content": q}]
+        # A system prompt every row shares: computed once, each row's own tokens on top.
+        messages = [{"role": "system", "content": "answer red, green or blue"}]
+        messages.append({"role": "user", "content": q})
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         row = []
         for label in labels:
@@ -48,7 +51,8 @@ def test_closed_set_likelihoods_agree_with_a_per_candidate_loop(tiny_llama_dir: 
             row.append(cont)
         prompts.append(prompt_ids)
         choices.append(row)
-    # Prompts of different lengths in one batch (left padding) and a batch of one.
+    assert shared_prefix(prompts) > 5
+    # Prompts of different lengths in one batch (padding) and a batch of one.
     for batch_size in (3, 1):
         scores = choice_loglikelihoods(model, prompts, choices, batch_size, tokenizer.pad_token_id)
         expected = [

@@ -101,33 +101,49 @@ def setup_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
 def block_losses(
     model: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(summed next-token loss, predicted tokens) per example, in the dataset's order."""
+    """(summed next-token loss, predicted tokens) per example, in the dataset's order.
+
+    Batches hold rows of similar length (little padding to compute); results come back in order.
+    """
+    import inspect
+
     import torch
-    import torch.nn.functional as F
 
     model.eval()
     device = next(model.parameters()).device
+    sparse_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     collate = collator(tokenizer)
     columns = ["input_ids", "attention_mask", "labels"]
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     sums, counts = [], []
     for start in range(0, len(dataset), batch_size):
-        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+        rows = dataset.select(order[start : start + batch_size].tolist())
         batch = collate([{k: row[k] for k in columns} for row in rows])
         batch = {k: v.to(device) for k, v in batch.items()}
         # Position t predicts token t+1: the same shift as the model's own loss.
         targets = batch["labels"][:, 1:]
+        scored = targets != IGNORE
+        keep = scored.any(0).nonzero()[:, 0]  # positions some row predicts a target from
+        extra = {}
+        if len(keep) < targets.shape[1] and sparse_logits:
+            extra = {"logits_to_keep": keep}  # the vocabulary projection only where needed
+        else:
+            keep = torch.arange(targets.shape[1], device=device)
         with torch.no_grad():
             ids, mask = batch["input_ids"], batch["attention_mask"]
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2),
-                targets,
-                ignore_index=IGNORE,
-                reduction="none",
-            )
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+            logits = logits[:, : len(keep)].float()  # kept positions (all but the last, or fewer)
+            wanted = targets[:, keep]
+            # -log p(target) = logsumexp(logits) - logit(target): no vocabulary-wide temporaries
+            picked = logits.gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            loss = (torch.logsumexp(logits, -1) - picked) * (wanted != IGNORE)
         sums.append(loss.sum(1).cpu().numpy())
-        counts.append((targets != IGNORE).sum(1).cpu().numpy())
-    return np.concatenate(sums), np.concatenate(counts)
+        counts.append(scored.sum(1).cpu().numpy())
+    if not sums:
+        return np.zeros(0), np.zeros(0, dtype=int)
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))  # sorted position of each row
+    return np.concatenate(sums)[back], np.concatenate(counts)[back]
 
 
 def perplexity(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:

@@ -380,6 +380,7 @@ class SFTEval(EvalResult):
     tokenizer: str
     max_new_tokens: int
     max_new_tokens_reason: str
+    max_length: int  # model.max_length the rows were scored at
 
     headline_keys: tuple[str, ...] = ("answer_loss",)
     baseline_names: tuple[str, str] = ("zero-shot model", "classical")
@@ -643,7 +644,7 @@ class SFT:
             cfg.max_new_tokens, tokenizer, [m[-1]["content"] for m in train]
         )
         references = [m[-1]["content"] for m in chosen]
-        question = Questions.of(tokenizer, chosen, generated, closed)
+        question = Questions.of(tokenizer, chosen, generated, closed, model_cfg.tokens())
         general = (
             general_blocks(
                 read_general_texts(cfg.general_text, cfg.general_text_column),
@@ -720,6 +721,7 @@ class SFT:
             tokenizer=vocabulary_identity(tokenizer),
             max_new_tokens=budget,
             max_new_tokens_reason=budget_reason,
+            max_length=model_cfg.tokens(),
             default_metric=metric,
             default_metric_reason=reason,
             general=general_summary,
@@ -793,7 +795,9 @@ class SFT:
         conversations = conversations_of(splits.test_path)
         chosen = [conversations[i] for i in logged["rows"]]
         generated = np.asarray(logged["generated"], dtype=int)
-        question = Questions.of(tokenizer, chosen, generated, logged["labels"])
+        question = Questions.of(
+            tokenizer, chosen, generated, logged["labels"], evaluation.max_length
+        )
         test = load_from_disk(tokenized.path)["test"].select(logged["rows"])
         judged = question.judge(
             model,
@@ -889,6 +893,9 @@ class Questions:
     references: list[str]  # the generated rows' reference answers
     prompt_ids: list[list[int]]  # closed set: every row's prompt tokens
     choices: list[list[list[int]]]  # closed set: every row's candidate answers' tokens
+    # closed set: the candidate that is the row's whole reference answer (one answer, untruncated),
+    # whose likelihood is then its answer loss; -1 where the loss needs its own pass
+    truth: list[int]
 
     @classmethod
     def of(
@@ -897,10 +904,12 @@ class Questions:
         chosen: list[Conversation],
         generated: np.ndarray,
         labels: list[str],
+        max_length: int,
     ) -> Questions:
         prompts = [render(tokenizer, m[:-1], generation_prompt=True) for m in chosen]
         prompt_ids: list[list[int]] = []
         choices: list[list[list[int]]] = []
+        truth: list[int] = []
         if labels:
             for messages, prompt in zip(chosen, prompts, strict=True):
                 row = []
@@ -914,12 +923,18 @@ class Questions:
                     row.append(candidate)
                 prompt_ids.append(ids)
                 choices.append(row)
+                answer = messages[-1]["content"]
+                single = sum(m["role"] == "assistant" for m in messages) == 1
+                t = labels.index(answer) if single and answer in labels else -1
+                fits = t >= 0 and len(ids) + len(row[t]) <= max_length
+                truth.append(t if fits else -1)
         return cls(
             tokenizer,
             [prompts[i] for i in generated],
             [chosen[i][-1]["content"] for i in generated],
             prompt_ids,
             choices,
+            truth,
         )
 
     def judge(
@@ -934,16 +949,24 @@ class Questions:
         """Score ``model`` on every row (``only``: just what the gate's metric needs)."""
         empty = np.zeros(0)
         sums = counts = empty
-        if only in (None, "answer_loss"):
-            sums, counts = block_losses(model, test, self.tokenizer, batch_size)
         picked, choice_scores = np.zeros(0, dtype=int), np.zeros((0, 0))
-        if self.choices and only in (None, "accuracy", "macro_f1"):
+        if self.choices and only in (None, "accuracy", "macro_f1", "answer_loss"):
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             choice_scores = choice_loglikelihoods(
                 model, self.prompt_ids, self.choices, batch_size, int(self.tokenizer.pad_token_id)
             )
             picked = choice_scores.argmax(1)
+        if only in (None, "answer_loss"):
+            truth = np.asarray(self.truth or [-1] * len(test), dtype=int)
+            sums, counts = np.zeros(len(test)), np.zeros(len(test))
+            known = np.flatnonzero(truth >= 0)  # the reference is a candidate: its likelihood
+            sums[known] = -choice_scores[known, truth[known]]
+            counts[known] = [len(self.choices[i][truth[i]]) for i in known]
+            rest = np.flatnonzero(truth < 0)
+            if len(rest):
+                part = test.select(rest.tolist())
+                sums[rest], counts[rest] = block_losses(model, part, self.tokenizer, batch_size)
         answers: list[str] = []
         capped, rouge = np.zeros(0, dtype=bool), empty
         if only in (None, "exact_match", "rouge_l"):
