@@ -14,6 +14,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,22 +148,55 @@ def choice_loglikelihoods(
     batch_size: int,
     pad_token_id: int,
 ) -> np.ndarray:
-    """Summed log-probability of every candidate continuation after its prompt: ``[rows, K]``.
+    """Summed log-probability of every candidate continuation after its prompt: ``[rows, K]``
+    (see :func:`score_prompts`)."""
+    return score_prompts(model, prompts, choices, batch_size, pad_token_id).scores
 
-    lm-evaluation-harness's multiple-choice scoring, with each prompt computed once: the tokens
-    all prompts share run once per batch, each row's own tokens run on top of that cache, the cache
-    is repeated for the K candidates, and the candidates run as one batch on top of it. Rows are
-    padded between the shared prefix and their own tokens, with positions that skip the padding,
-    so every row reads exactly its prompt. The first candidate token is scored from the prompt's
-    last logits, each later one from the candidate's own previous position.
+
+@dataclass
+class PromptScores:
+    """What one pass over the prompts gave: candidate log-likelihoods and greedy answers."""
+
+    scores: np.ndarray  # [rows, K] summed log-probability of each candidate continuation
+    answers: dict[int, list[int]]  # row -> greedy answer tokens (the rows asked to decode)
+    capped: dict[int, bool]  # row -> the answer hit max_new_tokens before a stop token
+
+
+def score_prompts(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    choices: list[list[list[int]]],
+    batch_size: int,
+    pad_token_id: int,
+    decode: Sequence[bool] | None = None,
+    max_new_tokens: int = 0,
+    stops: set[int] | None = None,
+) -> PromptScores:
+    """Score candidate continuations of every prompt and decode greedy answers, each prompt
+    computed once.
+
+    lm-evaluation-harness's multiple-choice scoring: the tokens all prompts share run once per
+    batch, each row's own tokens run on top of that cache (rows are padded between the shared
+    prefix and their own tokens, with positions that skip the padding, so every row reads exactly
+    its prompt), the cache is repeated for the K candidates, and the candidates run as one batch
+    on top of it. The first candidate token is scored from the prompt's last logits, each later one
+    from the candidate's own previous position. Rows flagged in ``decode`` also answer greedily
+    from a copy of the same cache, one token per step, until each has emitted a stop token or
+    ``max_new_tokens`` (a row that finished is carried along, its tokens ignored).
     """
+    import copy
+
     import torch
 
     model.eval()
     device = next(model.parameters()).device
     k = len(choices[0])
     scores = np.zeros((len(prompts), k))
+    answers: dict[int, list[int]] = {}
+    capped: dict[int, bool] = {}
+    flags = list(decode) if decode is not None else [False] * len(prompts)
     n_shared = shared_prefix(prompts)
+    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
     order = np.argsort([len(p) for p in prompts], kind="stable")  # batches of similar length
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size].tolist()
@@ -181,7 +215,7 @@ def choice_loglikelihoods(
             cand_ids[j, : len(c)] = torch.as_tensor(c)
             cand_mask[j, : len(c)] = 1
         with torch.inference_mode():
-            inputs: dict[str, Any] = {}
+            inputs: dict[str, Any] = {"logits_to_keep": 1} if keep_last else {}
             if n_shared:
                 _, cache = _cached_forward(
                     model, input_ids=torch.as_tensor([prompts[rows[0]][:n_shared]]).to(device)
@@ -190,8 +224,6 @@ def choice_loglikelihoods(
                 inputs["past"] = cache
             mask = torch.cat([torch.ones((len(rows), n_shared), dtype=torch.long), mask], 1)
             positions = (mask.cumsum(1) - 1).clamp(min=0)[:, n_shared:]
-            if "logits_to_keep" in inspect.signature(model.forward).parameters:
-                inputs["logits_to_keep"] = 1  # only the last position's: the first candidate token
             logits, cache = _cached_forward(
                 model,
                 input_ids=ids.to(device),
@@ -199,8 +231,16 @@ def choice_loglikelihoods(
                 position_ids=positions.to(device),
                 **inputs,
             )
+            last = logits[:, -1].float()
+            wanted = [j for j, r in enumerate(rows) if flags[r]]
+            if wanted and max_new_tokens:
+                tokens, hit = _greedy(
+                    model, copy.deepcopy(cache), last, mask, wanted, max_new_tokens, stops or set()
+                )
+                for j, row_tokens, row_hit in zip(wanted, tokens, hit, strict=True):
+                    answers[rows[j]], capped[rows[j]] = row_tokens, row_hit
             cache.batch_repeat_interleave(k)
-            first = torch.log_softmax(logits[:, -1].float(), -1).repeat_interleave(k, 0)
+            first = torch.log_softmax(last, -1).repeat_interleave(k, 0)
             ends = mask.sum(1).repeat_interleave(k).unsqueeze(1)
             later, _ = _cached_forward(
                 model,
@@ -213,7 +253,48 @@ def choice_loglikelihoods(
             picked = logp.gather(2, cand_ids.to(device).unsqueeze(2)).squeeze(2).cpu()
         total = (picked * cand_mask).sum(1).view(len(rows), k)
         scores[rows] = total.double().numpy()
-    return scores
+    return PromptScores(scores, answers, capped)
+
+
+def _greedy(
+    model: PreTrainedModel,
+    cache: Any,
+    last: torch.Tensor,
+    mask: torch.Tensor,
+    wanted: list[int],
+    max_new_tokens: int,
+    stops: set[int],
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy answers of the ``wanted`` rows of a prompt batch, from its cache and last logits."""
+    import torch
+
+    device = last.device
+    index = torch.as_tensor(wanted)
+    cache.batch_select_indices(index.to(device))
+    mask = mask[index].to(device)
+    step = last[index].argmax(-1)
+    tokens: list[list[int]] = [[] for _ in wanted]
+    done = [False] * len(wanted)
+    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    for n in range(max_new_tokens):
+        for j, t in enumerate(step.tolist()):
+            if not done[j]:
+                tokens[j].append(t)
+                done[j] = t in stops
+        if all(done) or n == max_new_tokens - 1:
+            break
+        position = mask.sum(1, keepdim=True)  # real tokens so far: the next one's position
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits, cache = _cached_forward(
+            model,
+            input_ids=step.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position,
+            past=cache,
+            **({"logits_to_keep": 1} if keep_last else {}),
+        )
+        step = logits[:, -1].float().argmax(-1)
+    return tokens, [not d for d in done]
 
 
 def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> np.ndarray:

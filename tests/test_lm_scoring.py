@@ -61,6 +61,36 @@ def test_closed_set_likelihoods_agree_with_a_per_candidate_loop(tiny_llama_dir: 
         np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
+def test_answers_decoded_from_the_scoring_pass_equal_generate(tiny_llama_dir: Path):
+    """Greedy answers read off the likelihood pass's cache are transformers' own greedy answers
+    (fp32), rows of different lengths and a shared system prompt included."""
+    from tasks.lm_scoring import score_prompts, stop_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    questions = ["colour of the sky?", "colour of the grass please now 12?", "apple?", "sea?"]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": q}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    red = tokenizer("red", add_special_tokens=False)["input_ids"]
+    stops = stop_ids(model, tokenizer)
+    for batch_size in (4, 3):
+        scored = score_prompts(
+            model, ids, [[red]] * 4, batch_size, tokenizer.pad_token_id, [1, 1, 0, 1], 6, stops
+        )
+        expected, capped = generate_answers(model, tokenizer, texts, 4, 6)
+        assert sorted(scored.answers) == [0, 1, 3]
+        for row in (0, 1, 3):
+            decoded = tokenizer.decode(scored.answers[row], skip_special_tokens=True).strip()
+            assert decoded == expected[row] and scored.capped[row] == capped[row]
+
+
 def test_greedy_answers_and_the_cap_are_reported(tiny_llama_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

@@ -49,17 +49,17 @@ from tasks.kinds.causal_lm import (
 )
 from tasks.lm_scoring import (
     answer_budget,
-    choice_loglikelihoods,
     closed_set,
     continuation,
     general_blocks,
-    generate_answers,
     label_ids,
     metric_columns,
     normalise_answer,
     read_general_texts,
     record_general,
     rouge_l,
+    score_prompts,
+    stop_ids,
     to_list,
 )
 from tasks.metrics import classification_metrics, tfidf_baseline
@@ -885,16 +885,17 @@ class Judged:
 
 @dataclass
 class Questions:
-    """The held-out rows as a model is asked them: rendered prompts for generation and, over a
-    closed set, every candidate answer's tokens after its prompt."""
+    """The held-out rows as a model is asked them: every row's prompt tokens and the candidate
+    answers scored after it (the closed set's labels, else the row's own reference)."""
 
     tokenizer: PreTrainedTokenizerBase
-    prompts: list[str]  # rendered with the generation prompt, for the generated rows
-    references: list[str]  # the generated rows' reference answers
-    prompt_ids: list[list[int]]  # closed set: every row's prompt tokens
-    choices: list[list[list[int]]]  # closed set: every row's candidate answers' tokens
-    # closed set: the candidate that is the row's whole reference answer (one answer, untruncated),
-    # whose likelihood is then its answer loss; -1 where the loss needs its own pass
+    closed: bool  # the candidates are the label set (else each row's reference alone)
+    generated: np.ndarray  # the rows answered greedily
+    references: list[str]  # every row's reference answer
+    prompt_ids: list[list[int]]  # every row's rendered prompt, with the generation prompt
+    choices: list[list[list[int]]]  # every row's candidate answers' tokens
+    # The candidate that is the row's whole reference answer (one answer, untruncated), whose
+    # likelihood is its answer loss; -1 where the loss needs a pass of its own.
     truth: list[int]
 
     @classmethod
@@ -906,32 +907,32 @@ class Questions:
         labels: list[str],
         max_length: int,
     ) -> Questions:
-        prompts = [render(tokenizer, m[:-1], generation_prompt=True) for m in chosen]
         prompt_ids: list[list[int]] = []
         choices: list[list[list[int]]] = []
         truth: list[int] = []
-        if labels:
-            for messages, prompt in zip(chosen, prompts, strict=True):
-                row = []
-                for label in labels:
-                    full = render(
-                        tokenizer,
-                        [*messages[:-1], {"role": "assistant", "content": label}],
-                        generation_prompt=False,
-                    )
-                    ids, candidate = continuation(tokenizer, prompt, full)
-                    row.append(candidate)
-                prompt_ids.append(ids)
-                choices.append(row)
-                answer = messages[-1]["content"]
-                single = sum(m["role"] == "assistant" for m in messages) == 1
-                t = labels.index(answer) if single and answer in labels else -1
-                fits = t >= 0 and len(ids) + len(row[t]) <= max_length
-                truth.append(t if fits else -1)
+        for messages in chosen:
+            prompt = render(tokenizer, messages[:-1], generation_prompt=True)
+            answer = messages[-1]["content"]
+            row = []
+            for candidate in labels or [answer]:
+                full = render(
+                    tokenizer,
+                    [*messages[:-1], {"role": "assistant", "content": candidate}],
+                    generation_prompt=False,
+                )
+                ids, tokens = continuation(tokenizer, prompt, full)
+                row.append(tokens)
+            prompt_ids.append(ids)
+            choices.append(row)
+            single = sum(m["role"] == "assistant" for m in messages) == 1
+            t = (labels.index(answer) if answer in labels else -1) if labels else 0
+            fits = single and t >= 0 and len(ids) + len(row[t]) <= max_length
+            truth.append(t if fits else -1)
         return cls(
             tokenizer,
-            [prompts[i] for i in generated],
-            [chosen[i][-1]["content"] for i in generated],
+            bool(labels),
+            generated,
+            [m[-1]["content"] for m in chosen],
             prompt_ids,
             choices,
             truth,
@@ -946,34 +947,50 @@ class Questions:
         max_new_tokens: int,
         only: str | None = None,
     ) -> Judged:
-        """Score ``model`` on every row (``only``: just what the gate's metric needs)."""
-        empty = np.zeros(0)
-        sums = counts = empty
-        picked, choice_scores = np.zeros(0, dtype=int), np.zeros((0, 0))
-        if self.choices and only in (None, "accuracy", "macro_f1", "answer_loss"):
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            choice_scores = choice_loglikelihoods(
-                model, self.prompt_ids, self.choices, batch_size, int(self.tokenizer.pad_token_id)
-            )
-            picked = choice_scores.argmax(1)
+        """Score ``model`` on every row (``only``: just what the gate's metric needs).
+
+        One pass over the prompts gives the candidates' likelihoods (the closed set's
+        prediction, and the reference's answer loss) and the greedy answers of the generated
+        rows; rows whose answer loss that pass cannot give (several answers, or truncated) get
+        the answer-only loss of their tokenized conversation.
+        """
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        answering = only in (None, "exact_match", "rouge_l")
+        flags = np.zeros(len(self.prompt_ids), dtype=bool)
+        flags[self.generated] = answering
+        scored = score_prompts(
+            model,
+            self.prompt_ids,
+            self.choices,
+            batch_size,
+            int(self.tokenizer.pad_token_id),
+            flags.tolist(),
+            max_new_tokens,
+            stop_ids(model, self.tokenizer),
+        )
+        picked = scored.scores.argmax(1) if self.closed else np.zeros(0, dtype=int)
+        choice_scores = scored.scores if self.closed else np.zeros((0, 0))
+        sums, counts = np.zeros(0), np.zeros(0)
         if only in (None, "answer_loss"):
-            truth = np.asarray(self.truth or [-1] * len(test), dtype=int)
+            truth = np.asarray(self.truth, dtype=int)
             sums, counts = np.zeros(len(test)), np.zeros(len(test))
             known = np.flatnonzero(truth >= 0)  # the reference is a candidate: its likelihood
-            sums[known] = -choice_scores[known, truth[known]]
+            sums[known] = -scored.scores[known, truth[known]]
             counts[known] = [len(self.choices[i][truth[i]]) for i in known]
             rest = np.flatnonzero(truth < 0)
             if len(rest):
                 part = test.select(rest.tolist())
                 sums[rest], counts[rest] = block_losses(model, part, self.tokenizer, batch_size)
         answers: list[str] = []
-        capped, rouge = np.zeros(0, dtype=bool), empty
-        if only in (None, "exact_match", "rouge_l"):
-            answers, capped = generate_answers(
-                model, self.tokenizer, self.prompts, batch_size, max_new_tokens
-            )
-            rouge = rouge_l(self.references, answers)
+        capped, rouge = np.zeros(0, dtype=bool), np.zeros(0)
+        if answering:
+            answers = [
+                str(self.tokenizer.decode(scored.answers[i], skip_special_tokens=True)).strip()
+                for i in self.generated
+            ]
+            capped = np.asarray([scored.capped[i] for i in self.generated], dtype=bool)
+            rouge = rouge_l([self.references[i] for i in self.generated], answers)
         losses = None
         if general is not None:
             losses = block_losses(model, general, self.tokenizer, batch_size)
