@@ -456,11 +456,12 @@ class EvalConfig(_Section):
         False, description="causal-lm: sample (top-p 0.9, seeded) instead of greedy decoding."
     )
     generation_samples: int | None = Field(
-        64,
+        None,
         ge=1,
-        description="sft: generate answers for at most this many of the scored test rows (a "
-        "seeded subset; None: all). Likelihood and answer-loss scoring always cover every scored "
-        "row; exact match, ROUGE-L and the generated-label accuracy come from these.",
+        description="sft: answer greedily at most this many of the scored test rows (a seeded "
+        "subset; None: all). The answers are decoded from the same pass that scores the "
+        "likelihoods, so they cost only the decoding steps; exact match, ROUGE-L and the "
+        "generated-label accuracy come from them.",
     )
     general_text: str | None = Field(
         None,
