@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.metrics import gate_statistic
+from tasks.metrics import gate_statistic, paired_interval
 
 if TYPE_CHECKING:
     import torch
@@ -398,27 +398,12 @@ def loss_rise(
 ) -> tuple[float, float, float]:
     """Relative rise of perplexity from ``before`` to ``after`` (per-block loss sums and token
     counts, the same blocks), with its paired bootstrap 95% CI: (rise, low, high)."""
-    from scipy.stats import bootstrap
 
     def rise(sa: np.ndarray, ca: np.ndarray, sb: np.ndarray, cb: np.ndarray) -> float:
         delta = sa.sum() / max(ca.sum(), 1) - sb.sum() / max(cb.sum(), 1)
         return float(math.expm1(delta))
 
-    data = (*after, *before)
-    observed = rise(*data)
-    if len(after[0]) < 2:
-        return observed, observed, observed
-    result = bootstrap(
-        data,
-        rise,
-        paired=True,
-        vectorized=False,
-        n_resamples=samples,
-        confidence_level=0.95,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return observed, float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return paired_interval((*after, *before), rise, samples, seed)
 
 
 def to_list(values: np.ndarray | torch.Tensor | list[Any]) -> list[Any]:

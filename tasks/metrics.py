@@ -139,25 +139,33 @@ def paired_bootstrap(
     Both models are scored on the same resampled rows each time, so the interval is about the
     difference between the models rather than the noise of the test set.
     """
-    from scipy.stats import bootstrap
-
     sign = 1.0 if evidence.higher_is_better else -1.0
     k = len(evidence.columns)
 
     def improvement(*columns: np.ndarray) -> float:
         return sign * (evidence.statistic(*columns[:k]) - evidence.statistic(*columns[k:]))
 
-    data = (*evidence.columns, *champion)
-    observed = improvement(*data)
-    result = bootstrap(
+    return paired_interval((*evidence.columns, *champion), improvement, samples, seed)
+
+
+def paired_interval(
+    data: tuple[np.ndarray, ...], statistic: Callable[..., float], samples: int, seed: int
+) -> tuple[float, float, float]:
+    """(statistic on all rows, 2.5th, 97.5th percentile) of a paired percentile bootstrap: every
+    resample draws the same rows from each column. Fewer than two rows: no interval."""
+    from scipy.stats import bootstrap
+
+    observed = statistic(*data)
+    if len(data[0]) < 2:
+        return observed, observed, observed
+    interval = bootstrap(
         data,
-        improvement,
+        statistic,
         paired=True,
         vectorized=False,
         n_resamples=samples,
         confidence_level=0.95,
         method="percentile",
         rng=np.random.default_rng(seed),
-    )
-    interval = result.confidence_interval
+    ).confidence_interval
     return observed, float(interval.low), float(interval.high)

@@ -18,12 +18,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tasks.config import PromoteConfig
-from tasks.metrics import paired_bootstrap
+from tasks.metrics import paired_bootstrap, paired_interval
 from tasks.results import (
     Decision,
     EvalResult,
     Evidence,
     HarnessResult,
+    HarnessTask,
     RegisteredModel,
     Splits,
     TokenizedData,
@@ -247,7 +248,7 @@ def forgetting(
                 f"{limit:.0%} promote.max_forgetting allows"
             )
     for task in harness.tasks if harness else []:
-        drop, low, high = task.relative_drop(cfg.bootstrap_samples, cfg.seed)
+        drop, low, high = relative_drop(task, cfg.bootstrap_samples, cfg.seed)
         key = f"forgetting/lm_eval/{task.name}/{task.metric}"
         metrics |= {f"{key}_drop": drop, f"{key}_drop_ci_low": low, f"{key}_drop_ci_high": high}
         if limit is not None and high > limit:
@@ -258,6 +259,19 @@ def forgetting(
                 "promote.max_forgetting allows"
             )
     return metrics, found
+
+
+def relative_drop(task: HarnessTask, samples: int, seed: int) -> tuple[float, float, float]:
+    """How much worse the fine-tuned model does an lm-eval task, relative to the base score, with
+    a paired bootstrap 95% CI over documents: (drop, low, high); negative when it got better."""
+    sign = 1.0 if task.higher_is_better else -1.0
+
+    def drop(after: np.ndarray, before: np.ndarray) -> float:
+        base = float(np.mean(before))
+        return sign * (base - float(np.mean(after))) / (abs(base) or 1.0)
+
+    data = (np.asarray(task.after_docs), np.asarray(task.before_docs))
+    return paired_interval(data, drop, samples, seed)
 
 
 class ModelForgot(RuntimeError):

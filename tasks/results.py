@@ -279,33 +279,6 @@ class HarnessTask(BaseModel):
     def samples(self) -> int:
         return len(self.after_docs)
 
-    def relative_drop(self, samples: int, seed: int) -> tuple[float, float, float]:
-        """How much worse the fine-tuned model is, relative to the base score, with a paired
-        bootstrap 95% CI over documents: (drop, low, high); negative when it got better."""
-        from scipy.stats import bootstrap
-
-        sign = 1.0 if self.higher_is_better else -1.0
-
-        def drop(after: np.ndarray, before: np.ndarray) -> float:
-            base = float(np.mean(before))
-            return sign * (base - float(np.mean(after))) / (abs(base) or 1.0)
-
-        data = (np.asarray(self.after_docs), np.asarray(self.before_docs))
-        observed = drop(*data)
-        if self.samples < 2:
-            return observed, observed, observed
-        interval = bootstrap(
-            data,
-            drop,
-            paired=True,
-            vectorized=False,
-            n_resamples=samples,
-            confidence_level=0.95,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        ).confidence_interval
-        return observed, float(interval.low), float(interval.high)
-
 
 class HarnessResult(BaseModel):
     """lm-evaluation-harness tasks on the fine-tuned and the base model."""

@@ -142,3 +142,24 @@ def test_the_perplexity_rise_has_a_paired_interval():
     assert rise == pytest.approx(np.expm1(0.1)) and low <= rise <= high
     same = loss_rise((before, counts), (before, counts), 500, 0)
     assert same == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+
+
+def test_an_lm_eval_drop_is_relative_to_the_base_with_a_paired_interval():
+    from tasks.promote import relative_drop
+    from tasks.results import HarnessTask
+
+    before = [1.0] * 40 + [0.0] * 10  # base accuracy 0.8
+    after = [1.0] * 30 + [0.0] * 20  # fine-tuned 0.6: 25% lower
+    task = HarnessTask(
+        name="t",
+        metric="acc",
+        higher_is_better=True,
+        after=0.6,
+        before=0.8,
+        after_stderr=0.0,
+        before_stderr=0.0,
+        after_docs=after,
+        before_docs=before,
+    )
+    drop, low, high = relative_drop(task, 500, 0)
+    assert drop == pytest.approx(0.25) and low <= drop <= high and low > 0
