@@ -38,6 +38,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
     problems += check_home(cfg)
     problems += check_data(cfg)
     problems += check_registry(cfg)
+    problems += check_evaluation(cfg)
     model_config, model_problems = check_model(cfg)
     problems += model_problems
     if not problems:  # a store check on a home that cannot be written would only repeat it
@@ -96,6 +97,22 @@ def check_data(cfg: RunConfig) -> list[str]:
                 f"data.{setting}: {path} is a folder, but not one saved by HF datasets "
                 "(save_to_disk); give a CSV, TSV, JSONL, Parquet or .txt file"
             )
+    return problems
+
+
+def check_evaluation(cfg: RunConfig) -> list[str]:
+    """The general text and the lm-eval task folder are there before anything trains."""
+    from tasks.lm_scoring import read_general_texts
+
+    problems = []
+    if cfg.eval.general_text:
+        try:
+            read_general_texts(cfg.eval.general_text, cfg.eval.general_text_column)
+        except (SourceError, ValueError) as err:
+            problems.append(f"eval.general_text: {err}")
+    include = cfg.eval.lm_eval.include_path
+    if include and not Path(include).expanduser().is_dir():
+        problems.append(f"eval.lm_eval.include_path: {include} is not a folder of task YAMLs")
     return problems
 
 
@@ -246,6 +263,10 @@ def check_allowed(cfg: RunConfig) -> list[str]:
         }
         if not cfg.model.name_or_path.startswith("pkg://"):
             paths["model.name_or_path"] = cfg.model.name_or_path
+        if cfg.eval.general_text and not cfg.eval.general_text.startswith("pkg://"):
+            paths["eval.general_text"] = cfg.eval.general_text
+        if cfg.eval.lm_eval.include_path:
+            paths["eval.lm_eval.include_path"] = cfg.eval.lm_eval.include_path
         for setting, value in paths.items():
             path = Path(value).expanduser()
             local = setting == "home" or path.exists() or value.startswith((".", "/", "~"))

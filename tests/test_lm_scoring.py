@@ -163,3 +163,28 @@ def test_an_lm_eval_drop_is_relative_to_the_base_with_a_paired_interval():
     )
     drop, low, high = relative_drop(task, 500, 0)
     assert drop == pytest.approx(0.25) and low <= drop <= high and low > 0
+
+
+def test_general_text_and_lm_eval_settings_are_checked_before_anything_trains(tmp_path):
+    from tasks.config import load_config
+    from tasks.preflight import check_evaluation
+
+    speeches = tmp_path / "speeches.csv"
+    speeches.write_text("party,body\nd,we the people\n")
+    cfg = load_config(
+        None,
+        [
+            "task=sft",
+            f"eval.general_text={speeches}",
+            f"eval.lm_eval.include_path={tmp_path / 'tasks'}",
+        ],
+    )
+    problems = check_evaluation(cfg)
+    assert any(
+        "eval.general_text" in p and "no column 'text'" in p and "body" in p for p in problems
+    )
+    assert any("eval.lm_eval.include_path" in p for p in problems)
+    missing = load_config(None, ["task=sft", f"eval.general_text={tmp_path / 'nope.txt'}"])
+    assert check_evaluation(missing) == [
+        f"eval.general_text: {tmp_path / 'nope.txt'}: file not found"
+    ]

@@ -8,11 +8,13 @@ unless ``model.train_on_prompt``. With ``model.packing`` a batch's conversations
 without padding and with positions restarting per conversation, from which transformers builds a
 block-diagonal attention mask: no conversation attends to another.
 
-The model is judged by what it generates: greedy answers to every held-out prompt, exact match
-after normalisation and, when the answers come from a closed set, accuracy, macro F1 and the rate of
-answers outside the set; next to the untouched pretrained model (zero-shot, same prompts) and a
-classical baseline (TF-IDF + logistic regression over the closed set, else the most frequent
-answer). The answer-only loss and perplexity are reported before and after fine-tuning.
+The model is judged against the untouched pretrained model (zero-shot) on the same held-out rows,
+from one pass over each prompt (:func:`tasks.lm_scoring.score_prompts`): the answer-only loss of
+every reference answer; over a closed answer set, the most likely answer (lm-evaluation-harness's
+multiple-choice scoring); the greedy answer, judged by exact match, ROUGE-L and the label it names.
+A classical baseline (TF-IDF + logistic regression over the closed set, else the most frequent
+answer) stands beside them. The gate decides on the likelihood accuracy over a closed set, else on
+the answer loss; general-text perplexity before and after measures what was forgotten.
 
 Why not TRL's ``SFTTrainer``: its ``assistant_only_loss`` needs a chat template with
 ``{% generation %}`` markers, which most shipped templates (SmolLM2's among them) lack, and its
