@@ -89,7 +89,14 @@ def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     view_key, view = runs_view_tag()
     for key, value in (EXPERIMENT_TAGS | {view_key: view}).items():
         if experiment.tags.get(key) is None:  # also for experiments made before fulltune set them
-            client.set_experiment_tag(experiment.experiment_id, key, value)
+            try:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+            except MlflowException:
+                # A run starting at the same time set it first (a UNIQUE constraint on the SQL
+                # store): what matters is that the tag is there.
+                again = client.get_experiment(experiment.experiment_id)
+                if again.tags.get(key) is None:
+                    raise
     return str(experiment.experiment_id)
 
 
