@@ -246,15 +246,17 @@ COLOURS = {"apple": "red", "grass": "green", "sky": "blue", "cherry": "red", "le
 COLOURS |= {"sea": "blue", "ruby": "red", "frog": "green", "sapphire": "blue", "tomato": "red"}
 
 
-def colour_rows(n: int, seed: int = 0) -> pd.DataFrame:
-    """Instruction rows a tiny model can learn: a thing's colour, from a closed set of three."""
+def colour_rows(n: int, seed: int = 0, free_form: bool = False) -> pd.DataFrame:
+    """Instruction rows a tiny model can learn: a thing's colour, from a closed set of three; or,
+    ``free_form``, a sentence of its own for every row ("the sky is blue 7")."""
     rng = random.Random(seed)
     things = sorted(COLOURS)
     rows = []
     for i in range(n):
         thing = things[i % len(things)]
         extra = " ".join(rng.sample(["please", "now", "quickly", "kindly", "today"], 2))
-        rows.append({"prompt": f"colour of the {thing} {extra} {i}?", "completion": COLOURS[thing]})
+        answer = f"the {thing} is {COLOURS[thing]} {i}" if free_form else COLOURS[thing]
+        rows.append({"prompt": f"colour of the {thing} {extra} {i}?", "completion": answer})
     return pd.DataFrame(rows)
 
 

@@ -8,7 +8,6 @@ import json
 import random
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -17,23 +16,6 @@ from tasks.config import load_config
 from .conftest import COLOURS, colour_rows, tiny_overrides
 
 pytestmark = pytest.mark.flow
-
-
-def described_rows(n: int, seed: int = 0) -> pd.DataFrame:
-    """Instruction rows with free-form answers: every answer is a sentence of its own."""
-    rng = random.Random(seed)
-    things = sorted(COLOURS)
-    rows = []
-    for i in range(n):
-        thing = things[i % len(things)]
-        extra = " ".join(rng.sample(["please", "now", "quickly", "kindly", "today"], 2))
-        rows.append(
-            {
-                "prompt": f"colour of the {thing} {extra} {i}?",
-                "completion": f"the {thing} is {COLOURS[thing]} {i}",
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def lm_eval_task(folder: Path) -> Path:
@@ -67,7 +49,7 @@ def free_form(tiny_llama_dir: Path, tmp_path_factory, prefect_harness):
 
     work = tmp_path_factory.mktemp("free-form")
     data = work / "described.csv"
-    described_rows(160).to_csv(data, index=False)
+    colour_rows(160, free_form=True).to_csv(data, index=False)
     general = work / "general.txt"
     general.write_text("\n\n".join(f"the {t} is {c} today." for t, c in COLOURS.items()) * 8)
     overrides = [
