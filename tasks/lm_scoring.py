@@ -8,6 +8,7 @@ the functions that use them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -132,9 +133,21 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_takes(model_class: Any, name: str) -> bool:  # Any: a model class, hashable
+    return name in inspect.signature(model_class.forward).parameters
+
+
+def forward_takes(model: PreTrainedModel, name: str) -> bool:
+    """Whether the model's ``forward`` has the keyword ``name`` (``logits_to_keep``, ``cache``),
+    looked up once per model class."""
+    model_class: Any = type(model)
+    return _forward_takes(model_class, name)
+
+
 def _cached_forward(model: PreTrainedModel, **inputs: Any) -> tuple[Any, Any]:
     """(logits, KV cache) of a forward pass, whichever name this transformers gives the cache."""
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+    cache_kw = "cache" if forward_takes(model, "cache") else None
     if "past" in inputs:  # the cache to continue from
         inputs[cache_kw or "past_key_values"] = inputs.pop("past")
     out = model(**inputs, use_cache=True)
@@ -196,7 +209,7 @@ def score_prompts(
     capped: dict[int, bool] = {}
     flags = list(decode) if decode is not None else [False] * len(prompts)
     n_shared = shared_prefix(prompts)
-    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep_last = forward_takes(model, "logits_to_keep")
     order = np.argsort([len(p) for p in prompts], kind="stable")  # batches of similar length
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size].tolist()
@@ -275,7 +288,7 @@ def _greedy(
     step = last[index].argmax(-1)
     tokens: list[list[int]] = [[] for _ in wanted]
     done = [False] * len(wanted)
-    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep_last = forward_takes(model, "logits_to_keep")
     for n in range(max_new_tokens):
         for j, t in enumerate(step.tolist()):
             if not done[j]:
@@ -371,7 +384,7 @@ def record_general(
     )
 
     def ppl(sums: np.ndarray, counts: np.ndarray) -> float:
-        return math.exp(min(float(sums.sum() / max(counts.sum(), 1)), 700.0))
+        return math.exp(min(mean_loss(sums, counts), 700.0))
 
     return str(path), {
         "perplexity_before": ppl(*before),
@@ -400,8 +413,7 @@ def loss_rise(
     counts, the same blocks), with its paired bootstrap 95% CI: (rise, low, high)."""
 
     def rise(sa: np.ndarray, ca: np.ndarray, sb: np.ndarray, cb: np.ndarray) -> float:
-        delta = sa.sum() / max(ca.sum(), 1) - sb.sum() / max(cb.sum(), 1)
-        return float(math.expm1(delta))
+        return float(math.expm1(mean_loss(sa, ca) - mean_loss(sb, cb)))
 
     return paired_interval((*after, *before), rise, samples, seed)
 

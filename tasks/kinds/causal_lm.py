@@ -27,7 +27,13 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.lm_scoring import general_blocks, mean_loss, read_general_texts, record_general
+from tasks.lm_scoring import (
+    forward_takes,
+    general_blocks,
+    mean_loss,
+    read_general_texts,
+    record_general,
+)
 from tasks.results import (
     Checked,
     EvalResult,
@@ -105,13 +111,11 @@ def block_losses(
 
     Batches hold rows of similar length (little padding to compute); results come back in order.
     """
-    import inspect
-
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    sparse_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    sparse_logits = forward_takes(model, "logits_to_keep")
     collate = collator(tokenizer)
     columns = ["input_ids", "attention_mask", "labels"]
     order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
