@@ -34,11 +34,13 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         PreflightError: listing every problem found, each with its setting.
     """
     problems: list[str] = []
-    problems += check_allowed(cfg)
+    refused = check_allowed(cfg)
+    problems += refused
     problems += check_home(cfg)
     problems += check_data(cfg)
     problems += check_registry(cfg)
-    problems += check_evaluation(cfg)
+    if not any(p.startswith("eval.") for p in refused):  # never read a file outside the list
+        problems += check_evaluation(cfg)
     model_config, model_problems = check_model(cfg)
     problems += model_problems
     if not problems:  # a store check on a home that cannot be written would only repeat it
@@ -109,7 +111,9 @@ def check_evaluation(cfg: RunConfig) -> list[str]:
         try:
             read_general_texts(cfg.eval.general_text, cfg.eval.general_text_column)
         except (SourceError, ValueError) as err:
-            problems.append(f"eval.general_text: {err}")
+            message = str(err)
+            prefix = "" if message.startswith("eval.general_text") else "eval.general_text: "
+            problems.append(prefix + message)
     include = cfg.eval.lm_eval.include_path
     if include and not Path(include).expanduser().is_dir():
         problems.append(f"eval.lm_eval.include_path: {include} is not a folder of task YAMLs")

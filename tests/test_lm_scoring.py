@@ -188,3 +188,22 @@ def test_general_text_and_lm_eval_settings_are_checked_before_anything_trains(tm
     assert check_evaluation(missing) == [
         f"eval.general_text: {tmp_path / 'nope.txt'}: file not found"
     ]
+
+
+def test_general_text_outside_the_allowed_folders_is_refused_unread(tmp_path, monkeypatch):
+    from tasks.config import load_config
+    from tasks.preflight import PreflightError, preflight
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "keys.csv"
+    secret.write_text("api_key,owner\nxyz,me\n")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv("FULLTUNE_ALLOWED_ROOTS", str(allowed))
+    cfg = load_config(None, ["task=sft", f"home={allowed / 'home'}", f"eval.general_text={secret}"])
+    with pytest.raises(PreflightError) as caught:
+        preflight(cfg)
+    message = str(caught.value)
+    assert "eval.general_text" in message and "outside the deployment's allowed folders" in message
+    assert "api_key" not in message  # the file was never read
