@@ -119,7 +119,7 @@ def _orchestrated(cfg: RunConfig, command: str) -> Iterator[RunConfig]:
     """The run's log file, its Prefect API (the home's local server unless one is configured),
     and its config as the flow may store it: a tracking URI with credentials travels in the
     environment, never as a flow parameter, so Prefect's database and UI never hold it."""
-    from flows.local_server import ServerError, prefect_api
+    from flows.local_server import ServerError, ServerLost, prefect_api
     from tasks.config import redact_uri
     from tasks.preflight import check_home
 
@@ -133,12 +133,42 @@ def _orchestrated(cfg: RunConfig, command: str) -> Iterator[RunConfig]:
     try:
         with prefect_api(cfg.home_dir()):
             yield cfg
+    except ServerLost as err:
+        # Prefect's log and event workers would wait on the dead API at exit: leave without them.
+        typer.echo(f"fulltune: error: {err}\n(full log with tracebacks: {log_path})", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except ServerError as err:
         _fail(f"the local Prefect server: {err}")
     except Exception as err:  # every failure ends here: say what it was, exit non-zero
         logging.getLogger("fulltune").debug("failure", exc_info=True)
         message = str(err) if _named_cause(err) else f"{type(err).__name__}: {err}"
+        if full := _disk_full(err, cfg):
+            message = full
         _fail(f"{message}\n(full log with tracebacks: {log_path})")
+
+
+def _disk_full(err: BaseException, cfg: RunConfig) -> str | None:
+    """For a failure from a full disk (any link of the error's chain): which path, how to fix."""
+    import errno
+    import shutil
+
+    seen: BaseException | None = err
+    while seen is not None:
+        text = str(seen)
+        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or (
+            "database or disk is full" in text or "No space left on device" in text
+        ):
+            where = getattr(seen, "filename", None) or str(cfg.home_dir())
+            free = shutil.disk_usage(cfg.home_dir() if cfg.home_dir().exists() else "/").free
+            return (
+                f"the disk is full: writing {where} failed ({free / 2**20:.0f} MiB free on the "
+                f"home's disk). Free space there (old runs' checkpoints: {cfg.home_dir()}/"
+                "checkpoints, then its cache and work folders), or set home on a larger disk"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _load_config(config: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -414,11 +444,21 @@ def predict(
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Texts per model call (default: eval.batch_size).")
     ] = None,
+    pyfunc: Annotated[
+        bool,
+        typer.Option(
+            "--pyfunc",
+            help="Load the version through mlflow.pyfunc, as `mlflow models serve` does. It runs "
+            "the Python code the registry holds: use only on a store you trust. Default: its "
+            "weights with transformers (safetensors, no remote code).",
+        ),
+    ] = False,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Predict labels (with scores), or continue texts with a text-generation model."""
     import pandas as pd
 
+    from tasks.predict import load_predictor
     from tasks.register import resolve_model_uri
     from tasks.sources import SourceError, read_table
 
@@ -429,48 +469,42 @@ def predict(
         name, version = resolve_model_uri(model)
     except ValueError as err:
         _fail(str(err))
-    import mlflow.pyfunc
-
     from tasks.config import EvalConfig
 
     batch_size = batch_size or EvalConfig().batch_size
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    flavor = loaded.metadata.flavors.get("transformers", {})
-    chat = flavor.get("inference_task") == "llm/v1/chat"
     if input_path is not None:
         try:
             frame = read_table(str(input_path)).frame
         except SourceError as err:
             _fail(str(err))
-        column = "messages" if chat and "messages" in frame.columns else text_column
-        if column not in frame.columns:
-            _fail(f"{input_path}: no column {column!r} (columns: {list(frame.columns)})")
         if frame.empty:
             _fail(f"{input_path}: no rows")
-        inputs = frame[column].tolist()
     else:
-        frame, inputs = pd.DataFrame({"text": text}), list(text or [])
+        frame = pd.DataFrame({"text": text})
+    try:
+        predictor = load_predictor(name, version, pyfunc=pyfunc)
+    except (SourceError, OSError) as err:
+        _fail(str(err))
+    column = "messages" if predictor.chat and "messages" in frame.columns else text_column
+    if input_path is not None and column not in frame.columns:
+        _fail(f"{input_path}: no column {column!r} (columns: {list(frame.columns)})")
+    inputs = frame[column].tolist() if input_path is not None else list(text or [])
 
-    if chat:  # one conversation per request: a plain text is one user turn
-        answers = [answer_chat(loaded, value) for value in inputs]
-        out = frame.reset_index(drop=True).assign(answer=answers)
-        lines = answers
-    else:
+    out = frame.reset_index(drop=True)
+    if predictor.chat:  # one conversation per request: a plain text is one user turn
+        lines = [predictor.answer(value) for value in inputs]
+        out = out.assign(answer=lines)
+    elif predictor.task == "text-classification":  # a label and its score per text
         texts = [str(t) for t in inputs]
-        parts = [
-            loaded.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)
-        ]
-        if isinstance(parts[0], pd.DataFrame):  # a classifier: a label and its score per text
-            predictions = pd.concat(parts, ignore_index=True)
-            out = frame.reset_index(drop=True).assign(
-                label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
-            )
-            rows = zip(out["label"], out["score"], texts, strict=True)
-            lines = [f"{label}\t{score:.4f}\t{t}" for label, score, t in rows]
-        else:  # a text-generation model: the text continued
-            generated = [str(g) for part in parts for g in part]
-            out = frame.reset_index(drop=True).assign(generated_text=generated)
-            lines = generated
+        predictions = predictor.classify(texts, batch_size)
+        out = out.assign(
+            label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
+        )
+        rows = zip(out["label"], out["score"], texts, strict=True)
+        lines = [f"{label}\t{score:.4f}\t{t}" for label, score, t in rows]
+    else:  # a text-generation model: the text continued
+        lines = predictor.continue_texts([str(t) for t in inputs], batch_size)
+        out = out.assign(generated_text=lines)
     if output_path is None:
         for line in lines:
             typer.echo(line)
@@ -480,17 +514,6 @@ def predict(
     else:
         out.to_csv(output_path, index=False)
     typer.echo(f"wrote {len(out)} predictions of {name} v{version} to {output_path}")
-
-
-def answer_chat(model: Any, value: Any) -> str:
-    """A chat model's answer to a text (one user turn) or a list of messages (JSON or parsed)."""
-    import json
-
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        value = json.loads(value)
-    messages = [{"role": "user", "content": str(value)}] if isinstance(value, str) else list(value)
-    reply = model.predict({"messages": [dict(m) for m in messages]})
-    return str(reply[0]["choices"][0]["message"]["content"]).strip()
 
 
 @app.command()

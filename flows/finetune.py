@@ -45,7 +45,13 @@ from tasks.promote import (
     forgetting_advice,
     gate_metric,
 )
-from tasks.register import CardFacts, base_license, describe_version, lineage_tags
+from tasks.register import (
+    CardFacts,
+    base_license,
+    complete_registration,
+    describe_version,
+    lineage_tags,
+)
 from tasks.results import Decision, EvalResult, RegisteredModel
 from tasks.sources import TokenizerSource, materialize_model
 
@@ -157,7 +163,7 @@ def finetune(
     try:
         # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
-        tokenizer = TokenizerSource(cfg.model.name_or_path, cfg.model.revision)
+        tokenizer = TokenizerSource.of(cfg.model)
         # When the first stage (the data contract) starts: the command's cold start ends here.
         tracking.set_tags(run_id, {tracking.FIRST_STAGE_TAG: f"{time.time():.3f}"})
         prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id, limit)
@@ -235,6 +241,7 @@ def finetune(
                 trained.collapse, cfg.train, trained.learning_rate, registered.version
             )
             if cfg.promote.on_collapse == "fail":
+                complete_registration(registered)  # whole, and never a candidate
                 raise ModelCollapsed(advice)
             get_run_logger().warning("%s", advice)
         decision = None
@@ -254,6 +261,7 @@ def finetune(
                 card,
                 f"{decision.reason}.\n\nDecided on `{decision.metric}`: {decision.metric_reason}.",
             )
+        complete_registration(registered)
         if forgotten:
             raise ModelForgot(forgetting_advice(forgotten, registered.version, cfg.promote))
     except BaseException:
@@ -280,6 +288,7 @@ def finetune(
     # The model is registered (its weights are in the artifact store): the working copy and the
     # checkpoints are done. The splits and reports stay, for lineage.
     shutil.rmtree(trained.model_dir, ignore_errors=True)
+    shutil.rmtree(workdir / "trainer", ignore_errors=True)  # the Trainer's own checkpoints
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if lock is not None:

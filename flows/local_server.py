@@ -200,6 +200,47 @@ def start_early(home: Path) -> None:
             ensure_server(home, wait=False)
 
 
+class ServerLost(ServerError):
+    """The home's server stopped while a run used it: nothing could record the run's states."""
+
+
+WATCH_INTERVAL_S = 2.0
+
+
+@contextmanager
+def watched(info: ServerInfo) -> Iterator[None]:
+    """Interrupt the run if the server it reports to stops (killed, or `fulltune server stop`).
+
+    Without it a run trains on, then waits on a dead API to record its end. A thread checks the
+    server's process every ``WATCH_INTERVAL_S``; when it is gone the main thread is interrupted
+    and :class:`ServerLost` says why.
+    """
+    import _thread
+    import threading
+
+    stop, lost = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(WATCH_INTERVAL_S):
+            if not alive(info.pid):
+                lost.set()
+                _thread.interrupt_main()
+                return
+
+    threading.Thread(target=watch, name="fulltune-server-watch", daemon=True).start()
+    try:
+        yield
+    except BaseException as err:
+        if lost.is_set():
+            raise ServerLost(
+                f"the home's Prefect server (pid {info.pid}, {info.url}) stopped during the run; "
+                "the run is marked FAILED. Run again: a new server starts"
+            ) from err
+        raise
+    finally:
+        stop.set()
+
+
 @contextmanager
 def prefect_api(home: Path) -> Iterator[str]:
     """Point Prefect at the user's API if set, else at this home's local server (started once).
@@ -213,11 +254,12 @@ def prefect_api(home: Path) -> Iterator[str]:
     if url is not None:
         yield url
         return
-    url = ensure_server(home).url
+    info = ensure_server(home)
+    url = info.url
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates={PREFECT_API_URL: url}), watched(info):
             yield url
     finally:
         if previous is None:

@@ -193,7 +193,7 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     metric = kind.selection_metric
     try:
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
-        tokenizer = TokenizerSource(cfg.model.name_or_path, cfg.model.revision)
+        tokenizer = TokenizerSource.of(cfg.model)
         limit = max_positions(check_model(cfg)[0])
         prepared = prepare_data(cfg, kind, tokenizer, workdir, parent, limit)
         cfg = cfg.model_copy(update={"model": prepared.model})

@@ -86,13 +86,14 @@ def tokenizer_identity(source: TokenizerSource) -> str:
     tokenizer (which imports torch and transformers). A hub id: the name plus a hash of the loaded
     vocabulary, the same name with another vocabulary being another tokenizer.
     """
+    template = f":template-{digest(source.chat_template)}" if source.chat_template else ""
     folder = resolve_local(source.name_or_path)
     if folder is not None and folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.name in TOKENIZER_FILES and p.is_file())
-        return f"{folder}:{digest([(p.name, file_digest(p)) for p in files])}"
+        return f"{folder}:{digest([(p.name, file_digest(p)) for p in files])}{template}"
     tokenizer = source.get()
     vocab = sorted(tokenizer.get_vocab().items())
-    return f"{tokenizer.name_or_path}:{digest(vocab)}"
+    return f"{tokenizer.name_or_path}:{digest(vocab)}{template}"
 
 
 def entry(cache_root: Path, stage: str, key: str) -> Path:

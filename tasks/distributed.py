@@ -7,7 +7,10 @@ logs to MLflow; every rank writes its result; registration happens afterwards, o
 
 Usage (what :func:`launch` runs; each rank runs :func:`tasks.train.main`)::
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.train JOB.json
+    python -m tasks.distributed --rdzv-endpoint 127.0.0.1:PORT ... --nproc_per_node N \
+        -m tasks.train JOB.json
+
+``python -m tasks.distributed`` is torchrun with its rendezvous stores listening on loopback only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
@@ -31,6 +35,58 @@ class DistributedError(RuntimeError):
     def __init__(self, message: str, signalled: bool = False):
         super().__init__(message)
         self.signalled = signalled  # a rank was killed by a signal: worth a retry
+
+
+def rendezvous_args() -> list[str]:
+    """torchrun's rendezvous on this machine: a free loopback port, one node."""
+    import socket
+    import uuid
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={uuid.uuid4().hex[:12]}",
+        "--nnodes=1",
+    ]
+
+
+def loopback_stores() -> None:
+    """Make every ``TCPStore`` server this process starts listen on 127.0.0.1 only.
+
+    torchrun's rendezvous store and the store it shares with its workers are unauthenticated, and
+    a ``TCPStore`` server binds every interface whatever host it is given. Handed a socket already
+    bound to loopback (``master_listen_fd``), it listens there instead.
+    """
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
+
+    library_store = dist.TCPStore
+
+    def store(
+        host_name: str,
+        port: int,
+        world_size: int | None = None,
+        is_master: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if is_master and kwargs.get("master_listen_fd") is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", int(port)))
+            listener.listen(128)
+            port = listener.getsockname()[1]
+            kwargs["master_listen_fd"] = listener.detach()
+        return library_store(host_name, port, world_size, is_master, *args, **kwargs)
+
+    dist.TCPStore = store  # type: ignore[misc,assignment]
+    c10d_rendezvous_backend.TCPStore = store  # type: ignore[misc,assignment]
+    static_tcp_rendezvous.TCPStore = store  # type: ignore[misc,assignment]
 
 
 def launch(job: TrainJob, num_processes: int) -> TrainResult:
@@ -49,8 +105,8 @@ def launch(job: TrainJob, num_processes: int) -> TrainResult:
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        "--standalone",
+        "tasks.distributed",  # torchrun, its stores on loopback
+        *rendezvous_args(),
         f"--nproc_per_node={num_processes}",
         "-m",
         "tasks.train",
@@ -77,3 +133,10 @@ def launch(job: TrainJob, num_processes: int) -> TrainResult:
     if len(digests) != 1:
         raise DistributedError(f"the ranks ended with different weights: {sorted(digests)}")
     return results[0]
+
+
+if __name__ == "__main__":  # torchrun for one machine: python -m tasks.distributed ARGS
+    from torch.distributed.run import main
+
+    loopback_stores()
+    main()

@@ -7,6 +7,7 @@ names the setting at fault and what was found; all problems are reported at once
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import urllib.parse
@@ -15,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import RunConfig, redact_uri
-from tasks.sources import SourceError, gguf_source, resolve_local
+from tasks.sources import (
+    PKG_SCHEME,
+    SourceError,
+    gguf_source,
+    refuse_special,
+    resolve_local,
+)
 
 # A served deployment sets these (``fulltune serve --allow``): the only folders a triggered run may
 # read data from or write its home in, and the only tracking stores it may write to.
+log = logging.getLogger(__name__)
+
 ALLOWED_ROOTS_ENV = "FULLTUNE_ALLOWED_ROOTS"
 ALLOWED_TRACKING_ENV = "FULLTUNE_ALLOWED_TRACKING_URIS"
 
@@ -94,6 +103,11 @@ def check_data(cfg: RunConfig) -> list[str]:
             continue
         if not os.access(path, os.R_OK):
             problems.append(f"data.{setting}: {path} is not readable (check its permissions)")
+        elif not path.is_dir() and not path.is_file():
+            try:
+                refuse_special(path)
+            except SourceError as err:
+                problems.append(f"data.{setting}: {err}")
         elif path.is_dir() and not _is_saved_dataset(path):
             problems.append(
                 f"data.{setting}: {path} is a folder, but not one saved by HF datasets "
@@ -189,7 +203,7 @@ def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
         else:
             facts = _auto_config(model.name_or_path, revision=model.revision)
     except SourceError as err:
-        return {}, [f"{setting}: {err}"]
+        return {}, [str(err) if str(err).startswith("model.") else f"{setting}: {err}"]
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return {}, [
@@ -212,6 +226,23 @@ def _auto_config(name_or_path: str, **kwargs: Any) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     facts: dict[str, Any] = json.loads(config.to_json_string())
     return facts
+
+
+def warn_lost_store(cfg: RunConfig, database: Path) -> None:
+    """Say so, loudly, when a home holds earlier runs' models but its tracking database is gone:
+    a new, empty registry is about to be created and versions start again at 1."""
+    artifacts = cfg.home_dir() / "mlartifacts"
+    models = list(artifacts.glob("**/MLmodel")) if artifacts.is_dir() else []
+    if models:
+        log.warning(
+            "NO TRACKING DATABASE at %s, but %s holds %d model(s) of earlier runs: a new, empty "
+            "registry is created and versions restart at 1. If the database was moved or "
+            "deleted by mistake, stop now (Ctrl-C) and restore it, or point "
+            "registry.tracking_uri at it.",
+            database,
+            artifacts,
+            len(models),
+        )
 
 
 def max_positions(config: dict[str, Any]) -> int | None:
@@ -242,6 +273,8 @@ def check_tracking(cfg: RunConfig) -> list[str]:
             return [f"{setting}: {shown}: {path} cannot be created or written"]
         if parsed.scheme == "sqlite" and path.exists() and not os.access(path, os.W_OK):
             return [f"{setting}: {shown}: {path} is read-only"]
+        if parsed.scheme == "sqlite" and not path.exists():
+            warn_lost_store(cfg, path)
         return []
     if parsed.scheme in ("http", "https"):
         try:
@@ -253,30 +286,20 @@ def check_tracking(cfg: RunConfig) -> list[str]:
 
 
 def check_allowed(cfg: RunConfig) -> list[str]:
-    """Under a served deployment's allow-list: every local path and the store must be on it."""
+    """Under a served deployment's allow-list: every local path and the store must be on it.
+
+    Each path-like setting is judged by the file it really reaches: ``pkg://`` resolved to its
+    package's file, ``~``, ``..`` and symlinks followed.
+    """
     roots_env = os.environ.get(ALLOWED_ROOTS_ENV)
     uris_env = os.environ.get(ALLOWED_TRACKING_ENV)
     problems = []
     if roots_env:
         roots = [Path(r).expanduser().resolve() for r in roots_env.split(os.pathsep) if r]
-        paths = {"home": cfg.home}
-        paths |= {
-            f"data.{s}": getattr(cfg.data, s)
-            for s in ("train", "validation", "test")
-            if getattr(cfg.data, s) is not None and not getattr(cfg.data, s).startswith("pkg://")
-        }
-        if not cfg.model.name_or_path.startswith("pkg://"):
-            paths["model.name_or_path"] = cfg.model.name_or_path
-        if cfg.eval.general_text and not cfg.eval.general_text.startswith("pkg://"):
-            paths["eval.general_text"] = cfg.eval.general_text
-        if cfg.eval.lm_eval.include_path:
-            paths["eval.lm_eval.include_path"] = cfg.eval.lm_eval.include_path
-        for setting, value in paths.items():
-            path = Path(value).expanduser()
-            local = setting == "home" or path.exists() or value.startswith((".", "/", "~"))
-            if local and not any(path.resolve().is_relative_to(root) for root in roots):
+        for setting, path in local_paths(cfg).items():
+            if not any(path.is_relative_to(root) for root in roots):
                 problems.append(
-                    f"{setting}: {path.resolve()} is outside the deployment's allowed folders "
+                    f"{setting}: {path} is outside the deployment's allowed folders "
                     f"({', '.join(map(str, roots))}; {ALLOWED_ROOTS_ENV})"
                 )
     if uris_env:
@@ -287,3 +310,29 @@ def check_allowed(cfg: RunConfig) -> list[str]:
                 f"deployment's tracking stores ({ALLOWED_TRACKING_ENV})"
             )
     return problems
+
+
+def local_paths(cfg: RunConfig) -> dict[str, Path]:
+    """Every path-like setting that names a local file or folder, as the real path it reaches.
+
+    Not here: a hub id (no such local path, no ``.``, ``/`` or ``~`` prefix), a ``pkg://`` path
+    (confined to its installed package by :func:`resolve_package_path`) and ``model.gguf_file``
+    (confined to ``model.name_or_path`` by :func:`gguf_source`).
+    """
+    values = {
+        "home": cfg.home,
+        "data.train": cfg.data.train,
+        "data.validation": cfg.data.validation,
+        "data.test": cfg.data.test,
+        "model.name_or_path": cfg.model.name_or_path,
+        "eval.general_text": cfg.eval.general_text,
+        "eval.lm_eval.include_path": cfg.eval.lm_eval.include_path,
+    }
+    paths: dict[str, Path] = {}
+    for setting, value in values.items():
+        if value is None or value.startswith(PKG_SCHEME):
+            continue
+        path = Path(value).expanduser()
+        if setting == "home" or path.exists() or value.startswith((".", "/", "~")):
+            paths[setting] = path.resolve()
+    return paths

@@ -77,6 +77,9 @@ def describe_lineage(model_uri: str) -> list[tuple[str, str]]:
         ("model", f"{name} version {mv.version} (aliases: {', '.join(mv.aliases) or 'none'})"),
         ("mlflow run", f"{mv.run_id} ({run.info.status}, experiment {run.info.experiment_id})"),
     ]
+    state = mv.tags.get(REGISTRATION_TAG, "complete")
+    if state != "complete":
+        rows.append(("registration", f"{state.upper()}: no model card or gate decision"))
     for key in sorted(mv.tags):
         if key.startswith(("lineage.", "promotion.", "test.")) and key != "lineage.mlflow_run_id":
             rows.append((key, mv.tags[key]))
@@ -203,6 +206,43 @@ def logged_model_uri(client: MlflowClient, run_id: str) -> str | None:
     return ready[0].model_uri if ready else None
 
 
+REGISTRATION_TAG = "fulltune.registration"  # incomplete, complete or interrupted
+
+
+def complete_registration(registered: RegisteredModel) -> None:
+    """The version has its card, tags and the gate's decision: mark it complete."""
+    MlflowClient().set_model_version_tag(
+        registered.name, registered.version, REGISTRATION_TAG, "complete"
+    )
+
+
+def mark_interrupted_versions(client: MlflowClient, model_name: str) -> list[str]:
+    """Versions whose registration was cut short (their run ended before marking them complete):
+    tagged ``interrupted`` and described as such, never left looking whole. Their versions."""
+    try:
+        versions = client.search_model_versions(
+            f"name = '{model_name}' and tags.`{REGISTRATION_TAG}` = 'incomplete'"
+        )
+    except MlflowException:
+        return []
+    marked = []
+    for mv in versions:
+        status = client.get_run(mv.run_id).info.status if mv.run_id else "gone"
+        if status == "RUNNING":
+            continue  # still being registered, by its own run (or its resume)
+        client.set_model_version_tag(model_name, mv.version, REGISTRATION_TAG, "interrupted")
+        client.update_model_version(
+            model_name,
+            mv.version,
+            description=f"**Incomplete version.** Its registration was interrupted: its run "
+            f"`{mv.run_id}` ended {status} before the model card and the gate's decision were "
+            "written. It is not a candidate for promotion; rerun the config to register a whole "
+            "version.\n\n" + (mv.description or ""),
+        )
+        marked.append(str(mv.version))
+    return marked
+
+
 def register_model(
     model_dir: str,
     cfg: RegistryConfig,
@@ -258,13 +298,17 @@ def register_model(
                 model_card=hub_card,
             )
         model_uri = info.model_uri
+        # log_model ran inside `start_run`, whose exit marked the run FINISHED: it is not yet.
+        client.update_run(run_id, status="RUNNING")
+    mark_interrupted_versions(client, cfg.model_name)
     existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run_id}'")
+    tags = version_tags | {REGISTRATION_TAG: "incomplete"}  # until the gate has spoken
     if existing:
         version_ = str(existing[0].version)
-        for key, value in version_tags.items():
+        for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version_, key, value)
     else:
-        version_ = str(mlflow.register_model(model_uri, cfg.model_name, tags=version_tags).version)
+        version_ = str(mlflow.register_model(model_uri, cfg.model_name, tags=tags).version)
     if card is not None:
         client.update_model_version(cfg.model_name, version_, description=model_card(card))
         registered = client.get_registered_model(cfg.model_name)

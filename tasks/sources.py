@@ -8,6 +8,7 @@ they are in the source; column mapping and checks happen later, in validation.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
 import importlib.util
@@ -54,7 +55,13 @@ def resolve_package_path(uri: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SourceError(f"{uri}: Python package {package!r} is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    root = Path(next(iter(spec.submodule_search_locations))).resolve()
+    path = (root / inner).resolve()  # `..` and links followed: what would really be read
+    if not path.is_relative_to(root):
+        raise SourceError(
+            f"{uri}: the path leaves package {package!r} ({root}); a pkg:// path must name a "
+            "file inside its package"
+        )
     if not path.exists():
         raise SourceError(f"{uri}: {path} does not exist inside package {package!r}")
     return path
@@ -79,6 +86,8 @@ def decode_mixed(raw: bytes) -> tuple[str, int]:
     where cp1252 has no mapping). Returns the text and how many lines needed the fallback, so the
     caller can report it rather than hide it.
     """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark
+        return raw.decode("utf-16"), 0
     try:
         return raw.decode("utf-8-sig"), 0
     except UnicodeDecodeError:
@@ -125,6 +134,7 @@ def read_table(name: str, split: str = "train", documents: str = "line") -> Tabl
         return Table(_read_hub(name, split), origin=f"hub:{name}[{split}]")
     if path.is_dir():
         return Table(_read_saved_dataset(path, split), origin=str(path))
+    refuse_special(path)
     suffix = path.suffix.lower()
     if suffix in {".csv", ".tsv", ".txt", ".jsonl", ".json"}:
         refuse_binary(path)
@@ -139,9 +149,9 @@ def read_table(name: str, split: str = "train", documents: str = "line") -> Tabl
                     path,
                     fallbacks,
                 )
-            frame = pd.read_csv(
-                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False
-            )
+            sep = "\t" if suffix == ".tsv" else ","
+            refuse_duplicate_columns(path, next(csv.reader(io.StringIO(text), delimiter=sep), []))
+            frame = pd.read_csv(io.StringIO(text), sep=sep, keep_default_na=False)
             return Table(frame, origin=str(path), fallback_decoded_lines=fallbacks)
         if suffix == ".txt":
             text, fallbacks = decode_mixed(path.read_bytes())
@@ -150,11 +160,17 @@ def read_table(name: str, split: str = "train", documents: str = "line") -> Tabl
             frame = pd.DataFrame({"text": text_documents(text, documents)})
             return Table(frame, origin=str(path), fallback_decoded_lines=fallbacks)
         if suffix in {".jsonl", ".json"}:
-            if path.stat().st_size == 0:
+            text, fallbacks = decode_mixed(path.read_bytes())
+            if not text.strip():
                 raise SourceError(f"{path}: the file is empty")
-            return Table(pd.read_json(path, lines=suffix == ".jsonl"), origin=str(path))
+            if suffix == ".jsonl":
+                check_json_lines(path, text)
+            frame = pd.read_json(io.StringIO(text), lines=suffix == ".jsonl")
+            return Table(frame, origin=str(path), fallback_decoded_lines=fallbacks)
         if suffix in {".parquet", ".pq"}:
-            return Table(pd.read_parquet(path), origin=str(path))
+            frame = pd.read_parquet(path)
+            refuse_duplicate_columns(path, list(frame.columns))
+            return Table(frame, origin=str(path))
     except SourceError:
         raise
     except (ValueError, pd.errors.ParserError, OSError) as err:
@@ -184,8 +200,78 @@ def refuse_binary(path: Path) -> None:
     for magic, what in MAGIC.items():
         if head.startswith(magic):
             raise SourceError(f"{path}: not a text table: the file starts like {what}")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return  # UTF-16 with a byte-order mark: decoded as such
     if b"\x00" in head:
+        pairs = head[: len(head) // 2 * 2]
+        if pairs and (
+            pairs[1::2].count(0) > len(pairs) / 4 or pairs[0::2].count(0) > len(pairs) / 4
+        ):
+            raise SourceError(
+                f"{path}: the file looks UTF-16 without a byte-order mark; save it as UTF-8 "
+                "(or UTF-16 with its BOM)"
+            )
         raise SourceError(f"{path}: not a text table: it holds NUL bytes (a binary file?)")
+
+
+def refuse_special(path: Path) -> None:
+    """Fail on anything but a regular file (a FIFO or a device would block or never end)."""
+    import stat
+
+    mode = path.stat().st_mode  # links followed: what a read would open
+    if not stat.S_ISREG(mode):
+        what = (
+            "a named pipe (FIFO)"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise SourceError(
+            f"{path}: {what}, not a regular file; give a CSV, TSV, JSONL, Parquet or .txt file"
+        )
+
+
+def refuse_duplicate_columns(path: Path, columns: list[Any]) -> None:
+    """Fail on a header naming a column twice (a reader would silently keep one of them)."""
+    names = [str(c) for c in columns]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SourceError(
+            f"{path}: the header names column(s) {twice} more than once; rename them so each "
+            "column has one name"
+        )
+
+
+def check_json_lines(path: Path, text: str) -> None:
+    """Every non-blank line is one JSON object with distinct keys; else name the first bad line."""
+
+    def distinct(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"key(s) {twice} appear more than once")
+        return dict(pairs)
+
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line, object_pairs_hook=distinct)
+        except json.JSONDecodeError as err:
+            raise SourceError(
+                f"{path}: line {number}, column {err.colno} is not valid JSON ({err.msg}): "
+                f"{line[:120]!r}"
+            ) from None
+        except ValueError as err:
+            raise SourceError(f"{path}: line {number}: {err}: {line[:120]!r}") from None
+        if not isinstance(value, dict):
+            raise SourceError(
+                f"{path}: line {number} is a JSON {type(value).__name__}, not an object with "
+                f"columns: {line[:120]!r}"
+            )
 
 
 def _to_frame(dataset: Any) -> pd.DataFrame:
@@ -240,7 +326,19 @@ def gguf_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str] | N
     ``name_or_path`` itself is a ``.gguf`` file (a path or ``pkg://PACKAGE/FILE.gguf``).
     """
     if gguf_file:
-        return resolve_model(name_or_path), gguf_file
+        folder = resolve_model(name_or_path)
+        inner = Path(gguf_file)
+        local = Path(folder)
+        if (
+            inner.is_absolute()
+            or ".." in inner.parts
+            or (local.is_dir() and not (local / inner).resolve().is_relative_to(local.resolve()))
+        ):
+            raise SourceError(
+                f"model.gguf_file: {gguf_file!r} must name a file inside model.name_or_path "
+                f"({folder}), as a relative path such as 'model-q8_0.gguf'"
+            )
+        return folder, gguf_file
     if name_or_path.lower().endswith(".gguf"):
         path = resolve_local(name_or_path)
         if path is None:
@@ -353,32 +451,68 @@ class TokenizerSource:
     (seconds), so they start and finish without it.
     """
 
-    def __init__(self, name_or_path: str, revision: str | None = None) -> None:
+    def __init__(
+        self, name_or_path: str, revision: str | None = None, chat_template: str | None = None
+    ) -> None:
         self.name_or_path = name_or_path
         self.revision = revision
+        self.chat_template = chat_template  # model.chat_template: the one every stage renders with
         self._tokenizer: Any = None
 
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> TokenizerSource:
+        return cls(cfg.name_or_path, cfg.revision, cfg.chat_template)
+
     def get(self) -> Any:
-        """The loaded fast tokenizer (see :func:`load_tokenizer`)."""
+        """The loaded fast tokenizer (see :func:`load_tokenizer`), with ``chat_template`` set."""
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.name_or_path, self.revision)
+            if self.chat_template:
+                self._tokenizer.chat_template = self.chat_template
         return self._tokenizer
 
 
-def registered_weights(name: str, version: str, into: Path) -> tuple[Path, Path]:
-    """(model folder, tokenizer folder) of a registered version, downloaded into ``into``.
+def registered_artifacts(name: str, version: str, into: Path) -> Path:
+    """The artifact folder of a registered version: read in place from a local store, else
+    downloaded into ``into``.
 
-    The gate loads a champion from these with transformers (safetensors, no remote code), never
-    through ``mlflow.pyfunc``, which would run whatever Python the registry holds.
+    Raises:
+        SourceError: the version's artifacts are gone (deleted from the store).
     """
+    import urllib.parse
+
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     uri = f"models:/{name}/{version}"
-    root = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(into)))
+    try:
+        location = ModelsArtifactRepository.get_underlying_uri(uri)
+        parsed = urllib.parse.urlparse(location)
+        if parsed.scheme in ("", "file"):
+            root = Path(urllib.parse.unquote(parsed.path))
+            if not root.is_dir():
+                raise SourceError(f"{uri}: its artifacts are gone ({root} does not exist)")
+            return root
+        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(into)))
+    except (MlflowException, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SourceError(f"{uri}: its artifacts cannot be read: {first}") from err
+
+
+def registered_weights(name: str, version: str, into: Path) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a registered version (see :func:`registered_artifacts`).
+
+    The gate and ``fulltune predict`` load these with transformers (safetensors, no remote code),
+    never through ``mlflow.pyfunc``, which would run whatever Python the registry holds.
+    """
+    root = registered_artifacts(name, version, into)
     model = root / "model"
     tokenizer = root / "components" / "tokenizer"
     if not (model / "config.json").is_file():
-        raise SourceError(f"{uri}: no transformers model folder in its artifacts")
+        raise SourceError(
+            f"models:/{name}/{version}: no transformers model folder in its artifacts"
+        )
     return model, tokenizer if tokenizer.is_dir() else model
 
 

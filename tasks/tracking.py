@@ -410,6 +410,15 @@ def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> No
     MlflowClient().log_table(run_id, pd.DataFrame(rows), artifact_file)
 
 
+METRIC_KEY_CHARS = 250  # MLflow's limit on a metric name
+
+
 def _metric_key(key: str) -> str:
-    # MLflow metric names allow letters, digits, _ - . space : and /.
-    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
+    # MLflow metric names allow letters, digits, _ - . space : and /, up to 250 characters; a
+    # longer one (a label that is a paragraph) keeps its start and a digest of the whole.
+    clean = "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
+    if len(clean) <= METRIC_KEY_CHARS:
+        return clean
+    import hashlib
+
+    return f"{clean[: METRIC_KEY_CHARS - 11]}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"

@@ -145,8 +145,11 @@ def derive_columns(
 
 
 def _as_plain(value: Any) -> Any:
-    """A numpy scalar as the Python value it holds (shown as 1000, not np.int64(1000))."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, str) else value
+    """A numpy value as the Python value it holds (1000, not np.int64(1000); a list, not an
+    array: a Parquet list column)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _is_missing(value: Any) -> bool:
@@ -501,6 +504,44 @@ def quarantine(
     return kept, dropped, str(path)
 
 
+def label_form(label: str) -> str:
+    """What two spellings of one label share: case and surrounding spaces set aside."""
+    return " ".join(label.split()).casefold()
+
+
+def near_duplicate_labels(
+    frame: pd.DataFrame, origin: str, cfg: DataConfig
+) -> list[dict[str, Any]]:
+    """Labels that differ only by case or spaces ("Positive", "positive "): one class, trained as
+    several. Refused, naming each group and a row of every spelling."""
+    column = frame[cfg.label_column]
+    groups: dict[str, list[str]] = {}
+    for label in sorted({v for v in column.dropna() if isinstance(v, str)}):
+        groups.setdefault(label_form(label), []).append(label)
+    clashes = {form: spellings for form, spellings in groups.items() if len(spellings) > 1}
+    if not clashes:
+        return []
+    examples = []
+    for spellings in clashes.values():
+        for spelling in spellings:
+            row = int(column.index[column == spelling][0])
+            examples.append({"row": row, "value": spelling})
+    shown = "; ".join(" / ".join(repr(s) for s in spellings) for spellings in clashes.values())
+    return [
+        {
+            "source": origin,
+            "column": cfg.label_column,
+            "rule": "labels differ by more than case or surrounding spaces",
+            "expectation": "distinct label spellings",
+            "unexpected_count": int(column.isin([s for g in clashes.values() for s in g]).sum()),
+            "element_count": len(column),
+            "examples": examples[:EXAMPLES_SHOWN],
+            "observed": f"one label spelled several ways: {shown}; make each label one spelling "
+            "in the data (or list the classes in data.labels once each)",
+        }
+    ]
+
+
 def emptied_by_drop(
     origin: str, split: str, dropped: dict[str, int], workdir: Path
 ) -> dict[str, Any]:
@@ -606,6 +647,8 @@ def validate_data(
             explain_label_mismatch(found, frames[split], cfg, labels)
         explain_leakage(found, split, tables["train"].origin)
         failures += found
+    if has_labels and cfg.label_column in frames["train"]:
+        failures += near_duplicate_labels(frames["train"], tables["train"].origin, cfg)
     for split, frame in frames.items():
         if drop and frame.empty and dropped:
             failures.insert(0, emptied_by_drop(tables[split].origin, split, dropped, workdir))

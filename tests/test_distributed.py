@@ -102,3 +102,42 @@ def test_fsdp_shards_a_tiny_llama_over_the_gpus(
         == (one.weights + one.gradients + one.optimizer) // 2
     )
     assert ranks[0]["preflight_estimate_bytes"] > 0
+
+
+LISTENERS = """
+import json, os, sys
+import psutil
+import torch.distributed as dist
+
+dist.init_process_group("gloo")  # the workers join through the agent's store
+tree = [psutil.Process(os.getppid())] + psutil.Process(os.getppid()).children(recursive=True)
+listening = sorted(
+    {c.laddr.ip for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+)
+dist.barrier()
+if dist.get_rank() == 0:
+    json.dump(listening, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_the_launcher_listens_on_loopback_only(tmp_path: Path) -> None:
+    """torchrun's stores are unauthenticated: on one machine nothing listens beyond 127.0.0.1."""
+    import subprocess
+    import sys
+
+    from tasks.distributed import rendezvous_args
+
+    script, out = tmp_path / "listeners.py", tmp_path / "listening.json"
+    script.write_text(LISTENERS)
+    command = [sys.executable, "-m", "tasks.distributed", *rendezvous_args()]
+    done = subprocess.run(
+        [*command, "--nproc_per_node=2", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    listening = json.loads(out.read_text())
+    assert listening, "the agent's stores were seen"
+    assert set(listening) == {"127.0.0.1"}, listening

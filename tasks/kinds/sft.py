@@ -161,6 +161,8 @@ def to_conversation(row: dict[str, Any], fmt: str, cfg: DataConfig) -> Conversat
     elif fmt == "alpaca":
         extra = _text(row.get(cfg.input_column))
         instruction = _text(row[cfg.instruction_column])
+        if not instruction.strip():
+            raise ValueError(f"the instruction ({cfg.instruction_column!r}) is empty or missing")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         messages = [
             {"role": "user", "content": user},
@@ -241,6 +243,18 @@ def answer_spans(
             raise ValueError("the chat template does not render the conversation turn by turn")
         spans.append((len(before), len(upto)))
     return full, spans
+
+
+def template_problem(messages: Conversation, text: str, spans: list[tuple[int, int]]) -> str:
+    """What the rendered conversation lost ("" when every turn is where training will look)."""
+    for m in messages:
+        if m["content"].strip() and m["content"].strip() not in text:
+            return f"the rendered conversation lacks the {m['role']} turn's text"
+    answers = [m for m in messages if m["role"] == "assistant"]
+    for m, (a, b) in zip(answers, spans, strict=True):
+        if m["content"].strip() not in text[a:b]:
+            return "an answer is rendered outside its assistant turn"
+    return ""
 
 
 def encode_conversation(
@@ -494,6 +508,7 @@ class SFT:
             "_roles_known": True,
             "_alternates": True,
             "_answers_present": True,
+            "_prompts_present": True,
             "_answer_in_labels": True,
             "_template_renders": True,
             "_n_tokens": 0,
@@ -512,6 +527,11 @@ class SFT:
         contents = [m["content"] for m in messages]
         out["_roles_known"] = all(m["role"] in ROLES for m in messages)
         out["_alternates"] = roles_alternate(messages)
+        out["_prompts_present"] = all(
+            isinstance(m["content"], str) and m["content"].strip()
+            for m in messages
+            if m["role"] == "user"
+        )
         out["_answers_present"] = all(
             isinstance(m["content"], str) and m["content"].strip()
             for m in messages
@@ -530,16 +550,10 @@ class SFT:
         if tokenizer is not None and out["_roles_known"] and out["_alternates"]:
             try:
                 text, spans = answer_spans(tokenizer, messages)
-                out["_template_renders"] = all(
-                    m["content"].strip() in text[a:b]
-                    for m, (a, b) in zip(
-                        [m for m in messages if m["role"] == "assistant"], spans, strict=True
-                    )
-                )
+                out["_template_renders"] = template_problem(messages, text, spans) or True
                 out["_n_tokens"] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             except Exception as err:  # a template raises whatever Jinja raises
-                log.debug("chat template failed: %s", err)
-                out["_template_renders"] = False
+                out["_template_renders"] = f"the template raises {type(err).__name__}: {err}"[:300]
         return out
 
     def normalise(self, frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:

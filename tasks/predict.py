@@ -1,0 +1,135 @@
+"""Predictions from a registered version, as ``fulltune predict`` serves them.
+
+By default a version is loaded the way the gate loads a champion: its transformers weights from
+safetensors and its tokenizer, with ``trust_remote_code=False``, and its ``MLmodel`` read as plain
+YAML. Nothing the registry holds is executed. ``pyfunc=True`` loads it through
+``mlflow.pyfunc`` instead (what ``mlflow models serve`` runs), which imports the Python the
+version names: only for versions whose store you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tasks.sources import SourceError, registered_artifacts, registered_weights
+
+CHAT_TASK = "llm/v1/chat"
+
+
+@dataclass
+class Predictor:
+    """A registered version ready to answer: a classifier, a text generator or a chat model."""
+
+    task: str  # the transformers pipeline task: text-classification or text-generation
+    chat: bool  # answers conversations (llm/v1/chat)
+    call: Any  # the pipeline, or the pyfunc model
+    config: dict[str, Any]  # the inference settings registered with the version
+    pyfunc: bool
+
+    def classify(self, texts: list[str], batch_size: int) -> pd.DataFrame:
+        """A label and its score per text."""
+        if self.pyfunc:
+            parts = [
+                self.call.predict(texts[i : i + batch_size])
+                for i in range(0, len(texts), batch_size)
+            ]
+            return pd.concat(parts, ignore_index=True)[["label", "score"]]
+        out = self.call(texts, batch_size=batch_size, truncation=True, **self.config)
+        return pd.DataFrame(
+            {"label": [o["label"] for o in out], "score": [o["score"] for o in out]}
+        )
+
+    def continue_texts(self, texts: list[str], batch_size: int) -> list[str]:
+        """Each text followed by what the model writes next."""
+        if self.pyfunc:
+            return [
+                str(g)
+                for i in range(0, len(texts), batch_size)
+                for g in self.call.predict(texts[i : i + batch_size])
+            ]
+        out = self.call(texts, batch_size=batch_size, **self.config)
+        return [str(o[0]["generated_text"]) for o in out]
+
+    def answer(self, value: Any) -> str:
+        """The answer to a text (one user turn) or a conversation (messages, or their JSON)."""
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            value = json.loads(value)
+        messages = (
+            [{"role": "user", "content": str(value)}]
+            if isinstance(value, str)
+            else [dict(m) for m in value]
+        )
+        if self.pyfunc:
+            reply = self.call.predict({"messages": messages})
+            return str(reply[0]["choices"][0]["message"]["content"]).strip()
+        out = self.call(messages, **self.config)
+        return str(out[0]["generated_text"][-1]["content"]).strip()
+
+
+def load_predictor(name: str, version: str, pyfunc: bool = False) -> Predictor:
+    """A registered version as a :class:`Predictor` (see the module docstring for ``pyfunc``).
+
+    Raises:
+        SourceError: the version's artifacts are gone, or hold no transformers model.
+    """
+    staging = Path(tempfile.mkdtemp(prefix="fulltune-predict-"))
+    root = registered_artifacts(name, version, staging)
+    try:
+        mlmodel = yaml.safe_load((root / "MLmodel").read_text("utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SourceError(f"models:/{name}/{version}: its MLmodel cannot be read: {err}") from err
+    flavors = mlmodel.get("flavors") or {}
+    flavor = flavors.get("transformers") or {}
+    task = str(flavor.get("task") or "")
+    if task not in ("text-classification", "text-generation"):
+        raise SourceError(f"models:/{name}/{version}: not a fulltune model (task {task!r})")
+    chat = flavor.get("inference_task") == CHAT_TASK
+    config = dict((flavors.get("python_function") or {}).get("config") or {})
+    if pyfunc:
+        import mlflow.pyfunc
+
+        try:
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        except Exception as err:  # whatever the version's own code raises
+            raise SourceError(
+                f"models:/{name}/{version}: cannot be loaded through pyfunc: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        return Predictor(task=task, chat=chat, call=model, config=config, pyfunc=True)
+    return Predictor(
+        task=task,
+        chat=chat,
+        call=_pipeline(name, version, task, staging),
+        config=config,
+        pyfunc=False,
+    )
+
+
+def _pipeline(name: str, version: str, task: str, staging: Path) -> Any:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        pipeline,
+    )
+
+    model_dir, tokenizer_dir = registered_weights(name, version, staging)
+    auto = (
+        AutoModelForSequenceClassification
+        if task == "text-classification"
+        else AutoModelForCausalLM
+    )
+    model = auto.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    if task == "text-generation":  # batched generation pads on the left of each prompt
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return pipeline(task, model=model, tokenizer=tokenizer, trust_remote_code=False)  # type: ignore[call-overload]
