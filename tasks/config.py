@@ -478,6 +478,14 @@ class LmEvalConfig(_Section):
         None, description="A folder of task YAMLs (e.g. `dataset_path: json` with local files)."
     )
     limit: int | None = Field(None, ge=1, description="Documents per task at most (None: all).")
+
+    @field_validator("include_path")
+    @classmethod
+    def _a_folder(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("pkg://"):
+            raise ValueError("a folder on this machine, not a pkg:// path")
+        return value
+
     apply_chat_template: bool = Field(
         False,
         description="Render the requests through the chat template (scores differ with and "
@@ -699,6 +707,14 @@ class RunConfig(BaseModel):
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+
+    @field_validator("home")
+    @classmethod
+    def _home_folder(cls, value: str) -> str:
+        if value.startswith("pkg://"):
+            raise ValueError("a folder on this machine, not a pkg:// path")
+        return value
+
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

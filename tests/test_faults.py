@@ -53,62 +53,48 @@ def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 
     raise AssertionError(f"{text!r} never appeared in {path}")
 
 
-def test_killing_the_prefect_server_mid_run_fails_the_run_in_bounded_time(
+def test_a_dead_server_and_a_kill_at_registration_leave_nothing_half_done(
     tiny_model_dir: Path, tmp_path: Path
 ):
+    """One home, three runs: the first loses its Prefect server mid-training, the second (which
+    starts a new server) is killed the moment its version is created, the third completes and
+    marks the second's version for what it is."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
     from flows.local_server import read_info, stop_server
 
     data = tmp_path / "rows.csv"
     make_rows(90).to_csv(data, index=False)
     home = tmp_path / "home"
     out = tmp_path / "out.log"
-    args = command(tiny_model_dir, data, home, "train.max_steps=20000", "promote.enabled=false")
     try:
+        # 1. The server dies while the run trains: the run fails in bounded time, by name.
+        long_run = command(tiny_model_dir, data, home, "train.max_steps=20000")
         with out.open("w") as sink:
             run = subprocess.Popen(
-                args, env=own_server_env(), stdout=sink, stderr=subprocess.STDOUT, text=True
+                long_run, env=own_server_env(), stdout=sink, stderr=subprocess.STDOUT, text=True
             )
             wait_for(out, "'loss'", run)
             info = read_info(home)
             assert info is not None
             os.kill(info.pid, signal.SIGKILL)
-            started = time.monotonic()
             try:
-                run.wait(timeout=180)
+                run.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 run.kill()
                 raise AssertionError(f"the run hung:\n{out.read_text()[-3000:]}") from None
         output = out.read_text()
         assert run.returncode == 1, output[-3000:]
-        assert time.monotonic() - started < 180
-        assert "Prefect server" in output and "Traceback" not in output.split("full log")[0]
+        assert "Prefect server" in output and "stopped during the run" in output
+        assert "Traceback" not in output.split("fulltune: error:")[-1]
         client = store(home)
-        [failed] = client.search_runs([client.get_experiment_by_name("fulltune").experiment_id])
-        assert failed.info.status in ("FAILED", "KILLED")
-        # The next run starts a server again and finishes.
-        again = subprocess.run(
-            command(tiny_model_dir, data, home, "train.max_steps=4", "promote.enabled=false"),
-            env=own_server_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    finally:
-        stop_server(home)
+        experiment = client.get_experiment_by_name("fulltune").experiment_id
+        [failed] = client.search_runs([experiment])
+        assert failed.info.status == "FAILED"
 
-
-def test_kill_9_at_registration_leaves_no_version_looking_whole(
-    tiny_model_dir: Path, tmp_path: Path
-):
-    from flows.local_server import stop_server
-
-    data = tmp_path / "rows.csv"
-    make_rows(90).to_csv(data, index=False)
-    home = tmp_path / "home"
-    out = tmp_path / "out.log"
-    args = command(tiny_model_dir, data, home, "train.max_steps=4")
-    try:
+        # 2. The next run starts a server again; kill -9 it as its version is created.
+        args = command(tiny_model_dir, data, home, "train.max_steps=4")
         with out.open("w") as sink:
             run = subprocess.Popen(
                 args, env=own_server_env(), stdout=sink, stderr=subprocess.STDOUT, text=True
@@ -116,12 +102,12 @@ def test_kill_9_at_registration_leaves_no_version_looking_whole(
             wait_for(out, "Created version", run)
             run.send_signal(signal.SIGKILL)
             run.wait(timeout=60)
-        client = store(home)
         [half] = client.search_model_versions("name='tiny-sentiment'")
         assert half.tags["fulltune.registration"] == "incomplete"
-        [killed] = client.search_runs([client.get_experiment_by_name("fulltune").experiment_id])
+        killed = client.get_run(half.run_id)
         assert killed.info.status == "RUNNING", "not FINISHED: its process never finished it"
 
+        # 3. The run after it completes, and marks the half-made version.
         again = subprocess.run(
             args, env=own_server_env(), capture_output=True, text=True, timeout=600
         )
@@ -131,11 +117,6 @@ def test_kill_9_at_registration_leaves_no_version_looking_whole(
         assert "Incomplete version" in versions[half.version].description
         whole = [v for v in versions.values() if v.version != half.version]
         assert [v.tags["fulltune.registration"] for v in whole] == ["complete"]
-
-        from typer.testing import CliRunner
-
-        from flows.cli import app
-
         uri = f"sqlite:///{home / 'mlflow.db'}"
         shown = CliRunner().invoke(
             app, ["lineage", f"models:/tiny-sentiment/{half.version}", "--tracking-uri", uri]

@@ -207,6 +207,52 @@ def test_predict_bad_input_is_explained(store, tmp_path: Path):
     )
 
 
+def tampered_copy(store, tmp_path: Path, marker: Path) -> str:
+    """A new version whose MLmodel makes pyfunc import a module shipped in its artifacts."""
+    import shutil
+
+    import yaml
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    _, client, _, (first, _, _) = store
+    source = ModelsArtifactRepository.get_underlying_uri(f"models:/{MODEL}/{first.model.version}")
+    copy = tmp_path / "tampered"
+    shutil.copytree(source.removeprefix("file://"), copy)
+    (copy / "code").mkdir()
+    (copy / "code" / "payload.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "def _load_pyfunc(path):\n    raise RuntimeError('payload loaded')\n"
+    )
+    spec = yaml.safe_load((copy / "MLmodel").read_text())
+    spec["flavors"]["python_function"] |= {"loader_module": "payload", "code": "code"}
+    (copy / "MLmodel").write_text(yaml.safe_dump(spec))
+    version = client.create_model_version(MODEL, str(copy), run_id=first.mlflow_run_id)
+    return str(version.version)
+
+
+def test_predict_runs_no_code_from_the_registry_unless_asked(store, tmp_path: Path):
+    marker = tmp_path / "payload-ran"
+    version = tampered_copy(store, tmp_path, marker)
+    safe = cli(store, "predict", "-m", f"models:/{MODEL}/{version}", "-t", "great love")
+    assert safe.exit_code == 0, safe.output
+    assert safe.stdout.split("\t")[0] in LABELS and not marker.exists(), "weights only"
+    opted = cli(store, "predict", "-m", f"models:/{MODEL}/{version}", "-t", "hi", "--pyfunc")
+    assert marker.exists(), "--pyfunc imports what the version ships: the documented boundary"
+    assert opted.exit_code == 1 and "payload loaded" in opted.output
+    assert "Traceback" not in opted.output
+
+
+def test_predict_on_a_version_whose_artifacts_are_gone_says_so_in_one_line(store, tmp_path):
+    _, client, _, (first, _, _) = store
+    gone = client.create_model_version(
+        MODEL, str(tmp_path / "deleted-artifacts"), run_id=first.mlflow_run_id
+    )
+    result = cli(store, "predict", "-m", f"models:/{MODEL}/{gone.version}", "-t", "hi")
+    assert result.exit_code == 1
+    assert "its artifacts are gone" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_reproduce_refuses_when_the_data_changed(store):
     _cfg, _, data, (first, _, _) = store
     original = data.read_bytes()
