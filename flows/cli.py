@@ -47,6 +47,35 @@ OverridesOption = Annotated[
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEBUG = {"on": os.environ.get("FULLTUNE_DEBUG", "") not in ("", "0")}
+VERBOSE = {"on": False}
+
+
+def mlflow_run_url(tracking_uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, opened in model-training mode (not GenAI)."""
+    from mlflow import MlflowClient
+
+    from tasks.config import redact_uri
+
+    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{redact_uri(tracking_uri).rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after `make ui`)"
+
+
+def _print_version(asked: bool) -> None:
+    if not asked:
+        return
+    from importlib.metadata import version
+
+    packages = ("fulltune", "torch", "transformers", "prefect", "mlflow", "great_expectations")
+    for package in packages:
+        typer.echo(f"{package:<20}{version(package)}")
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    typer.echo(f"{'device':<20}{device}, {os.cpu_count()} CPU cores")
+    raise typer.Exit()
 
 
 @app.callback()
@@ -54,9 +83,20 @@ def main(
     debug: Annotated[
         bool, typer.Option("--debug", help="Print full tracebacks on the terminal too.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Also show the libraries' progress bars and load reports."),
+    ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Versions and the device."
+        ),
+    ] = False,
 ) -> None:
     """fulltune: validate, tokenize, fully fine-tune, evaluate and register a model."""
     DEBUG["on"] = DEBUG["on"] or debug
+    VERBOSE["on"] = verbose
 
 
 class _WithoutTracebacks(logging.Formatter):
@@ -83,8 +123,25 @@ def _setup_logging() -> None:
     if not DEBUG["on"]:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_WithoutTracebacks(LOG_FORMAT))
-    for noisy in ("httpx", "great_expectations"):
+    for noisy in ("httpx", "great_expectations", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("great_expectations.data_context.types.base",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not VERBOSE["on"]:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """The libraries' progress bars and load reports off: fulltune logs its own progress, and a
+    "classifier.weight MISSING" report alarms a newcomer although a new head is expected."""
+    import warnings
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load and save bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
+    warnings.filterwarnings("ignore", message=".*clean_up_tokenization_spaces.*")
 
 
 def _log_file(home: Path, command: str) -> Path:
@@ -219,15 +276,17 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     with _orchestrated(cfg, "run") as stored:
         summary = finetune(config=stored, extra_tags=extra_tags or {})
         times = tracking.log_process_times(summary.mlflow_run_id)
+        prefect_ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
     typer.echo("")
     typer.echo(f"MLflow run id:    {summary.mlflow_run_id}")
     from tasks.config import redact_uri
 
     typer.echo(f"Tracking URI:     {redact_uri(cfg.tracking_uri())}")
-    typer.echo(
-        f"Registered model: {summary.model.name} version {summary.model.version} "
-        f"(alias @{summary.model.alias})"
-    )
+    alias = f"alias @{summary.model.alias}" if summary.model.alias else "no alias"
+    typer.echo(f"Registered model: {summary.model.name} version {summary.model.version} ({alias})")
+    if prefect_ui and summary.flow_run_id:
+        typer.echo(f"Prefect UI:       {prefect_ui}/runs/flow-run/{summary.flow_run_id}")
+    typer.echo(f"MLflow UI:        {mlflow_run_url(cfg.tracking_uri(), summary.mlflow_run_id)}")
     typer.echo(f"Data fingerprint: {summary.data_fingerprint}")
     if summary.decision is not None:
         verdict = "PROMOTED to @champion" if summary.decision.promoted else "kept as challenger"
@@ -249,6 +308,40 @@ def run(
     """Run the finetune flow and print the run id, the registered version and the metrics."""
     cfg = _load_config(config, overrides)
     _run_flow(cfg)
+
+
+@app.command()
+def check(
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
+) -> None:
+    """Check the settings and the data contract, as `run` would, without training: no Prefect
+    flow, no MLflow run. Exits 1 naming every problem."""
+    import tempfile
+
+    from flows.finetune import cache_root
+    from flows.stages import contract_settings, validation_length
+    from tasks.kinds import get_kind
+    from tasks.preflight import PreflightError, max_positions, preflight
+    from tasks.sources import SourceError, TokenizerSource, materialize_model
+    from tasks.validate import DataValidationError, validate_data
+
+    cfg = _load_config(config, overrides)
+    try:
+        facts = preflight(cfg)
+        model = materialize_model(cfg.model, cache_root(cfg))
+        tokenizer = TokenizerSource.of(model).get()
+        length = validation_length(model, max_positions(facts))
+        with tempfile.TemporaryDirectory(prefix="fulltune-check-") as work:
+            data = validate_data(
+                contract_settings(cfg), Path(work), get_kind(cfg.task), tokenizer, length
+            )
+    except (PreflightError, SourceError, DataValidationError) as err:
+        _fail(str(err))
+    labels = f", labels {data.labels}" if data.labels else ""
+    typer.echo(
+        f"ok: the settings and the data contract pass ({cfg.task}): rows {data.rows}{labels}"
+    )
 
 
 @app.command()
@@ -591,7 +684,7 @@ def promote_command(
     import getpass
     import socket
 
-    from tasks.promote import move_alias
+    from tasks.promote import AlreadyThere, move_alias
     from tasks.register import resolve_model_uri
 
     _use_tracking(tracking_uri)
@@ -599,6 +692,9 @@ def promote_command(
         name, version = resolve_model_uri(model)
         actor = f"{getpass.getuser()}@{socket.gethostname()} (fulltune promote)"
         previous = move_alias(name, version, to, reason, actor)
+    except AlreadyThere as err:
+        typer.echo(str(err))  # not an error, and nothing is written
+        return
     except ValueError as err:
         _fail(str(err))
     was = f" (was v{previous})" if previous else ""

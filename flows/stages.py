@@ -355,6 +355,15 @@ def validation_length(model: ModelConfig, limit: int | None) -> int:
     return model.max_length if model.max_length != "auto" else limit or 512
 
 
+def contract_settings(cfg: RunConfig) -> DataConfig:
+    """The data settings the contract checks with: an unset truncation bound filled in (a sized
+    ``auto`` length cuts only what the model cannot hold anyway: measured, not refused)."""
+    if cfg.data.max_truncated_fraction is not None:
+        return cfg.data
+    allowed = 1.0 if cfg.model.max_length == "auto" else DEFAULT_MAX_TRUNCATED
+    return cfg.data.model_copy(update={"max_truncated_fraction": allowed})
+
+
 def prepare_data(
     cfg: RunConfig,
     kind: Kind,
@@ -370,11 +379,7 @@ def prepare_data(
     """
     tokenizer_id = caching.tokenizer_identity(tokenizer)
     checked_length = validation_length(cfg.model, limit)
-    if cfg.data.max_truncated_fraction is None:
-        # A sized length cuts only what the model cannot hold anyway: measured, not refused.
-        allowed = 1.0 if cfg.model.max_length == "auto" else DEFAULT_MAX_TRUNCATED
-        data_cfg = cfg.data.model_copy(update={"max_truncated_fraction": allowed})
-        cfg = cfg.model_copy(update={"data": data_cfg})
+    cfg = cfg.model_copy(update={"data": contract_settings(cfg)})
     folder = validation_cache(cfg, tokenizer_id, checked_length)
     data = cached(validate_data_stage, folder)(
         cfg.data, kind, tokenizer, checked_length, folder, run_id

@@ -20,8 +20,10 @@ from tasks.sources import (
     PKG_SCHEME,
     SourceError,
     gguf_source,
+    header_columns,
     refuse_special,
     resolve_local,
+    separator_hint,
 )
 
 # A served deployment sets these (``fulltune serve --allow``): the only folders a triggered run may
@@ -46,7 +48,10 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
     refused = check_allowed(cfg)
     problems += refused
     problems += check_home(cfg)
-    problems += check_data(cfg)
+    data_problems = check_data(cfg)
+    problems += data_problems
+    if not data_problems and not refused:
+        problems += check_columns(cfg)
     problems += check_registry(cfg)
     if not any(p.startswith("eval.") for p in refused):  # never read a file outside the list
         problems += check_evaluation(cfg)
@@ -112,6 +117,36 @@ def check_data(cfg: RunConfig) -> list[str]:
             problems.append(
                 f"data.{setting}: {path} is a folder, but not one saved by HF datasets "
                 "(save_to_disk); give a CSV, TSV, JSONL, Parquet or .txt file"
+            )
+    return problems
+
+
+def check_columns(cfg: RunConfig) -> list[str]:
+    """The configured columns are in each local table's header, checked before any run starts;
+    a missing one is named with the columns found and the nearest of them."""
+    import difflib
+
+    from tasks.kinds import get_kind
+
+    kind = get_kind(cfg.task)
+    problems = []
+    for split in ("train", "validation", "test"):
+        name = getattr(cfg.data, split)
+        try:
+            path = resolve_local(name) if name else None
+        except SourceError:
+            continue  # reported by check_data
+        found = header_columns(path) if path is not None and path.is_file() else None
+        if not found:
+            continue
+        for setting, column in kind.columns(found, cfg.data).items():
+            if column in found:
+                continue
+            near = difflib.get_close_matches(column, found, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r} (--set {setting}={near[0]})?" if near else ""
+            problems.append(
+                f"{setting}: required column {column!r} is not in {path} (columns found: "
+                f"{found}{separator_hint(found)}){hint}"
             )
     return problems
 

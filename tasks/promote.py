@@ -308,6 +308,10 @@ def forgetting_advice(found: list[str], version: str, cfg: PromoteConfig) -> str
     )
 
 
+class AlreadyThere(ValueError):
+    """The alias already points at the version: a promotion that would change nothing."""
+
+
 def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> str | None:
     """Move ``alias`` to a version by hand (a manual promotion or a rollback); the version it left.
 
@@ -319,6 +323,13 @@ def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> 
     """
     import time
 
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name
+
+    try:
+        _validate_model_alias_name(alias)
+    except MlflowException as err:
+        raise ValueError(f"--to {alias!r}: {err.message}") from None
     client = MlflowClient()
     target = client.get_model_version(name, version)
     status = client.get_run(target.run_id).info.status if target.run_id else "unknown"
@@ -333,6 +344,8 @@ def move_alias(name: str, version: str, alias: str, reason: str, actor: str) -> 
             "it is kept for inspection and never takes an alias"
         )
     previous = current_champion(client, name, alias)
+    if previous is not None and str(previous.version) == str(version):
+        raise AlreadyThere(f"@{alias} is already on {name} v{version}; nothing changed")
     client.set_registered_model_alias(name, alias, version)
     tags = {
         f"manual.{alias}.by": actor,

@@ -180,6 +180,46 @@ def read_table(name: str, split: str = "train", documents: str = "line") -> Tabl
     )
 
 
+def separator_hint(columns: list[Any]) -> str:
+    """Why a table read as one column probably is several: its separator."""
+    if len(columns) == 1 and "\t" in str(columns[0]):
+        return "; the file looks tab-separated: name it .tsv"
+    if len(columns) == 1 and ";" in str(columns[0]):
+        return "; the file looks semicolon-separated: save it with commas"
+    return ""
+
+
+def header_columns(path: Path) -> list[str] | None:
+    """A local table's column names, read from its head only (None: not known without reading
+    it whole, or unreadable: the reader reports that)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            return ["text"]
+        if suffix in {".parquet", ".pq"}:
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if suffix not in {".csv", ".tsv", ".jsonl"} or not path.is_file():
+            return None
+        refuse_binary(path)  # a binary file or UTF-16 without its mark: the reader says which
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        text, _ = decode_mixed(head)
+        lines = text.splitlines()
+        if suffix == ".jsonl":
+            keys: dict[str, None] = {}
+            for line in lines[:-1] or lines:  # the last line of the head may be cut
+                if line.strip():
+                    record = json.loads(line)
+                    keys |= dict.fromkeys(record if isinstance(record, dict) else [])
+            return list(keys)
+        first = next(csv.reader(lines[:1], delimiter="\t" if suffix == ".tsv" else ","), [])
+        return first if len(set(first)) == len(first) else None  # duplicates: the reader's
+    except (OSError, ValueError, UnicodeDecodeError):  # SourceError too: the reader's to report
+        return None
+
+
 # The first bytes of binary formats a text table is most often confused with.
 MAGIC = {
     b"\x89PNG": "a PNG image",

@@ -30,6 +30,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from tasks import tracking
@@ -109,6 +110,46 @@ class MlflowMetricsCallback(TrainerCallback):
             for key, v in logs.items()
         }
         tracking.log_metrics(self.run_id, renamed, step=state.global_step)
+
+
+class ProgressLog(TrainerCallback):
+    """One line per ``logging_steps``: step / total, loss, learning rate, time left; one per
+    validation with its metrics. Logged under ``tasks.train``, so it reaches the terminal, the
+    run's log file and the Prefect UI alike (a deployment's run is followed in the browser)."""
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+        self._first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started, self._first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or self._started is None:
+            return
+        step, total = state.global_step, state.max_steps
+        if any(k.startswith("eval_") for k in logs):
+            shown = {
+                k.removeprefix("eval_"): v
+                for k, v in logs.items()
+                if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))
+            }
+            values = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            log.info("step %d/%d  validation: %s", step, total, values)
+            return
+        if "loss" not in logs:
+            return
+        done = step - self._first_step
+        elapsed = time.perf_counter() - self._started
+        left = elapsed / done * (total - step) if done > 0 and total > step else 0.0
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  %s left",
+            step,
+            total,
+            float(logs["loss"]),
+            float(logs.get("learning_rate", 0.0)),
+            time.strftime("%H:%M:%S", time.gmtime(left)),
+        )
 
 
 class StepTimer(TrainerCallback):
@@ -475,7 +516,7 @@ def setup_args(
         greater_is_better=kind.greater_is_better,
         report_to="none",
         use_cpu=not on_gpu,  # also tells accelerate that a torchrun job is CPU DDP (gloo)
-        disable_tqdm=False,
+        disable_tqdm=True,  # ProgressLog writes one line per logging_steps instead
         # bf16 autocast where the device multiplies bf16 natively (train.precision); TF32
         # matmuls and pinned host memory on GPUs.
         bf16=resolve_precision(cfg.precision, on_gpu)[0] == "bf16",
@@ -585,9 +626,10 @@ def train(
         eval_collator=kind.collator(tokenizer, model_cfg, training=False),
         compute_metrics=kind.compute_metrics(labels),
         compute_loss_func=extras.compute_loss_func,
-        callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker()],
+        callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker(), ProgressLog()],
         balanced_labels=extras.sampler_labels,
     )
+    trainer.remove_callback(PrinterCallback)  # its raw dicts: ProgressLog says it in words
     per_epoch = steps_per_epoch(cfg, len(data["train"]), processes)
     plan: dict[str, float] = {}
     if cfg.time_budget is not None:

@@ -21,7 +21,14 @@ import pandas as pd
 
 from tasks.config import DEFAULT_MAX_TRUNCATED, DataConfig
 from tasks.results import ValidatedData
-from tasks.sources import SourceError, Table, combined_fingerprint, fingerprint, read_table
+from tasks.sources import (
+    SourceError,
+    Table,
+    combined_fingerprint,
+    fingerprint,
+    read_table,
+    separator_hint,
+)
 
 if TYPE_CHECKING:
     from tasks.kinds import Kind
@@ -283,12 +290,7 @@ def _observed(
     observed = outcome.get("observed_value")
     kind = config["type"]
     if missing:
-        hint = ""
-        if len(columns) == 1 and "\t" in str(columns[0]):
-            hint = "; the file looks tab-separated: name it .tsv"
-        elif len(columns) == 1 and ";" in str(columns[0]):
-            hint = "; the file looks semicolon-separated: save it with commas"
-        return f"columns found: {columns}{hint}"
+        return f"columns found: {columns}{separator_hint(columns)}"
     if kind == "expect_table_row_count_to_be_between":
         return f"{observed} rows"
     if "partial_missing_list" in outcome:

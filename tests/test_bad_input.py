@@ -282,7 +282,7 @@ MATRIX: dict[str, tuple[Setup, list[str]]] = {
     ),
     "both columns missing": (
         missing_both_columns,
-        ["column 'review'", "column 'sentiment'", "required column", "2 expectation(s)"],
+        ["data.text_column", "data.label_column", "column 'review'", "column 'sentiment'"],
     ),
     "declared class missing": (
         missing_class,

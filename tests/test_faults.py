@@ -75,7 +75,7 @@ def test_a_dead_server_and_a_kill_at_registration_leave_nothing_half_done(
             run = subprocess.Popen(
                 long_run, env=own_server_env(), stdout=sink, stderr=subprocess.STDOUT, text=True
             )
-            wait_for(out, "'loss'", run)
+            wait_for(out, " loss ", run)
             info = read_info(home)
             assert info is not None
             os.kill(info.pid, signal.SIGKILL)

@@ -123,20 +123,33 @@ def test_compare_two_versions_on_the_same_rows(store):
 
 
 def test_promote_by_hand_and_roll_back(store):
-    _, client, _, (first, _, _) = store
-    name = first.model.name
+    _, client, _, runs = store
+    name = runs[0].model.name
     before = str(client.get_model_version_by_alias(name, "champion").version)
-    result = cli(store, "promote", f"models:/{name}/{first.model.version}", "--reason", "rollback")
+    target = next(r.model.version for r in runs if r.model.version != before)
+    result = cli(store, "promote", f"models:/{name}/{target}", "--reason", "rollback")
     assert result.exit_code == 0, result.output
-    assert f"@champion -> {name} v{first.model.version} (was v{before})" in result.output
-    moved = client.get_model_version(name, first.model.version)
-    assert str(client.get_model_version_by_alias(name, "champion").version) == first.model.version
+    assert f"@champion -> {name} v{target} (was v{before})" in result.output
+    moved = client.get_model_version(name, target)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == target
     assert moved.tags["manual.champion.reason"] == "rollback"
     assert moved.tags["manual.champion.previous"] == str(before)
     assert "fulltune promote" in moved.tags["manual.champion.by"]
     back = cli(store, "promote", f"models:/{name}/{before}", "--reason", "undo")
     assert back.exit_code == 0, back.output
     assert str(client.get_model_version_by_alias(name, "champion").version) == before
+
+    # Promoting the version that holds the alias changes nothing, and writes nothing.
+    tags = client.get_model_version(name, before).tags
+    again = cli(store, "promote", f"models:/{name}/{before}", "--reason", "twice")
+    assert (
+        again.exit_code == 0 and "already on" in again.output and "nothing changed" in again.output
+    )
+    assert client.get_model_version(name, before).tags == tags
+    # A bad alias is one line, not a traceback.
+    bad = cli(store, "promote", f"models:/{name}/{before}", "--to", "bad alias!")
+    assert bad.exit_code == 1 and "--to 'bad alias!'" in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
 
 
 def test_promote_refuses_a_version_whose_run_did_not_finish(store):

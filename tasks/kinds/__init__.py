@@ -50,6 +50,10 @@ class Kind(Protocol):
         """An input example for the registered model, from the test split."""
         ...
 
+    def columns(self, found: list[str], cfg: DataConfig) -> dict[str, str]:
+        """The columns a table must have, given the ones it has: {setting: column name}."""
+        ...
+
     def derive(
         self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
     ) -> pd.DataFrame:

@@ -276,6 +276,9 @@ class CausalLM:
             inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])
         )
 
+    def columns(self, found: list[str], cfg: DataConfig) -> dict[str, str]:
+        return {"data.text_column": cfg.text_column}
+
     def derive(
         self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
     ) -> pd.DataFrame:

@@ -249,6 +249,9 @@ class Classification:
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
         )
 
+    def columns(self, found: list[str], cfg: DataConfig) -> dict[str, str]:
+        return {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+
     def derive(
         self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
     ) -> pd.DataFrame:

@@ -484,6 +484,16 @@ class SFT:
 
     # -- data --
 
+    def columns(self, found: list[str], cfg: DataConfig) -> dict[str, str]:
+        """The format's columns (data.format, or the first whose columns the table has)."""
+        fields = {
+            "chat": ["messages_column"],
+            "prompt-completion": ["prompt_column", "completion_column"],
+            "alpaca": ["instruction_column", "output_column"],
+            "labelled": ["text_column", "label_column"],
+        }[detect_format(found, cfg)]
+        return {f"data.{field}": getattr(cfg, field) for field in fields}
+
     def derive(
         self, frame: pd.DataFrame, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
     ) -> pd.DataFrame:
