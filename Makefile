@@ -47,7 +47,7 @@ demo-sft: setup
 # Two workers, each module on one (its module-scoped servers and runs stay together): the suite
 # waits on subprocesses and servers as much as it computes, so two workers fit two cores.
 test: setup browser
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --durations=25
 
 # The unit tier: pure functions on tiny in-memory data, no training, no services (under a minute).
 test-fast: setup
