@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Full-parameter fine-tuning of Hugging Face models as a Prefect + MLflow pipeline.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
 )
 
 TrackingOption = Annotated[

@@ -42,7 +42,8 @@ def deployments(
         schedules=[Cron(NIGHTLY_CRON, timezone=timezone)],
         concurrency_limit=concurrency,
         parameters=parameters,
-        description="Nightly full fine-tuning on the configured data path, gated promotion.",
+        description=f"Nightly full fine-tuning on the configured data path, gated promotion: "
+        f"cron `{NIGHTLY_CRON}` in the {timezone} time zone.",
         tags=["fulltune", "scheduled"],
     )
     adhoc = finetune.to_deployment(

@@ -97,13 +97,26 @@ def scoring_arithmetic(
 def matmul_peak_flops(size: int = 2048, repeats: int = 3, dtype: str = "float32") -> float:
     """Measured FLOP/s of a square matmul on this machine's default device (the MFU denominator).
 
-    Best of three timings of ``repeats`` products: on 2 CPU cores 3 products gave the same peak
-    as 10 (359 to 377 against 364 to 382 GFLOP/s in bf16, 164 to 165 against 163 to 164 in
-    fp32) in 0.6 s instead of 1.8 s (bf16), and every run measures it once.
+    Best of three timings of ``repeats`` products, on squares that double from 256 up to
+    ``size``: a larger product reaches nearer the peak, and the growth stops once a timing takes
+    a tenth of a second. A device that only emulates the dtype (bf16 on a CPU without bf16
+    instructions, some hundred times slower) is then measured in about a second instead of
+    minutes.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    flops = 0.0
+    side = min(256, size)
+    while True:
+        seconds = _best_matmul_seconds(side, repeats, device, getattr(torch, dtype))
+        flops = 2.0 * side**3 * repeats / seconds
+        if side >= size or seconds > 0.1:
+            return flops
+        side = min(side * 2, size)
+
+
+def _best_matmul_seconds(side: int, repeats: int, device: str, dtype: torch.dtype) -> float:
+    a = torch.randn(side, side, device=device, dtype=dtype)
+    b = torch.randn(side, side, device=device, dtype=dtype)
     for _ in range(2):  # warm up kernels and caches
         a @ b
     best = float("inf")
@@ -116,7 +129,7 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 3, dtype: str = "float32"
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
-    return 2.0 * size**3 * repeats / best
+    return best
 
 
 def peak_rss_bytes() -> int:

@@ -605,7 +605,10 @@ def train(
         cfg, len(data["train"]), model.num_parameters(), processes
     )
     extras = kind.train_extras(cfg, data["train"], labels)
-    log.info("schedule: %.1f epochs at lr %.2e; %s", epochs, learning_rate, extras.notes)
+    length = (
+        f"{cfg.max_steps} steps (train.max_steps)" if cfg.max_steps > 0 else f"{epochs:.1f} epochs"
+    )
+    log.info("schedule: %s at lr %.2e; %s", length, learning_rate, extras.notes)
     log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
     extras.notes["train.precision"] = f"{precision} ({why})"
 
