@@ -178,6 +178,23 @@ def test_flow_run_and_every_task_completed_on_the_prefect_server(
     assert {t["state_type"] for t in task_runs} == {"COMPLETED"}
 
 
+def test_the_prefect_server_holds_the_runs_own_records_and_progress(
+    servers: Servers, finished_run: dict[str, Any]
+) -> None:
+    """What the Prefect UI's log tab shows: fulltune's own records, not only Prefect's."""
+    flow_run = finished_run["flow_run"]
+    logs = servers.prefect_api("logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    by_logger: dict[str, list[str]] = {}
+    for record in logs:
+        by_logger.setdefault(record["name"], []).append(record["message"])
+    assert any(m.startswith("data valid") for m in by_logger.get("tasks.validate", []))
+    train = by_logger.get("tasks.train", [])
+    assert any(m.startswith("memory preflight") for m in train), train
+    assert any(re.match(r"step \d+/\d+  loss \d", m) for m in train), train
+    assert any("validation:" in m for m in train), train
+    assert any(m.startswith("promotion") for m in by_logger.get("tasks.promote", []))
+
+
 def test_mlflow_server_has_the_metrics_and_the_aliased_version(
     servers: Servers, finished_run: dict[str, Any]
 ) -> None:
