@@ -446,7 +446,7 @@ def server_start(home: HomeOption = Path(".fulltune")) -> None:
     from flows.local_server import ServerError, ensure_server
 
     try:
-        info = ensure_server(home.resolve())
+        info = ensure_server(home.resolve(), stays=True)  # started by hand: stopped by hand
     except ServerError as err:
         _fail(str(err))
     typer.echo(f"Prefect API: {info.url}\nPrefect UI:  {info.ui_url}\npid:         {info.pid}")
@@ -459,6 +459,25 @@ def server_stop(home: HomeOption = Path(".fulltune")) -> None:
 
     stopped = stop_server(home.resolve())
     typer.echo(f"stopped pid {stopped.pid}" if stopped else "no server was running")
+
+
+@server_app.command("list")
+def server_list() -> None:
+    """Every running fulltune Prefect server of this user: its home, UI, pid and idle time."""
+    from flows.local_server import idle_limit_s, running_servers
+
+    servers = running_servers()
+    if not servers:
+        typer.echo("no fulltune Prefect server is running")
+        return
+    for s in servers:
+        idle = float(s["idle_s"])  # type: ignore[arg-type]
+        typer.echo(
+            f"{s['home']}  http://127.0.0.1:{s['port']}  pid {s['pid']}  unused {idle / 60:.0f} min"
+        )
+    limit = idle_limit_s()
+    rule = f"after {limit / 60:.0f} min unused" if limit else "never (FULLTUNE_SERVER_IDLE=0)"
+    typer.echo(f"(servers started by a run stop themselves {rule}; `server start` ones stay)")
 
 
 @server_app.command("status")

@@ -8,7 +8,10 @@ file lock so two runs never start two servers, and every later run, ``fulltune s
 ``fulltune ui`` connect to it. Its flow runs stay visible in its UI after the runs end.
 
 ``fulltune server stop`` stops it; ``PREFECT_API_URL`` (or a Prefect profile's API URL) points
-fulltune at another server instead.
+fulltune at another server instead. A server a run started stops itself once no fulltune command
+has used it for ``FULLTUNE_SERVER_IDLE`` (30m; ``0`` keeps it): every run touches
+``<home>/prefect/last_used`` while it lives, and a small reaper process watches that file.
+``fulltune server start`` starts one that stays; ``fulltune server list`` lists every running one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,26 @@ START_TIMEOUT_S = float(os.environ.get("FULLTUNE_SERVER_START_TIMEOUT", "600"))
 
 
 PREFECT_SERVER = (sys.executable, "-m", "prefect", "server", "start")
+
+
+def idle_limit_s() -> float:
+    """How long a run-started server may sit unused before it stops itself (0: never)."""
+    from tasks.config import parse_duration
+
+    value = os.environ.get("FULLTUNE_SERVER_IDLE", "30m").strip()
+    return 0.0 if value in ("0", "", "never") else parse_duration(value)
+
+
+def servers_index() -> Path:
+    """Where every running server of this user is listed (``fulltune server list``)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "fulltune" / "servers"
+
+
+def touch(home: Path) -> None:
+    """Mark the home's server as used now (the reaper's idle clock)."""
+    with suppress(OSError):
+        (server_dir(home) / "last_used").touch()
 
 
 class ServerError(RuntimeError):
@@ -125,14 +148,18 @@ def wait_until_healthy(info: ServerInfo, log_path: Path, timeout: float) -> None
         time.sleep(0.5)
 
 
-def ensure_server(home: Path, timeout: float = START_TIMEOUT_S, wait: bool = True) -> ServerInfo:
+def ensure_server(
+    home: Path, timeout: float = START_TIMEOUT_S, wait: bool = True, stays: bool = False
+) -> ServerInfo:
     """The home's running Prefect server; started (under a file lock) if none answers.
 
     With ``wait=False`` a server is started if none runs, but not waited for: a run imports its
-    libraries while the server boots (both take seconds) and waits for it afterwards.
+    libraries while the server boots (both take seconds) and waits for it afterwards. A server
+    started here stops itself after :func:`idle_limit_s` unused, unless ``stays``.
     """
     folder = server_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
+    touch(home)
     info = read_info(home)
     if info is not None and alive(info.pid) and healthy(info.url):
         return info  # the common case: no lock needed
@@ -158,6 +185,21 @@ def ensure_server(home: Path, timeout: float = START_TIMEOUT_S, wait: bool = Tru
             )
         info = ServerInfo(pid=process.pid, port=port, started_at=time.time())
         (folder / "server.json").write_text(info.model_dump_json())
+        index = servers_index()
+        with suppress(OSError):
+            index.mkdir(parents=True, exist_ok=True)
+            entry = {"home": str(home.resolve()), **info.model_dump()}
+            (index / f"{info.pid}.json").write_text(json.dumps(entry))
+        idle = idle_limit_s()
+        if idle > 0 and not stays:
+            subprocess.Popen(
+                [sys.executable, "-m", "flows.local_server", "reap", str(home), str(info.pid)],
+                env=os.environ | {"FULLTUNE_SERVER_IDLE": f"{idle}s"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         if wait:
             wait_until_healthy(info, log_path, timeout)
         return info
@@ -185,6 +227,42 @@ def stop_server(home: Path, timeout: float = 30.0) -> ServerInfo | None:
     return info
 
 
+def reap(home: Path, pid: int) -> None:
+    """Stop the home's server ``pid`` once it has been unused for :func:`idle_limit_s`."""
+    idle = idle_limit_s()
+    step = max(0.5, min(30.0, idle / 4))
+    marker = server_dir(home) / "last_used"
+    while alive(pid):
+        time.sleep(step)
+        info = read_info(home)
+        if info is None or info.pid != pid:
+            return  # stopped, or replaced by another server: not this reaper's
+        last = max(marker.stat().st_mtime if marker.exists() else 0.0, info.started_at)
+        if time.time() - last > idle:
+            with (server_dir(home) / "server.log").open("a") as log:
+                log.write(f"fulltune: stopping the server after {idle:.0f} s unused\n")
+            stop_server(home)
+            return
+
+
+def running_servers() -> list[dict[str, object]]:
+    """Every fulltune Prefect server of this user that still runs (stale entries removed)."""
+    found = []
+    index = servers_index()
+    for entry in sorted(index.glob("*.json")) if index.is_dir() else []:
+        try:
+            server = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        if not alive(int(server["pid"])):
+            entry.unlink(missing_ok=True)
+            continue
+        marker = server_dir(Path(server["home"])) / "last_used"
+        used = marker.stat().st_mtime if marker.exists() else float(server["started_at"])
+        found.append(server | {"idle_s": time.time() - used})
+    return found
+
+
 def _reap(pid: int) -> None:
     with suppress(ChildProcessError):  # a server this process started is its child: collect it
         os.waitpid(pid, os.WNOHANG)
@@ -208,7 +286,7 @@ WATCH_INTERVAL_S = 2.0
 
 
 @contextmanager
-def watched(info: ServerInfo) -> Iterator[None]:
+def watched(info: ServerInfo, home: Path) -> Iterator[None]:
     """Interrupt the run if the server it reports to stops (killed, or `fulltune server stop`).
 
     Without it a run trains on, then waits on a dead API to record its end. A thread checks the
@@ -222,6 +300,7 @@ def watched(info: ServerInfo) -> Iterator[None]:
 
     def watch() -> None:
         while not stop.wait(WATCH_INTERVAL_S):
+            touch(home)  # in use: the reaper's idle clock restarts
             if not alive(info.pid):
                 lost.set()
                 _thread.interrupt_main()
@@ -259,7 +338,7 @@ def prefect_api(home: Path) -> Iterator[str]:
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}), watched(info):
+        with temporary_settings(updates={PREFECT_API_URL: url}), watched(info, home):
             yield url
     finally:
         if previous is None:
@@ -283,5 +362,8 @@ def describe(home: Path) -> dict[str, object]:
     }
 
 
-if __name__ == "__main__":  # python -m flows.local_server HOME: start (or find) and print it
-    print(json.dumps(ensure_server(Path(sys.argv[1]).resolve()).model_dump()))
+if __name__ == "__main__":
+    if sys.argv[1] == "reap":  # python -m flows.local_server reap HOME PID (started above)
+        reap(Path(sys.argv[2]), int(sys.argv[3]))
+    else:  # python -m flows.local_server HOME: start (or find) and print it
+        print(json.dumps(ensure_server(Path(sys.argv[1]).resolve(), stays=True).model_dump()))

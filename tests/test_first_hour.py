@@ -57,3 +57,30 @@ def test_version_names_the_stack_and_the_device():
     assert result.exit_code == 0
     for name in ("fulltune", "torch", "transformers", "prefect", "mlflow", "device"):
         assert name in result.output
+
+
+def test_a_server_a_run_started_stops_itself_when_unused(tmp_path: Path, monkeypatch):
+    """Servers do not pile up: one started for a run stops after FULLTUNE_SERVER_IDLE unused,
+    and `fulltune server list` shows it while it runs."""
+    import time
+
+    from flows.local_server import alive, ensure_server, read_info, stop_server
+
+    monkeypatch.setenv("FULLTUNE_SERVER_IDLE", "4s")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    home = tmp_path / "home"
+    try:
+        info = ensure_server(home)
+        listed = CliRunner().invoke(app, ["server", "list"])
+        assert listed.exit_code == 0 and str(home) in listed.output, listed.output
+        assert f"pid {info.pid}" in listed.output and "stop themselves after" in listed.output
+        deadline = time.monotonic() + 90
+        while alive(info.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(info.pid), "stopped after 4 s unused"
+        assert read_info(home) is None
+        assert "after 4 s unused" in (home / "prefect" / "server.log").read_text()
+        listed = CliRunner().invoke(app, ["server", "list"])
+        assert "no fulltune Prefect server is running" in listed.output
+    finally:
+        stop_server(home)
