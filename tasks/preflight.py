@@ -26,10 +26,10 @@ from tasks.sources import (
     separator_hint,
 )
 
-# A served deployment sets these (``fulltune serve --allow``): the only folders a triggered run may
-# read data from or write its home in, and the only tracking stores it may write to.
 log = logging.getLogger(__name__)
 
+# A served deployment sets these (``fulltune serve --allow``): the only folders a triggered run may
+# read data from or write its home in, and the only tracking stores it may write to.
 ALLOWED_ROOTS_ENV = "FULLTUNE_ALLOWED_ROOTS"
 ALLOWED_TRACKING_ENV = "FULLTUNE_ALLOWED_TRACKING_URIS"
 
@@ -323,8 +323,8 @@ def check_tracking(cfg: RunConfig) -> list[str]:
 def check_allowed(cfg: RunConfig) -> list[str]:
     """Under a served deployment's allow-list: every local path and the store must be on it.
 
-    Each path-like setting is judged by the file it really reaches: ``pkg://`` resolved to its
-    package's file, ``~``, ``..`` and symlinks followed.
+    Each path-like setting is judged by the file it really reaches (``~``, ``..`` and symlinks
+    followed, see :func:`local_paths`); a ``pkg://`` path is held inside its package instead.
     """
     roots_env = os.environ.get(ALLOWED_ROOTS_ENV)
     uris_env = os.environ.get(ALLOWED_TRACKING_ENV)

@@ -24,6 +24,7 @@ from .test_bad_input import (  # noqa: F401  (shared_server is a fixture)
     registered_versions,
     rows,
     running_runs,
+    setting,
     shared_server,
 )
 
@@ -168,13 +169,6 @@ def a_device(tmp: Path):
 
 def yaml_booleans(tmp: Path):
     return csv(rows(), tmp / "data.csv"), ["data.labels=[no, yes]"]
-
-
-def setting(*overrides: str) -> Setup:
-    def setup(tmp: Path):
-        return csv(rows(), tmp / "data.csv"), list(overrides)
-
-    return setup
 
 
 HOSTILE: dict[str, tuple[Setup, list[str]]] = {
