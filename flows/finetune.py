@@ -264,7 +264,8 @@ def finetune(
         complete_registration(registered)
         if forgotten:
             raise ModelForgot(forgetting_advice(forgotten, registered.version, cfg.promote))
-    except BaseException:
+    except BaseException as err:
+        tracking.record_failure(run_id, err)
         tracking.end_run(run_id, "FAILED")
         raise
     total = time.perf_counter() - started
@@ -282,6 +283,11 @@ def finetune(
             "efficiency/overhead_fraction": (total - work) / total,
         },
     )
+    promoted = decision is not None and decision.promoted
+    gate = ("promoted" if promoted else "kept") if decision else "gate off"
+    alias = cfg.promote.alias if promoted else (registered.alias or "none")
+    # The runs table's deciding columns: what the gate did, and the alias the version holds.
+    tracking.set_tags(run_id, {"fulltune.decision": gate, "fulltune.alias": alias})
     metric = decision.metric if decision else gate_metric(cfg.promote, evaluation)[0]
     tracking.describe_run(run_id, run_description(card, metric, evaluation, decision))
     tracking.end_run(run_id, "FINISHED")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import socket
@@ -28,6 +29,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from tasks.config import RunConfig
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
+log = logging.getLogger(__name__)
+
 MAX_PARAM_CHARS = 6000
 PARAM_BATCH = 100
 
@@ -113,15 +116,17 @@ EXPERIMENT_TAGS = {
 # A saved view of the runs table (the UI's *Views*), stored the way the UI stores one: the test
 # metrics, the yardsticks and the cost as columns. Open it with ``?viewStateShareKey=fulltune``.
 VIEW_KEY = "fulltune"
-VIEW_COLUMNS = (
-    "attributes.`Dataset`",
-    "attributes.`Models`",
+VIEW_COLUMNS = (  # what decides first: the test metric, its yardstick, the gate, the alias
     "metrics.`test/macro_f1`",
-    "metrics.`test/accuracy`",
     "metrics.`classical/macro_f1`",
+    "tags.`fulltune.decision`",
+    "tags.`fulltune.alias`",
+    "metrics.`test/accuracy`",
     "metrics.`test/perplexity`",
     "metrics.`test/exact_match`",
     "metrics.`train/runtime_s`",
+    "attributes.`Dataset`",
+    "attributes.`Models`",
 )
 
 
@@ -389,6 +394,17 @@ def log_datasets(run_id: str, splits: Mapping[str, str], digest: str) -> None:
 def describe_run(run_id: str, text: str) -> None:
     """The run's description (the UI's Description field)."""
     MlflowClient().set_tag(run_id, "mlflow.note.content", text)
+
+
+def record_failure(run_id: str, err: BaseException) -> None:
+    """Why a run failed, on the run itself (tag ``fulltune.error`` and its description), so the
+    MLflow UI says it without the terminal. Best effort: the store may be what failed."""
+    cause = f"{type(err).__name__}: {err}".strip()
+    try:
+        set_tags(run_id, {"fulltune.error": cause[:5000]})
+        describe_run(run_id, f"**Failed.** {cause[:2000]}")
+    except Exception:  # a full disk or a lost store: the terminal and the log still say it
+        log.debug("could not record the failure on run %s", run_id, exc_info=True)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
