@@ -125,10 +125,14 @@ def _setup_logging() -> None:
             handler.setFormatter(_WithoutTracebacks(LOG_FORMAT))
     for noisy in ("httpx", "great_expectations", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for noisy in ("great_expectations.data_context.types.base",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # GE sets its loggers' levels on import
+        handler.addFilter(_quiet_great_expectations)
     if not VERBOSE["on"]:
         _quiet_libraries()
+
+
+def _quiet_great_expectations(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith("great_expectations")
 
 
 def _quiet_libraries() -> None:
