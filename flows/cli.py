@@ -419,9 +419,12 @@ def serve(
         raise KeyboardInterrupt  # prefect's serve shuts down cleanly on it (as on Ctrl-C)
 
     signal.signal(signal.SIGTERM, stop)
-    with prefect_api(cfg.home_dir()) as url:
-        typer.echo(f"serving on the Prefect API at {url}")
-        prefect_serve(*deployments(config, concurrency, timezone))
+    try:
+        with prefect_api(cfg.home_dir()) as url:
+            typer.echo(f"serving on the Prefect API at {url}")
+            prefect_serve(*deployments(config, concurrency, timezone))
+    except KeyboardInterrupt:  # a stop that arrived before (or after) prefect's serve took it
+        pass
     typer.echo("stopped serving")
 
 

@@ -202,6 +202,7 @@ def ensure_server(
             )
         if wait:
             wait_until_healthy(info, log_path, timeout)
+            touch(home)  # the idle clock starts once the server answers, not while it boots
         return info
 
 
@@ -238,7 +239,7 @@ def reap(home: Path, pid: int) -> None:
         if info is None or info.pid != pid:
             return  # stopped, or replaced by another server: not this reaper's
         last = max(marker.stat().st_mtime if marker.exists() else 0.0, info.started_at)
-        if time.time() - last > idle:
+        if time.time() - last > idle and healthy(info.url):  # still booting is not unused
             with (server_dir(home) / "server.log").open("a") as log:
                 log.write(f"fulltune: stopping the server after {idle:.0f} s unused\n")
             stop_server(home)
