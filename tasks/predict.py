@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from tasks.sources import SourceError, registered_artifacts, registered_weights
+from tasks.sources import SourceError, registered_artifacts, weights_in
 
 CHAT_TASK = "llm/v1/chat"
 
@@ -106,13 +106,13 @@ def load_predictor(name: str, version: str, pyfunc: bool = False) -> Predictor:
     return Predictor(
         task=task,
         chat=chat,
-        call=_pipeline(name, version, task, staging),
+        call=_pipeline(root, f"models:/{name}/{version}", task),
         config=config,
         pyfunc=False,
     )
 
 
-def _pipeline(name: str, version: str, task: str, staging: Path) -> Any:
+def _pipeline(root: Path, uri: str, task: str) -> Any:
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -120,7 +120,7 @@ def _pipeline(name: str, version: str, task: str, staging: Path) -> Any:
         pipeline,
     )
 
-    model_dir, tokenizer_dir = registered_weights(name, version, staging)
+    model_dir, tokenizer_dir = weights_in(root, uri)  # the artifacts found once, above
     auto = (
         AutoModelForSequenceClassification
         if task == "text-classification"

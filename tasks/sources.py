@@ -546,13 +546,15 @@ def registered_weights(name: str, version: str, into: Path) -> tuple[Path, Path]
     The gate and ``fulltune predict`` load these with transformers (safetensors, no remote code),
     never through ``mlflow.pyfunc``, which would run whatever Python the registry holds.
     """
-    root = registered_artifacts(name, version, into)
+    return weights_in(registered_artifacts(name, version, into), f"models:/{name}/{version}")
+
+
+def weights_in(root: Path, uri: str) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) inside a registered version's artifact folder."""
     model = root / "model"
     tokenizer = root / "components" / "tokenizer"
     if not (model / "config.json").is_file():
-        raise SourceError(
-            f"models:/{name}/{version}: no transformers model folder in its artifacts"
-        )
+        raise SourceError(f"{uri}: no transformers model folder in its artifacts")
     return model, tokenizer if tokenizer.is_dir() else model
 
 

@@ -391,20 +391,16 @@ def registered_versions(home: Path) -> list:
     return [] if client is None else client.search_model_versions()
 
 
-def failed_runs(home: Path) -> list:
+def runs_in(home: Path, status: str) -> list:
     client = store(home)
     if client is None:
         return []
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return [r for r in client.search_runs(experiments) if r.info.status == "FAILED"]
+    return [r for r in client.search_runs(experiments) if r.info.status == status]
 
 
 def running_runs(home: Path) -> list:
-    client = store(home)
-    if client is None:
-        return []
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return [r for r in client.search_runs(experiments) if r.info.status == "RUNNING"]
+    return runs_in(home, "RUNNING")
 
 
 @pytest.mark.parametrize("case", list(MATRIX))
@@ -420,7 +416,7 @@ def test_bad_input_fails_fast_and_registers_nothing(
     assert not list(home.glob("cache/tokenize/*")), "nothing is tokenized"
     assert registered_versions(home) == []
     assert running_runs(home) == [], "no run is left RUNNING"
-    for failed in failed_runs(home):  # the MLflow UI says why, without the terminal
+    for failed in runs_in(home, "FAILED"):  # the MLflow UI says why, without the terminal
         assert failed.data.tags["fulltune.error"].startswith(("DataValidationError", "Source"))
     for report in home.glob("cache/validate/*/validation.json"):
         assert report.stat().st_size < 1_000_000, "examples are capped, not copied whole"
