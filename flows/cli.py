@@ -50,19 +50,6 @@ DEBUG = {"on": os.environ.get("FULLTUNE_DEBUG", "") not in ("", "0")}
 VERBOSE = {"on": False}
 
 
-def mlflow_run_url(tracking_uri: str, run_id: str) -> str:
-    """The run's page in the MLflow UI, opened in model-training mode (not GenAI)."""
-    from mlflow import MlflowClient
-
-    from tasks.config import redact_uri
-
-    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{redact_uri(tracking_uri).rstrip('/')}/{page}"
-    return f"http://127.0.0.1:5000/{page} (after `make ui`)"
-
-
 def _print_version(asked: bool) -> None:
     if not asked:
         return
@@ -289,8 +276,12 @@ def _run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     alias = f"alias @{summary.model.alias}" if summary.model.alias else "no alias"
     typer.echo(f"Registered model: {summary.model.name} version {summary.model.version} ({alias})")
     if prefect_ui and summary.flow_run_id:
-        typer.echo(f"Prefect UI:       {prefect_ui}/runs/flow-run/{summary.flow_run_id}")
-    typer.echo(f"MLflow UI:        {mlflow_run_url(cfg.tracking_uri(), summary.mlflow_run_id)}")
+        typer.echo(f"Prefect run:      {prefect_ui}/runs/flow-run/{summary.flow_run_id}")
+    served = "" if tracking.ui_base(cfg.tracking_uri())[1] else " (after `make ui`)"
+    typer.echo(f"MLflow run:       {summary.mlflow_run_url}{served}")
+    if summary.model.version:
+        page = tracking.version_page(cfg.tracking_uri(), summary.model.name, summary.model.version)
+        typer.echo(f"MLflow version:   {page}{served}")
     typer.echo(f"Data fingerprint: {summary.data_fingerprint}")
     if summary.decision is not None:
         verdict = "PROMOTED to @champion" if summary.decision.promoted else "kept as challenger"

@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
+from prefect.utilities.urls import url_for
 from pydantic import BaseModel
 
 from flows import notify
@@ -74,6 +76,7 @@ class RunSummary(BaseModel):
     decision: Decision | None
     data_fingerprint: str
     workdir: str
+    mlflow_run_url: str  # the run's page in the MLflow UI
 
 
 def claim_run(
@@ -159,6 +162,13 @@ def finetune(
     } | (extra_tags or {})
     run_id, checkpoint_dir, lock = claim_run(cfg, tags, str(flow_run.get_name()))
     get_run_logger().info("MLflow run %s (tracking URI %s)", run_id, redact_uri(cfg.tracking_uri()))
+    # Each UI links to the other: the MLflow run names its flow run, the flow run links its pages.
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    run_url = tracking.run_page(cfg.tracking_uri(), experiment, run_id)
+    flow_run_url = url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None
+    if flow_run_url:
+        tracking.set_tags(run_id, {"prefect.flow_run_url": flow_run_url})
+    tracking.link_in_prefect("mlflow-run", run_url, f"MLflow run {run_id}", cfg.tracking_uri())
     kind = get_kind(cfg.task)
     try:
         # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
@@ -325,4 +335,5 @@ def finetune(
         decision=decision,
         data_fingerprint=prepared.data.fingerprint,
         workdir=str(workdir),
+        mlflow_run_url=run_url,
     )

@@ -81,5 +81,6 @@ def on_completion(flow: Any, flow_run: Any, state: Any) -> None:
             "alias": cfg.promote.alias,
             "reason": decision.reason,
             "mlflow_run_id": summary.mlflow_run_id,
+            "mlflow_run_url": summary.mlflow_run_url,
         },
     )

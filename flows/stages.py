@@ -495,9 +495,15 @@ def evaluate_stage(
     )
     tracking.log_metrics(
         run_id,
-        {f"test/{k}": v for k, v in result.metrics.items()}
-        | {f"baseline/{k}": v for k, v in result.baseline.items()}
-        | {f"classical/{k}": v for k, v in result.classical.items()},
+        {f"test/{k}": tracking.shown(v) for k, v in result.metrics.items()}
+        | {
+            f"{tracking.YARDSTICKS}/baseline/{k}": tracking.shown(v)
+            for k, v in result.baseline.items()
+        }
+        | {
+            f"{tracking.YARDSTICKS}/classical/{k}": tracking.shown(v)
+            for k, v in result.classical.items()
+        },
     )
     tracking.set_tags(run_id, result.version_tags())
     for path in result.artifacts():
@@ -581,6 +587,15 @@ def register_model_stage(
     )
     tracking.set_tags(
         run_id, {"registry.model": registered.name, "registry.version": registered.version}
+    )
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    tracking.link_in_prefect(
+        "mlflow-model-version",
+        tracking.version_page(uri, registered.name, registered.version),
+        f"Model {registered.name} version {registered.version} (its model card)",
+        uri,
     )
     return registered
 

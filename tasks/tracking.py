@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 import psutil
@@ -26,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from tasks.config import RunConfig
+from tasks.config import RunConfig, redact_uri
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 log = logging.getLogger(__name__)
@@ -89,7 +90,10 @@ def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
                 raise
         experiment = client.get_experiment_by_name(name)
         assert experiment is not None, f"experiment {name!r} exists but cannot be read"
-    view_key, view = runs_view_tag()
+    from tasks.kinds import get_kind
+
+    kind = get_kind(cfg.task)
+    view_key, view = runs_view_tag(kind.headline, kind.headline_higher)
     for key, value in (EXPERIMENT_TAGS | {view_key: view}).items():
         if experiment.tags.get(key) is None:  # also for experiments made before fulltune set them
             try:
@@ -113,39 +117,44 @@ EXPERIMENT_TAGS = {
 }
 
 
-# A saved view of the runs table (the UI's *Views*), stored the way the UI stores one: the test
-# metrics, the yardsticks and the cost as columns. Open it with ``?viewStateShareKey=fulltune``.
+# A saved view of the runs table (the UI's *Views*), stored the way the UI stores one. It leads with
+# what decides (the task's test metric, its classical yardstick, the gate's decision and the alias
+# the version holds) and sorts by the test metric. The UI draws its fixed attribute columns first
+# (Run Name, Created, Duration), then the metrics by name, then the tags, so the view names no
+# other attribute column and the yardsticks' keys sort after the model's own (``yardstick/...``):
+# at 1600 px the deciding columns are on the first screen. Open it with
+# ``?viewStateShareKey=fulltune``.
 VIEW_KEY = "fulltune"
-VIEW_COLUMNS = (  # what decides first: the test metric, its yardstick, the gate, the alias
-    "metrics.`test/macro_f1`",
-    "metrics.`classical/macro_f1`",
-    "tags.`fulltune.decision`",
-    "tags.`fulltune.alias`",
-    "metrics.`test/accuracy`",
-    "metrics.`test/perplexity`",
-    "metrics.`test/exact_match`",
-    "metrics.`train/runtime_s`",
-    "attributes.`Dataset`",
-    "attributes.`Models`",
-)
+YARDSTICKS = "yardstick"  # the metric prefix of the yardsticks: yardstick/baseline/…, …/classical/…
 
 
-def runs_view_tag() -> tuple[str, str]:
-    """(tag key, value) of the saved runs-table view with the metric columns."""
+def view_columns(headline: str) -> tuple[str, ...]:
+    """The saved view's columns for a kind whose test metric is ``headline``."""
+    return (
+        f"metrics.`test/{headline}`",
+        f"metrics.`{YARDSTICKS}/classical/{headline}`",
+        "tags.`fulltune.decision`",
+        "tags.`fulltune.alias`",
+    )
+
+
+def runs_view_tag(headline: str, greater_is_better: bool) -> tuple[str, str]:
+    """(tag key, value) of the saved runs-table view, sorted best first by ``test/{headline}``."""
     import base64
     import zlib
 
     state = {
         "searchFilter": "",
-        "orderByKey": "attributes.start_time",
-        "orderByAsc": False,
+        "orderByKey": f"metrics.`test/{headline}`",
+        "orderByAsc": not greater_is_better,
         "startTime": "ALL",
         "lifecycleFilter": "Active",
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
-        "selectedColumns": list(VIEW_COLUMNS),
-        "columnOrder": [],
-        "columnWidths": {},
+        "selectedColumns": list(view_columns(headline)),
+        # The UI applies a width only to a column the order names (Run Name and Created are pinned).
+        "columnOrder": ["duration", *view_columns(headline)],
+        "columnWidths": {f"metrics.`{YARDSTICKS}/classical/{headline}`": 140},
         "runsHiddenMode": "FIRST_10_RUNS",
         "viewMaximized": False,
         "runListHidden": False,
@@ -158,14 +167,50 @@ def runs_view_tag() -> tuple[str, str]:
     }
     packed = base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
     now = int(time.time() * 1000)
-    value = {"name": "fulltune: test metrics", "createdAt": now, "updatedAt": now}
+    value = {"name": f"fulltune: best test/{headline}", "createdAt": now, "updatedAt": now}
     return f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(value | {"state": f"deflate;{packed}"})
+
+
+def shown(value: float) -> float:
+    """A test metric as the UIs show it: four significant digits below 1, four decimals above
+    (the exact values stay in ``evaluation/test_metrics.json``)."""
+    return float(f"{value:.4g}") if abs(value) < 1 else round(value, 4)
 
 
 def ui_url(server: str, experiment_id: str) -> str:
     """The experiment's runs table in model-training mode, with fulltune's metric columns."""
     query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def ui_base(tracking_uri: str) -> tuple[str, bool]:
+    """(the MLflow UI's address for a tracking URI, whether it is served now).
+
+    A server URI is its own UI; a local store is served by ``make ui`` on port 5000."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact_uri(tracking_uri).rstrip("/"), True
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '5000')}", False
+
+
+def run_page(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, opened in model-training mode (not GenAI)."""
+    base, _ = ui_base(tracking_uri)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def version_page(tracking_uri: str, name: str, version: str) -> str:
+    """A registered model version's page (its model card) in the MLflow UI."""
+    base, _ = ui_base(tracking_uri)
+    return f"{base}/#/models/{quote(name, safe='')}/versions/{version}"
+
+
+def link_in_prefect(key: str, link: str, text: str, tracking_uri: str) -> None:
+    """A Prefect link artifact to an MLflow page, under the current flow or task run."""
+    from prefect.artifacts import create_link_artifact
+
+    _, served = ui_base(tracking_uri)
+    note = "" if served else " (served by `make ui`: a local store has no UI of its own)"
+    create_link_artifact(link=link, link_text=text, key=key, description=f"{text}{note}")
 
 
 def context_tags() -> dict[str, str]:

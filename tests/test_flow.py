@@ -43,7 +43,7 @@ def test_run_has_config_metrics_and_artifacts(finished_run):
         "test/macro_f1",
         "test/macro_precision",
         "test/macro_recall",
-        "baseline/macro_f1",
+        "yardstick/baseline/macro_f1",
         "test/f1/positive",
         "train/params_updated_fraction",
     ):
@@ -218,6 +218,7 @@ def test_a_failed_run_and_a_promotion_are_posted_to_the_webhook(
         decision=Decision.model_construct(promoted=True, reason="beats v2 by 0.02"),
         data_fingerprint="x",
         workdir=str(tmp_path),
+        mlflow_run_url="http://127.0.0.1:5000/#/experiments/1/runs/r1",
     )
 
     class Run:

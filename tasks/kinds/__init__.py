@@ -38,6 +38,7 @@ class Kind(Protocol):
     pipeline_task: str  # the transformers pipeline the registered model runs
     mlflow_task: str  # the MLflow transformers-flavor task (a pipeline task, or llm/v1/chat)
     headline: str  # the test metric named in version tags and summaries
+    headline_higher: bool  # whether a higher headline is better
     selection_metric: str  # Trainer's metric_for_best_model (without the eval_ prefix)
     greater_is_better: bool
     has_labels: bool  # whether rows carry a class label

@@ -267,6 +267,7 @@ class CausalLM:
     pipeline_task = "text-generation"
     mlflow_task = "text-generation"
     headline = "perplexity"
+    headline_higher = False
     selection_metric = "loss"
     greater_is_better = False
     has_labels = False

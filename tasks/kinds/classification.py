@@ -239,6 +239,7 @@ class Classification:
     pipeline_task = "text-classification"
     mlflow_task = "text-classification"
     headline = "macro_f1"
+    headline_higher = True
     selection_metric = "macro_f1"
     greater_is_better = True
     has_labels = True

@@ -471,6 +471,7 @@ class SFT:
     pipeline_task = "text-generation"
     mlflow_task = "llm/v1/chat"  # OpenAI-style chat requests; the chat template goes with it
     headline = "exact_match"
+    headline_higher = True
     selection_metric = "loss"  # answer-only validation loss
     greater_is_better = False
     has_labels = False
