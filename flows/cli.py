@@ -48,6 +48,7 @@ OverridesOption = Annotated[
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEBUG = {"on": os.environ.get("FULLTUNE_DEBUG", "") not in ("", "0")}
 VERBOSE = {"on": False}
+QUIET = {"on": False}
 
 
 def _print_version(asked: bool) -> None:
@@ -74,6 +75,9 @@ def main(
         bool,
         typer.Option("--verbose", help="Also show the libraries' progress bars and load reports."),
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only warnings, errors and the summary.")
+    ] = False,
     _version: Annotated[
         bool,
         typer.Option(
@@ -84,6 +88,9 @@ def main(
     """fulltune: validate, tokenize, fully fine-tune, evaluate and register a model."""
     DEBUG["on"] = DEBUG["on"] or debug
     VERBOSE["on"] = verbose
+    QUIET["on"] = quiet
+    if not verbose:  # before any command imports transformers, which reads these once
+        _quiet_libraries()
 
 
 class _WithoutTracebacks(logging.Formatter):
@@ -110,10 +117,12 @@ def _setup_logging() -> None:
     if not DEBUG["on"]:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_WithoutTracebacks(LOG_FORMAT))
-    for noisy in ("httpx", "great_expectations", "mlflow.system_metrics"):
+    for noisy in ("httpx", "great_expectations", "mlflow.system_metrics", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:  # GE sets its loggers' levels on import
         handler.addFilter(_quiet_great_expectations)
+        if QUIET["on"]:  # the log file (added later) keeps every record
+            handler.setLevel(logging.WARNING)
     if not VERBOSE["on"]:
         _quiet_libraries()
 

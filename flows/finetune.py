@@ -296,6 +296,8 @@ def finetune(
     promoted = decision is not None and decision.promoted
     gate = ("promoted" if promoted else "kept") if decision else "gate off"
     alias = cfg.promote.alias if promoted else (registered.alias or "none")
+    if promoted:  # the alias the version holds now
+        registered = registered.model_copy(update={"alias": cfg.promote.alias})
     # The runs table's deciding columns: what the gate did, and the alias the version holds.
     tracking.set_tags(run_id, {"fulltune.decision": gate, "fulltune.alias": alias})
     metric = decision.metric if decision else gate_metric(cfg.promote, evaluation)[0]

@@ -29,7 +29,7 @@ class Predictor:
 
     task: str  # the transformers pipeline task: text-classification or text-generation
     chat: bool  # answers conversations (llm/v1/chat)
-    call: Any  # the pipeline, or the pyfunc model
+    call: Any  # (model, tokenizer), or the pyfunc model
     config: dict[str, Any]  # the inference settings registered with the version
     pyfunc: bool
 
@@ -41,10 +41,18 @@ class Predictor:
                 for i in range(0, len(texts), batch_size)
             ]
             return pd.concat(parts, ignore_index=True)[["label", "score"]]
-        out = self.call(texts, batch_size=batch_size, truncation=True, **self.config)
-        return pd.DataFrame(
-            {"label": [o["label"] for o in out], "score": [o["score"] for o in out]}
-        )
+        import torch
+
+        model, tokenizer = self.call
+        labels, scores = [], []
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i : i + batch_size], truncation=True, padding=True)
+            with torch.inference_mode():
+                logits = model(**batch.convert_to_tensors("pt")).logits
+            best = logits.float().softmax(-1).max(-1)
+            labels += [model.config.id2label[int(k)] for k in best.indices]
+            scores += best.values.tolist()
+        return pd.DataFrame({"label": labels, "score": scores})
 
     def continue_texts(self, texts: list[str], batch_size: int) -> list[str]:
         """Each text followed by what the model writes next."""
@@ -54,8 +62,16 @@ class Predictor:
                 for i in range(0, len(texts), batch_size)
                 for g in self.call.predict(texts[i : i + batch_size])
             ]
-        out = self.call(texts, batch_size=batch_size, **self.config)
-        return [str(o[0]["generated_text"]) for o in out]
+        _, tokenizer = self.call
+        out: list[str] = []
+        for i in range(0, len(texts), batch_size):
+            batch = texts[i : i + batch_size]
+            new = self._generate(tokenizer(batch, padding=True))
+            out += [
+                text + tokenizer.decode(ids, skip_special_tokens=True)
+                for text, ids in zip(batch, new, strict=True)
+            ]
+        return out
 
     def answer(self, value: Any) -> str:
         """The answer to a text (one user turn) or a conversation (messages, or their JSON)."""
@@ -69,8 +85,22 @@ class Predictor:
         if self.pyfunc:
             reply = self.call.predict({"messages": messages})
             return str(reply[0]["choices"][0]["message"]["content"]).strip()
-        out = self.call(messages, **self.config)
-        return str(out[0]["generated_text"][-1]["content"]).strip()
+        _, tokenizer = self.call
+        prompt = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        [ids] = self._generate(prompt)
+        return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    def _generate(self, encoded: Any) -> list[Any]:
+        """The new tokens of each prompt (left-padded), under the registered settings."""
+        import torch
+
+        model, tokenizer = self.call
+        inputs = encoded.convert_to_tensors("pt")
+        with torch.inference_mode():
+            output = model.generate(**inputs, **self.config, pad_token_id=tokenizer.pad_token_id)
+        return list(output[:, inputs["input_ids"].shape[1] :])
 
 
 def load_predictor(name: str, version: str, pyfunc: bool = False) -> Predictor:
@@ -106,19 +136,16 @@ def load_predictor(name: str, version: str, pyfunc: bool = False) -> Predictor:
     return Predictor(
         task=task,
         chat=chat,
-        call=_pipeline(root, f"models:/{name}/{version}", task),
+        call=_loaded(root, f"models:/{name}/{version}", task),
         config=config,
         pyfunc=False,
     )
 
 
-def _pipeline(root: Path, uri: str, task: str) -> Any:
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        pipeline,
-    )
+def _loaded(root: Path, uri: str, task: str) -> tuple[Any, Any]:
+    """The version's model and tokenizer, and nothing else of transformers (its pipelines
+    import every modality's processors: seconds that one prediction does not need)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir, tokenizer_dir = weights_in(root, uri)  # the artifacts found once, above
     auto = (
@@ -132,4 +159,4 @@ def _pipeline(root: Path, uri: str, task: str) -> Any:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    return pipeline(task, model=model, tokenizer=tokenizer, trust_remote_code=False)  # type: ignore[call-overload]
+    return model.eval(), tokenizer
