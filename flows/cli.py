@@ -142,6 +142,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
     warnings.filterwarnings("ignore", message=".*clean_up_tokenization_spaces.*")
+    if "transformers" in sys.modules:  # imported already (a test, a notebook): it read the env
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _log_file(home: Path, command: str) -> Path:

@@ -46,9 +46,11 @@ class Predictor:
         model, tokenizer = self.call
         labels, scores = [], []
         for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i : i + batch_size], truncation=True, padding=True)
+            batch = tokenizer(
+                texts[i : i + batch_size], truncation=True, padding=True, return_tensors="pt"
+            )
             with torch.inference_mode():
-                logits = model(**batch.convert_to_tensors("pt")).logits
+                logits = model(**batch).logits
             best = logits.float().softmax(-1).max(-1)
             labels += [model.config.id2label[int(k)] for k in best.indices]
             scores += best.values.tolist()
@@ -66,7 +68,7 @@ class Predictor:
         out: list[str] = []
         for i in range(0, len(texts), batch_size):
             batch = texts[i : i + batch_size]
-            new = self._generate(tokenizer(batch, padding=True))
+            new = self._generate(tokenizer(batch, padding=True, return_tensors="pt"))
             out += [
                 text + tokenizer.decode(ids, skip_special_tokens=True)
                 for text, ids in zip(batch, new, strict=True)
@@ -87,7 +89,7 @@ class Predictor:
             return str(reply[0]["choices"][0]["message"]["content"]).strip()
         _, tokenizer = self.call
         prompt = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
         )
         [ids] = self._generate(prompt)
         return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
@@ -97,10 +99,9 @@ class Predictor:
         import torch
 
         model, tokenizer = self.call
-        inputs = encoded.convert_to_tensors("pt")
         with torch.inference_mode():
-            output = model.generate(**inputs, **self.config, pad_token_id=tokenizer.pad_token_id)
-        return list(output[:, inputs["input_ids"].shape[1] :])
+            output = model.generate(**encoded, **self.config, pad_token_id=tokenizer.pad_token_id)
+        return list(output[:, encoded["input_ids"].shape[1] :])
 
 
 def load_predictor(name: str, version: str, pyfunc: bool = False) -> Predictor:

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from tasks import tracking
 from tasks.config import DataConfig, ModelConfig, load_config
 from tasks.kinds import get_kind
 
@@ -63,7 +64,7 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
     assert metrics["train/tensors_updated_fraction"] == 1.0  # every weight was trained
     assert metrics["train/tokens_seen"] > 0
     assert metrics["data/tokens_train"] > metrics["data/examples_train"]
-    assert metrics["test/perplexity"] == pytest.approx(summary.metrics["perplexity"])
+    assert metrics["test/perplexity"] == tracking.shown(summary.metrics["perplexity"])  # as read
     assert run.data.tags["fulltune.task"] == "causal-lm"
     # Continued pre-training gets the general-text check too: here it learned, not forgot.
     assert metrics["forgetting/general_perplexity_rise"] < 0 and summary.decision.promoted

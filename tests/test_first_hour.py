@@ -30,6 +30,18 @@ def test_check_passes_good_data_without_a_run(tiny_model_dir: Path, tmp_path: Pa
     assert not (home / "prefect").exists(), "no Prefect server"
 
 
+def test_quiet_keeps_the_verdict_and_drops_the_progress(tiny_model_dir: Path, tmp_path: Path):
+    data = tmp_path / "reviews.csv"
+    make_rows(72).to_csv(data, index=False)
+    args = ["--quiet", "check"]
+    for item in tiny_overrides(tiny_model_dir, data, tmp_path / "home"):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "ok: the settings and the data contract pass" in result.output
+    assert " INFO " not in result.output, result.output
+
+
 def test_check_names_a_wrong_column_with_the_nearest(tiny_model_dir: Path, tmp_path: Path):
     result = check(tiny_model_dir, tmp_path, "data.label_column=sentimnt")
     assert result.exit_code == 1
