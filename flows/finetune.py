@@ -55,7 +55,7 @@ from tasks.register import (
     lineage_tags,
 )
 from tasks.results import Decision, EvalResult, RegisteredModel
-from tasks.sources import TokenizerSource, materialize_model
+from tasks.sources import REGISTRY_SCHEME, TokenizerSource, materialize_model, registered_source
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -170,8 +170,20 @@ def finetune(
         tracking.set_tags(run_id, {"prefect.flow_run_url": flow_run_url})
     tracking.link_in_prefect("mlflow-run", run_url, f"MLflow run {run_id}", cfg.tracking_uri())
     kind = get_kind(cfg.task)
+    # A run that starts from a registered version records it as its parent (run and version).
+    parent = registered_source(base_model) if base_model.startswith(REGISTRY_SCHEME) else None
+    if parent is not None:
+        tracking.set_tags(run_id, parent.lineage_tags())
+        base_model = (
+            parent.pinned if parent.uri == parent.pinned else f"{parent.pinned} ({parent.uri})"
+        )
+        # The version resolved here is the one trained from, even if the alias moves meanwhile.
+        cfg = cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"name_or_path": parent.pinned})}
+        )
     try:
-        # A GGUF model becomes a cached safetensors checkpoint once; stages see that folder.
+        # A GGUF model becomes a cached safetensors checkpoint once, a registered version a
+        # folder of its weights and tokenizer; stages see that folder.
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
         tokenizer = TokenizerSource.of(cfg.model)
         # When the first stage (the data contract) starts: the command's cold start ends here.
@@ -226,7 +238,7 @@ def finetune(
             metrics_table=evaluation.table(),
             test_rows=evaluation.test_rows,
             collapse=trained.collapse,
-            license=base_license(base_model),
+            license=base_license(base_model) or base_license(cfg.model.name_or_path),
             capability=capability_markdown(evaluation, harness, lost),
             forgetting=forgotten,
         )
@@ -238,6 +250,7 @@ def finetune(
             run_id,
             example,
             lineage_tags(run_id, str(flow_run_id), prepared.data, cfg.digest())
+            | (parent.lineage_tags() if parent else {})
             | evaluation.version_tags()
             | {"quality.collapse": trained.collapse or "none"}
             | ({"collapsed": "true"} if trained.collapse else {})

@@ -132,6 +132,12 @@ class DataConfig(_Section):
         "input", description="sft alpaca: the optional input column (appended to the instruction)."
     )
     output_column: str = Field("output", description="sft alpaca: the answer column.")
+    chosen_column: str = Field(
+        "chosen", description="dpo: the preferred answer (text, or a list of assistant messages)."
+    )
+    rejected_column: str = Field(
+        "rejected", description="dpo: the dispreferred answer (text, or assistant messages)."
+    )
     prompt_template: str = Field(
         "{text}",
         description="sft labelled: the user turn, with `{text}` standing for the text column.",
@@ -382,6 +388,24 @@ class TrainConfig(_Section):
         ge=1,
         description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on "
         "GPU, one GPU per process). The batch size is per process; only rank 0 logs.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo: how far the policy may move from the reference (the starting model); "
+        "smaller lets it move further.",
+    )
+    dpo_loss: Literal["sigmoid", "hinge"] = Field(
+        "sigmoid",
+        description="dpo: the preference loss (TRL's names): `sigmoid` (the DPO paper's) or "
+        "`hinge` (SLiC's).",
+    )
+    dpo_sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="dpo: weight of an answer-likelihood term on the chosen answers (TRL's `sft` "
+        "loss type, as in RPO): it keeps their log-probability from falling while the rejected "
+        "ones are pushed down. 0: DPO alone.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, more time."
@@ -685,8 +709,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "causal-lm": ("perplexity",),
     # sft's default follows the data (a closed answer set or not): the kind decides after scoring.
     "sft": ("answer_loss", "accuracy", "macro_f1", "exact_match", "rouge_l"),
+    # dpo is judged as sft is, on the held-out prompts with the chosen answers as references.
+    "dpo": ("answer_loss", "accuracy", "macro_f1", "exact_match", "rouge_l"),
 }
-DATA_DEPENDENT_METRIC = {"sft"}
+DATA_DEPENDENT_METRIC = {"sft", "dpo"}
 
 
 class RunConfig(BaseModel):
@@ -694,11 +720,13 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["text-classification", "causal-lm", "sft"] = Field(
+    task: Literal["text-classification", "causal-lm", "sft", "dpo"] = Field(
         "text-classification",
         description="`text-classification` (a label per text), `causal-lm` (next-token "
         "prediction on raw text, GPT-2 style) or `sft` (instruction or chat tuning of a causal "
-        "LM: the loss on the answers, judged by what it generates).",
+        "LM: the loss on the answers, judged by what it generates) or `dpo` (preference tuning "
+        "of a chat LM on prompt / chosen / rejected pairs, usually from a registered SFT "
+        "version: `model.name_or_path: models:/NAME@ALIAS`).",
     )
     home: str = Field(
         ".fulltune",

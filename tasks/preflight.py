@@ -18,12 +18,16 @@ from typing import Any
 from tasks.config import RunConfig, redact_uri
 from tasks.sources import (
     PKG_SCHEME,
+    REGISTRY_SCHEME,
     SourceError,
     gguf_source,
     header_columns,
     refuse_special,
+    registered_artifacts,
+    registered_source,
     resolve_local,
     separator_hint,
+    weights_in,
 )
 
 log = logging.getLogger(__name__)
@@ -218,6 +222,8 @@ def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
     model = cfg.model
     setting = "model.name_or_path"
     try:
+        if model.name_or_path.startswith(REGISTRY_SCHEME):  # a registered version: it resolves
+            return registered_config(model.name_or_path), []
         gguf = gguf_source(model.name_or_path, model.gguf_file)
         path = resolve_local(model.name_or_path) if gguf is None else None
         if gguf is not None:
@@ -253,6 +259,19 @@ def check_model(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
             f"{model.name_or_path} was trained with (max_position_embeddings); use at most {limit}"
         )
     return facts, problems
+
+
+def registered_config(uri: str) -> dict[str, Any]:
+    """The model config of the registered version ``uri`` names (read in place from a local
+    store; a remote store's config is read when the run gathers the version)."""
+    import tempfile
+
+    source = registered_source(uri)
+    with tempfile.TemporaryDirectory() as staging:
+        root = registered_artifacts(source.name, source.version, Path(staging))
+        model_dir, _ = weights_in(root, source.pinned)
+        facts: dict[str, Any] = json.loads((model_dir / "config.json").read_text("utf-8"))
+    return facts
 
 
 def _auto_config(name_or_path: str, **kwargs: Any) -> dict[str, Any]:

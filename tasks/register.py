@@ -88,7 +88,26 @@ def describe_lineage(model_uri: str) -> list[tuple[str, str]]:
     for key in sorted(run.data.metrics):
         if key.startswith(("test/", "yardstick/")) and key.endswith(f"/{metric}"):
             rows.append((f"metric {key}", f"{run.data.metrics[key]:.4f}"))
+    rows.append(("chain", " <- ".join(lineage_chain(client, mv))))
     return rows
+
+
+def lineage_chain(client: MlflowClient, mv: Any) -> list[str]:
+    """This version, the version it started from, that one's parent, … down to the base model."""
+    chain, seen = [f"models:/{mv.name}/{mv.version}"], set()
+    while (parent := mv.tags.get("lineage.parent_model")) and parent not in seen:
+        seen.add(parent)
+        name, _, version = parent.removeprefix("models:/").partition("/")
+        try:
+            mv = client.get_model_version(name, version)
+        except MlflowException:
+            chain.append(f"{parent} (deleted)")
+            return chain
+        chain.append(parent)
+    run = client.get_run(mv.run_id) if mv.run_id else None
+    base = run.data.params.get("model.name_or_path") if run else None
+    chain.append(base or "base model unknown")
+    return chain
 
 
 def describe_version(registered: RegisteredModel, facts: CardFacts, decision: str) -> None:

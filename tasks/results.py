@@ -86,6 +86,12 @@ class TrainExtras(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     compute_loss_func: Callable[..., Any] | None = None
+    # A batch's loss when it is not one forward pass's (dpo: the policy on the chosen and the
+    # rejected answers against the reference): (model, inputs) -> loss. Rows keep every column.
+    batch_loss: Callable[[Any, dict[str, Any]], Any] | None = None
+    # Columns computed once with the starting model before training (dpo: the reference's
+    # log-probabilities): (model, {"train": ..., "validation": ...}) -> the same, extended.
+    reference: Callable[[Any, Any], Any] | None = None
     sampler_labels: np.ndarray | None = None  # per-row class ids: draw batches class-balanced
     notes: dict[str, str] = {}  # tags for the run, e.g. the class weights used
 

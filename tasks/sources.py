@@ -28,6 +28,7 @@ from tasks.config import ModelConfig
 log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
+REGISTRY_SCHEME = "models:/"  # a registered version as a starting model: models:/NAME@ALIAS
 GGUF_CONVERSION = 2  # part of a converted model's cache key: bump when the conversion changes
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq", ".txt"}
 
@@ -388,11 +389,99 @@ def gguf_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str] | N
 
 
 def materialize_model(cfg: ModelConfig, cache_root: Path) -> ModelConfig:
-    """``cfg`` pointing at a loadable checkpoint: a GGUF source converted once (see below)."""
+    """``cfg`` pointing at a loadable checkpoint: a GGUF source converted once, a registered
+    version gathered once (see below)."""
+    if cfg.name_or_path.startswith(REGISTRY_SCHEME):
+        checkpoint = materialize_registered(registered_source(cfg.name_or_path), cache_root)
+        return cfg.model_copy(update={"name_or_path": str(checkpoint)})
     folder = materialize_gguf(cfg.name_or_path, cfg.gguf_file, cache_root)
     if folder is None:
         return cfg
     return cfg.model_copy(update={"name_or_path": str(folder), "gguf_file": None})
+
+
+@dataclass(frozen=True)
+class RegisteredSource:
+    """A registered version a run starts from: ``models:/NAME@ALIAS`` resolved once."""
+
+    uri: str  # as the user wrote it
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def pinned(self) -> str:
+        return f"{REGISTRY_SCHEME}{self.name}/{self.version}"
+
+    def lineage_tags(self) -> dict[str, str]:
+        return {"lineage.parent_model": self.pinned, "lineage.parent_run_id": self.run_id}
+
+
+def registered_source(uri: str) -> RegisteredSource:
+    """The version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names, in the tracking
+    store of the environment.
+
+    Raises:
+        SourceError: the URI is malformed, or names no version (with the names and aliases found).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    ref = uri.removeprefix(REGISTRY_SCHEME)
+    name, alias = ref.split("@", 1) if "@" in ref else (ref.partition("/")[0], None)
+    number = None if alias is not None else ref.partition("/")[2]
+    if not name or not (alias or number):
+        raise SourceError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    client = MlflowClient()
+    try:
+        found = (
+            client.get_model_version_by_alias(name, alias)
+            if alias is not None
+            else client.get_model_version(name, str(number))
+        )
+    except MlflowException as err:
+        known = [
+            f"{m.name} ({', '.join(f'@{a}' for a in m.aliases) or 'no alias'})"
+            for m in client.search_registered_models(max_results=20)
+        ]
+        raise SourceError(
+            f"{uri}: no such registered version ({err.message.splitlines()[0]}); "
+            f"registered models: {', '.join(known) or 'none'}"
+        ) from err
+    return RegisteredSource(uri, name, str(found.version), str(found.run_id))
+
+
+def materialize_registered(source: RegisteredSource, cache_root: Path) -> Path:
+    """A registered version's weights and tokenizer (with its chat template) as one checkpoint
+    folder in the cache, as the base model of a new run.
+
+    A version's artifacts never change, so its name, number and run key the folder. The files are
+    links into the artifact store (a local store is read in place; a remote one is downloaded
+    into the folder). A ``DONE`` marker, written last, means a folder cut short is redone.
+    """
+    key = hashlib.sha256(f"{source.pinned}#{source.run_id}".encode()).hexdigest()[:20]
+    target = cache_root / "models" / f"registered-{key}"
+    if (target / "DONE").exists():
+        return target / "checkpoint"
+    target.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "DONE").exists():
+            root = registered_artifacts(source.name, source.version, target / "download")
+            model_dir, tokenizer_dir = weights_in(root, source.pinned)
+            checkpoint = target / "checkpoint"
+            if checkpoint.exists():
+                for stale in checkpoint.iterdir():
+                    stale.unlink()
+            checkpoint.mkdir(exist_ok=True)
+            for folder in (model_dir, tokenizer_dir):  # the tokenizer's files win
+                for file in folder.iterdir():
+                    if file.is_file():
+                        link = checkpoint / file.name
+                        link.unlink(missing_ok=True)
+                        link.symlink_to(file.resolve())
+            (target / "DONE").write_text(source.pinned)
+    return target / "checkpoint"
 
 
 def materialize_gguf(name_or_path: str, gguf_file: str | None, cache_root: Path) -> Path | None:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -256,11 +256,41 @@ class FinetuneTrainer(Trainer):
         *args: Any,
         balanced_labels: np.ndarray | None = None,
         eval_collator: Any = None,
+        batch_loss: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.balanced_labels = balanced_labels
         self.eval_collator = eval_collator
+        self.batch_loss = batch_loss
+        if batch_loss is not None:  # its collator reads columns the model's forward does not take
+            self.args.remove_unused_columns = False
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if self.batch_loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.batch_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
+        if self.batch_loss is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.batch_loss(model, inputs)
+        return loss.detach(), None, None
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if self.eval_collator is None:
@@ -605,6 +635,8 @@ def train(
         cfg, len(data["train"]), model.num_parameters(), processes
     )
     extras = kind.train_extras(cfg, data["train"], labels)
+    if extras.reference is not None:  # the starting model's columns, before any step changes it
+        data = extras.reference(model, data)
     length = (
         f"{cfg.max_steps} steps (train.max_steps)" if cfg.max_steps > 0 else f"{epochs:.1f} epochs"
     )
@@ -631,6 +663,7 @@ def train(
         compute_loss_func=extras.compute_loss_func,
         callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker(), ProgressLog()],
         balanced_labels=extras.sampler_labels,
+        batch_loss=extras.batch_loss,
     )
     trainer.remove_callback(PrinterCallback)  # its raw dicts: ProgressLog says it in words
     per_epoch = steps_per_epoch(cfg, len(data["train"]), processes)

@@ -145,9 +145,10 @@ def get_kind(task: str) -> Kind:
     """The kind of a config's ``task``."""
     from tasks.kinds.causal_lm import CausalLM
     from tasks.kinds.classification import Classification
+    from tasks.kinds.dpo import DPO
     from tasks.kinds.sft import SFT
 
-    kinds: dict[str, Kind] = {k.task: k for k in (Classification(), CausalLM(), SFT())}
+    kinds: dict[str, Kind] = {k.task: k for k in (Classification(), CausalLM(), SFT(), DPO())}
     if task not in kinds:
         raise ValueError(f"unknown task {task!r} (known: {sorted(kinds)})")
     return kinds[task]

@@ -1,0 +1,239 @@
+"""Preference tuning: the pair formats through the contract, the DPO loss against TRL's, and a
+flow run from a registered SFT version to a DPO version gated against its parent."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.config import load_config
+
+from .conftest import COLOURS, colour_rows, tiny_overrides
+
+WRONG = {"red": "green", "green": "blue", "blue": "red"}
+
+
+def pair_rows(n: int, conversational: bool = False, seed: int = 0) -> pd.DataFrame:
+    """The colour questions as preference pairs: the right colour chosen over each wrong one
+    (two pairs per question)."""
+    rows = []
+    for row in colour_rows(n // 2, seed).itertuples():
+        right = row.completion
+        for wrong in sorted(set(WRONG) - {right}):
+            rows.append(pair(row.prompt, right, wrong, conversational))
+    return pd.DataFrame(rows)
+
+
+def pair(prompt: str, right: str, wrong: str, conversational: bool) -> dict[str, str]:
+    if conversational:
+        return {
+            "prompt": json.dumps([{"role": "user", "content": prompt}]),
+            "chosen": json.dumps([{"role": "assistant", "content": right}]),
+            "rejected": json.dumps([{"role": "assistant", "content": wrong}]),
+        }
+    return {"prompt": prompt, "chosen": right, "rejected": wrong}
+
+
+def dpo_overrides(model: str, data: Path, home: Path) -> list[str]:
+    return [
+        *[o for o in tiny_overrides(Path(model), data, home, task="sft") if o != "task=sft"],
+        f"model.name_or_path={model}",
+        "task=dpo",
+        "registry.model_name=tiny-chat-dpo",
+    ]
+
+
+def check(overrides: list[str]):
+    args = ["check"]
+    for item in overrides:
+        args += ["--set", item]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["text", "conversational"])
+def test_each_pair_format_passes_the_contract(tiny_llama_dir: Path, tmp_path: Path, conversational):
+    data = tmp_path / "pairs.csv"
+    pair_rows(48, conversational).to_csv(data, index=False)
+    result = check(dpo_overrides(str(tiny_llama_dir), data, tmp_path / "home"))
+    assert result.exit_code == 0, result.output
+    assert "ok: the settings and the data contract pass (dpo)" in result.output
+
+
+def test_bad_pairs_are_named_by_row_and_rule(tiny_llama_dir: Path, tmp_path: Path):
+    data = tmp_path / "pairs.csv"
+    frame = pair_rows(48)
+    frame.loc[3, "rejected"] = frame.loc[3, "chosen"]  # the same answer twice
+    frame.loc[7, "rejected"] = "   "
+    frame.to_csv(data, index=False)
+    result = check(dpo_overrides(str(tiny_llama_dir), data, tmp_path / "home"))
+    assert result.exit_code == 1, result.output
+    assert "the chosen and the rejected answer differ" in result.output
+    assert "no empty rejected answer" in result.output
+    assert "row 3" in result.output and "row 7" in result.output
+    missing = check(
+        [*dpo_overrides(str(tiny_llama_dir), data, tmp_path / "h2"), "data.rejected_column=worse"]
+    )
+    assert missing.exit_code == 1
+    assert "data.rejected_column: required column 'worse'" in missing.output
+
+
+def test_the_dpo_loss_is_trls_on_the_same_batch(tiny_llama_dir: Path, tmp_path: Path):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tasks.kinds.dpo import chosen_nll, dpo_loss, sequence_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"colour of the {thing}?"}],
+            "chosen": [{"role": "assistant", "content": colour}],
+            "rejected": [{"role": "assistant", "content": WRONG[colour]}],
+        }
+        for thing, colour in sorted(COLOURS.items())
+    ]
+    for loss_type, sft_weight in (("hinge", 0.0), ("sigmoid", 0.0), ("sigmoid", 0.7)):
+        policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        args = DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            beta=0.2,
+            loss_type=[loss_type, "sft"] if sft_weight else [loss_type],
+            loss_weights=[1.0, sft_weight] if sft_weight else None,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            max_length=64,
+        )
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=copy.deepcopy(policy),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        torch.manual_seed(0)
+        with torch.no_grad():  # the policy moves away from the reference: the loss is not log 2
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        batch = next(iter(trainer.get_train_dataloader()))
+        theirs = trainer.compute_loss(trainer.model, dict(batch))
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        with torch.no_grad():
+            ref = sequence_logps(
+                trainer.ref_model, batch["input_ids"], batch["attention_mask"], labels
+            )
+            ours_logps = sequence_logps(
+                trainer.model, batch["input_ids"], batch["attention_mask"], labels
+            )
+        chosen, rejected = ours_logps.chunk(2)
+        ours = dpo_loss(chosen, rejected, *ref.chunk(2), beta=0.2, loss_type=loss_type)
+        ours = ours + sft_weight * chosen_nll(ours_logps, labels)
+        assert abs(float(ours) - float(theirs)) < 1e-5, (loss_type, float(ours), float(theirs))
+        assert abs(float(ours) - 0.6931) > 1e-3 or loss_type == "hinge"
+
+
+@pytest.fixture(scope="module")
+def sft_then_dpo(tiny_llama_dir: Path, tmp_path_factory, prefect_harness):
+    """A short SFT run registers tiny-chat v1; a DPO run starts from it by its alias."""
+    from flows.finetune import finetune
+
+    work = tmp_path_factory.mktemp("dpo")
+    home = work / "home"
+    sft_data = work / "colours.csv"
+    colour_rows(96).to_csv(sft_data, index=False)
+    sft_cfg = load_config(
+        None, [*tiny_overrides(tiny_llama_dir, sft_data, home, task="sft"), "train.max_steps=12"]
+    )
+    sft = finetune(config=sft_cfg)
+    pairs = work / "pairs.jsonl"
+    pair_rows(160, seed=1).to_json(pairs, orient="records", lines=True)
+    cfg = load_config(
+        None,
+        [
+            *dpo_overrides("models:/tiny-chat@challenger", pairs, home),
+            "train.max_steps=100",
+            "train.learning_rate=0.01",
+            "train.beta=0.1",
+            "train.dpo_sft_weight=0.2",
+        ],
+    )
+    return cfg, sft, finetune(config=cfg)
+
+
+pytestmark = pytest.mark.flow
+
+
+def test_dpo_learns_the_preference_and_beats_its_parent(sft_then_dpo):
+    _, _, dpo = sft_then_dpo
+    assert dpo.metrics["preference_accuracy"] > 0.6
+    assert dpo.metrics["logratio_margin"] > 0
+    assert dpo.metrics["chosen_logp_change"] > 0  # the answer-likelihood term holds it up
+    # Judged as SFT is, on the held-out prompts, against its parent on the same rows.
+    assert dpo.metrics["accuracy"] > dpo.baseline["accuracy"]
+    assert dpo.decision is not None and dpo.decision.promoted, dpo.decision
+
+
+def test_the_dpo_version_names_its_parent(sft_then_dpo):
+    cfg, sft, dpo = sft_then_dpo
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    version = client.get_model_version(dpo.model.name, dpo.model.version)
+    parent = f"models:/tiny-chat/{sft.model.version}"
+    assert version.tags["lineage.parent_model"] == parent
+    assert version.tags["lineage.parent_run_id"] == sft.mlflow_run_id
+    assert parent in (version.description or "")  # the model card's base model
+    run = client.get_run(dpo.mlflow_run_id)
+    assert run.data.tags["lineage.parent_model"] == parent
+    assert run.data.metrics["train/tensors_updated_fraction"] == 1.0
+    result = CliRunner().invoke(
+        app,
+        [
+            "lineage",
+            f"models:/tiny-chat-dpo/{dpo.model.version}",
+            "--tracking-uri",
+            cfg.tracking_uri(),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"models:/tiny-chat-dpo/{dpo.model.version} <- {parent} <- " in result.output
+
+
+def test_the_dpo_version_answers_through_predict(sft_then_dpo):
+    cfg, _, dpo = sft_then_dpo
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "-m",
+            f"models:/{dpo.model.name}@champion",
+            "-t",
+            "colour of the sky now please 3?",
+            "--tracking-uri",
+            cfg.tracking_uri(),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()  # a tiny model's greedy answer: any text, from the chat model
+
+
+def test_a_registry_uri_that_does_not_resolve_is_refused_with_the_names_found(
+    sft_then_dpo, tmp_path: Path
+):
+    cfg, _, _ = sft_then_dpo
+    data = tmp_path / "pairs.csv"
+    pair_rows(24).to_csv(data, index=False)
+    overrides = [
+        *dpo_overrides("models:/tiny-chat@gold", data, Path(cfg.home)),
+    ]
+    result = check(overrides)
+    assert result.exit_code == 1
+    assert "model.name_or_path: models:/tiny-chat@gold: no such registered version" in result.output
+    assert "tiny-chat (@" in result.output
