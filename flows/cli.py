@@ -329,10 +329,12 @@ def check(
     from flows.stages import contract_settings, validation_length
     from tasks.kinds import get_kind
     from tasks.preflight import PreflightError, max_positions, preflight
-    from tasks.sources import SourceError, TokenizerSource, materialize_model
+    from tasks.sources import REGISTRY_SCHEME, SourceError, TokenizerSource, materialize_model
     from tasks.validate import DataValidationError, validate_data
 
     cfg = _load_config(config, overrides)
+    if cfg.model.name_or_path.startswith(REGISTRY_SCHEME):  # a registered version: its store
+        _use_tracking(cfg.tracking_uri())
     try:
         facts = preflight(cfg)
         model = materialize_model(cfg.model, cache_root(cfg))
@@ -759,6 +761,74 @@ def resume(
     if not cfg.train.checkpoint_steps:
         _fail(f"run {run_id} kept no checkpoints (train.checkpoint_steps was not set)")
     _run_flow(cfg)
+
+
+@app.command()
+def pairs(
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="models:/NAME@ALIAS: whose mistakes make the pairs."),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", help="Instruction data with reference answers (the sft formats)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the pairs go (JSONL).")],
+    share_right: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of the prompts it answers right that still give a pair (its most likely "
+            "wrong answer rejected; closed answer sets only).",
+        ),
+    ] = 0.0,
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
+) -> None:
+    """Preference pairs from a registered model's own mistakes, for a `task: dpo` run: the
+    reference answer chosen, the model's wrong answer rejected. Recorded as an MLflow run."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+    from tasks.kinds.dpo import build_pairs
+    from tasks.sources import SourceError
+
+    cfg = _load_config(config, [*(overrides or []), f"data.train={data}"])
+    uri = _use_tracking(cfg.tracking_uri())
+    try:
+        with tempfile.TemporaryDirectory(prefix="fulltune-pairs-") as staging:
+            built, pinned = build_pairs(
+                model, cfg.data, cfg.model, cfg.eval, Path(staging), share_right, cfg.train.seed
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        built.write(out)
+    except (SourceError, OSError) as err:
+        _fail(str(err))
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = tracking.experiment_id(client, cfg)
+    run = client.create_run(
+        experiment,
+        run_name=f"pairs-{out.stem}",
+        tags=tracking.context_tags() | {"fulltune.task": "pairs", "lineage.source_model": pinned},
+    )
+    run_id = run.info.run_id
+    params = {"model": pinned, "data": data, "out": str(out), "share_right": str(share_right)}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    tracking.log_metrics(run_id, built.metrics())
+    client.log_artifact(run_id, str(out), "pairs")
+    client.set_terminated(run_id, "FINISHED")
+    accuracy = built.right / max(built.prompts, 1)
+    typer.echo(
+        f"wrote {len(built.rows)} pairs from {built.prompts} prompts to {out} ({pinned} answered "
+        f"{built.right} right: {accuracy:.1%})"
+    )
+    typer.echo(f"MLflow run:       {tracking.run_page(uri, experiment, run_id)}")
 
 
 @app.command()

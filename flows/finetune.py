@@ -148,6 +148,8 @@ def finetune(
     cfg = config
     base_model = cfg.model.name_or_path  # as the user named it (a GGUF file becomes a folder)
     started = time.perf_counter()
+    if cfg.model.name_or_path.startswith(REGISTRY_SCHEME):  # the preflight resolves it there
+        tracking.configure(cfg)
     # Settings that cannot work fail here, naming the setting: before a run, a model or data.
     limit = max_positions(preflight(cfg))
     flow_run_id = flow_run.get_id()

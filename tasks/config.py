@@ -713,6 +713,13 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "dpo": ("answer_loss", "accuracy", "macro_f1", "exact_match", "rouge_l"),
 }
 DATA_DEPENDENT_METRIC = {"sft", "dpo"}
+# The test metric each task leads with (summaries, the runs table), and whether higher is better.
+HEADLINE: dict[str, tuple[str, bool]] = {
+    "text-classification": ("macro_f1", True),
+    "causal-lm": ("perplexity", False),
+    "sft": ("exact_match", True),
+    "dpo": ("exact_match", True),
+}
 
 
 class RunConfig(BaseModel):

@@ -424,9 +424,13 @@ def registered_source(uri: str) -> RegisteredSource:
     Raises:
         SourceError: the URI is malformed, or names no version (with the names and aliases found).
     """
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    registry = mlflow.get_registry_uri()
+    if registry.startswith("sqlite:///") and not Path(registry.removeprefix("sqlite:///")).exists():
+        raise SourceError(f"{uri}: the registry {registry} does not exist: it holds no version")
     ref = uri.removeprefix(REGISTRY_SCHEME)
     name, alias = ref.split("@", 1) if "@" in ref else (ref.partition("/")[0], None)
     number = None if alias is not None else ref.partition("/")[2]

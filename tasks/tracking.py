@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from tasks.config import RunConfig, redact_uri
+from tasks.config import HEADLINE, RunConfig, redact_uri
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 log = logging.getLogger(__name__)
@@ -90,10 +90,7 @@ def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
                 raise
         experiment = client.get_experiment_by_name(name)
         assert experiment is not None, f"experiment {name!r} exists but cannot be read"
-    from tasks.kinds import get_kind
-
-    kind = get_kind(cfg.task)
-    view_key, view = runs_view_tag(kind.headline, kind.headline_higher)
+    view_key, view = runs_view_tag(*HEADLINE[cfg.task])
     for key, value in (EXPERIMENT_TAGS | {view_key: view}).items():
         if experiment.tags.get(key) is None:  # also for experiments made before fulltune set them
             try:

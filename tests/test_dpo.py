@@ -237,3 +237,33 @@ def test_a_registry_uri_that_does_not_resolve_is_refused_with_the_names_found(
     assert result.exit_code == 1
     assert "model.name_or_path: models:/tiny-chat@gold: no such registered version" in result.output
     assert "tiny-chat (@" in result.output
+
+
+def test_pairs_come_from_the_champions_own_mistakes(sft_then_dpo, tiny_llama_dir, tmp_path):
+    cfg, sft, _ = sft_then_dpo
+    data = tmp_path / "colours.csv"
+    colour_rows(40, seed=7).to_csv(data, index=False)
+    out = tmp_path / "pairs.jsonl"
+    model = f"models:/tiny-chat/{sft.model.version}"
+    args = ["pairs", "-m", model, "-d", str(data), "-o", str(out), "--set", f"home={cfg.home}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    [run] = client.search_runs(
+        [client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
+        "tags.`fulltune.task` = 'pairs'",
+    )
+    metrics = run.data.metrics
+    assert metrics["pairs/prompts"] == 40 and metrics["pairs/pairs"] == len(rows)
+    # One pair per prompt the model got wrong, none for those it got right.
+    assert len(rows) == round(40 * (1 - metrics["pairs/model_accuracy"]))
+    assert 0 < len(rows) < 40
+    for row in rows:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected and rejected in {"red", "green", "blue"}
+        assert row["prompt"][-1]["role"] == "user"
+    assert run.data.tags["lineage.source_model"] == model
+    # The pairs file is a valid DPO training table.
+    check_result = check(dpo_overrides(model, out, Path(cfg.home)))
+    assert check_result.exit_code == 0, check_result.output

@@ -14,12 +14,16 @@ reference's log-probabilities are computed once, before the first step (TRL's
 Judging is the SFT kind's on the held-out prompts, the chosen answers as references, against the
 starting model (the parent version) on the same rows; the held-out pairs add preference accuracy,
 the log-ratio margin and how each answer's log-probability moved.
+
+``build_pairs`` (``fulltune pairs``) makes pairs from a model's own mistakes on labelled data:
+the reference answer chosen, the model's wrong answer rejected.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +34,18 @@ from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import IGNORE
 from tasks.kinds.sft import (
     SFT,
+    Questions,
     SFTEval,
     _messages,
     _text,
+    detect_format,
     encode_conversation,
+    to_conversation,
     with_template,
 )
+from tasks.lm_scoring import answer_budget, closed_set, label_of, normalise_answer
 from tasks.results import Checked, TrainExtras
+from tasks.sources import SourceError, load_registered, read_table, registered_source
 
 if TYPE_CHECKING:
     import torch
@@ -381,3 +390,115 @@ class DPO(SFT):
             )
         result.metrics |= pairs
         return result
+
+
+# --- pairs from a model's own mistakes (fulltune pairs) -----------------------------------
+
+
+@dataclass
+class Pairs:
+    """The pairs built from one table, and what the model got right."""
+
+    rows: list[dict[str, Any]]  # prompt / chosen / rejected, as message lists
+    prompts: int
+    right: int  # prompts the model answered right
+    closed: list[str]  # the answer set, when closed
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "pairs/prompts": float(self.prompts),
+            "pairs/pairs": float(len(self.rows)),
+            "pairs/model_accuracy": self.right / max(self.prompts, 1),
+        }
+
+    def write(self, path: Path) -> None:
+        with path.open("w", encoding="utf-8") as out:
+            for row in self.rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def conversations(cfg: DataConfig) -> list[Conversation]:
+    """The table's rows as conversations (the SFT formats), each ending on its reference answer.
+
+    Raises:
+        SourceError: the table holds no conversation in its format (naming the row).
+    """
+    if cfg.train is None:
+        raise SourceError("data.train: no table to build pairs from")
+    frame = read_table(cfg.train).frame
+    fmt = detect_format(list(frame.columns), cfg)
+    out = []
+    for i, row in enumerate(frame.to_dict("records")):
+        try:
+            messages = to_conversation(row, fmt, cfg)
+        except (ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"{cfg.train}, row {i}: no {fmt} conversation: {err}") from err
+        if not messages or messages[-1]["role"] != "assistant":
+            raise SourceError(f"{cfg.train}, row {i}: the conversation does not end on an answer")
+        out.append(messages)
+    return out
+
+
+def build_pairs(
+    model_uri: str,
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    eval_cfg: EvalConfig,
+    staging: Path,
+    share_right: float = 0.0,
+    seed: int = 0,
+) -> tuple[Pairs, str]:
+    """Pairs from the registered model's mistakes on ``data.train``; and the pinned model URI.
+
+    For each prompt the reference answer is chosen and the model's own wrong answer rejected:
+    over a closed answer set, its most likely wrong candidate (multiple-choice scoring, one pass
+    per prompt); otherwise its greedy answer. A prompt it answers right gives no pair, unless
+    ``share_right`` asks for some (closed set only: its most likely wrong candidate).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = registered_source(model_uri)
+    model, tokenizer = load_registered(source.name, source.version, AutoModelForCausalLM, staging)
+    tokenizer = with_template(tokenizer, model_cfg)
+    chats = conversations(data)
+    references = [str(m[-1]["content"]) for m in chats]
+    labels = closed_set(references, list(data.labels) if data.labels else None)
+    everyone = np.arange(len(chats))
+    # Only the prompts are read here: `auto` is the model's own limit.
+    limit = (
+        model_cfg.max_length
+        if model_cfg.max_length != "auto"
+        else int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    )
+    questions = Questions.of(
+        tokenizer, chats, np.zeros(0, int) if labels else everyone, labels, limit
+    )
+    budget, _ = answer_budget(eval_cfg.max_new_tokens, tokenizer, references)
+    judged = questions.judge(
+        model, None, None, eval_cfg.batch_size, budget, "accuracy" if labels else "exact_match"
+    )
+    rng = np.random.default_rng(seed)
+    rows, right = [], 0
+    for i, messages in enumerate(chats):
+        reference = references[i]
+        if labels:
+            truth = label_of(reference, labels)
+            scores = judged.choice_scores[i].copy()
+            correct = int(judged.picked[i]) == truth
+            if truth >= 0:
+                scores[truth] = -np.inf
+            rejected = labels[int(scores.argmax())]  # the most likely wrong candidate
+        else:
+            rejected = judged.answers[i]
+            correct = normalise_answer(rejected) == normalise_answer(reference)
+        right += correct
+        if not rejected.strip() or (correct and not (labels and rng.random() < share_right)):
+            continue
+        rows.append(
+            {
+                "prompt": messages[:-1],
+                "chosen": [{"role": "assistant", "content": reference}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return Pairs(rows, len(chats), right, labels), source.pinned

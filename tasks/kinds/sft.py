@@ -40,7 +40,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 
-from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.config import HEADLINE, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import (
     IGNORE,
     block_losses,
@@ -470,8 +470,7 @@ class SFT:
     task = "sft"
     pipeline_task = "text-generation"
     mlflow_task = "llm/v1/chat"  # OpenAI-style chat requests; the chat template goes with it
-    headline = "exact_match"
-    headline_higher = True
+    headline, headline_higher = HEADLINE["sft"]
     selection_metric = "loss"  # answer-only validation loss
     greater_is_better = False
     has_labels = False
@@ -968,7 +967,7 @@ class Questions:
     def judge(
         self,
         model: PreTrainedModel,
-        test: Dataset,
+        test: Dataset | None,  # the tokenized rows (needed for their answer loss only)
         general: Dataset | None,
         batch_size: int,
         max_new_tokens: int,
@@ -1001,12 +1000,13 @@ class Questions:
         sums, counts = np.zeros(0), np.zeros(0)
         if only in (None, "answer_loss"):
             truth = np.asarray(self.truth, dtype=int)
-            sums, counts = np.zeros(len(test)), np.zeros(len(test))
+            sums, counts = np.zeros(len(self.truth)), np.zeros(len(self.truth))
             known = np.flatnonzero(truth >= 0)  # the reference is a candidate: its likelihood
             sums[known] = -scored.scores[known, truth[known]]
             counts[known] = [len(self.choices[i][truth[i]]) for i in known]
             rest = np.flatnonzero(truth < 0)
             if len(rest):
+                assert test is not None, "these rows' answer loss needs their tokens"
                 part = test.select(rest.tolist())
                 sums[rest], counts[rest] = block_losses(model, part, self.tokenizer, batch_size)
         answers: list[str] = []
