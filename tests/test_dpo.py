@@ -166,14 +166,22 @@ def sft_then_dpo(tiny_llama_dir: Path, tmp_path_factory, prefect_harness):
             "train.dpo_sft_weight=0.2",
         ],
     )
-    return cfg, sft, finetune(config=cfg)
+    dpo = finetune(config=cfg)
+    # A run that barely moves (a tiny learning rate) does not beat its parent.
+    flat = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"learning_rate": 1e-7, "max_steps": 4}),
+            "registry": cfg.registry.model_copy(update={"model_name": "tiny-chat-dpo-flat"}),
+        }
+    )
+    return cfg, sft, dpo, finetune(config=flat)
 
 
 pytestmark = pytest.mark.flow
 
 
 def test_dpo_learns_the_preference_and_beats_its_parent(sft_then_dpo):
-    _, _, dpo = sft_then_dpo
+    _, _, dpo, _ = sft_then_dpo
     assert dpo.metrics["preference_accuracy"] > 0.6
     assert dpo.metrics["logratio_margin"] > 0
     assert dpo.metrics["chosen_logp_change"] > 0  # the answer-likelihood term holds it up
@@ -182,8 +190,17 @@ def test_dpo_learns_the_preference_and_beats_its_parent(sft_then_dpo):
     assert dpo.decision is not None and dpo.decision.promoted, dpo.decision
 
 
+def test_a_dpo_run_that_does_not_beat_its_parent_is_not_champion(sft_then_dpo):
+    cfg, _, _, flat = sft_then_dpo
+    assert flat.decision is not None and not flat.decision.promoted
+    assert "its parent" in flat.decision.reason, flat.decision.reason
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    version = client.get_model_version(flat.model.name, flat.model.version)
+    assert version.aliases == ["challenger"]
+
+
 def test_the_dpo_version_names_its_parent(sft_then_dpo):
-    cfg, sft, dpo = sft_then_dpo
+    cfg, sft, dpo, _ = sft_then_dpo
     client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     version = client.get_model_version(dpo.model.name, dpo.model.version)
     parent = f"models:/tiny-chat/{sft.model.version}"
@@ -207,7 +224,7 @@ def test_the_dpo_version_names_its_parent(sft_then_dpo):
 
 
 def test_the_dpo_version_answers_through_predict(sft_then_dpo):
-    cfg, _, dpo = sft_then_dpo
+    cfg, _, dpo, _ = sft_then_dpo
     result = CliRunner().invoke(
         app,
         [
@@ -227,7 +244,7 @@ def test_the_dpo_version_answers_through_predict(sft_then_dpo):
 def test_a_registry_uri_that_does_not_resolve_is_refused_with_the_names_found(
     sft_then_dpo, tmp_path: Path
 ):
-    cfg, _, _ = sft_then_dpo
+    cfg, _, _, _ = sft_then_dpo
     data = tmp_path / "pairs.csv"
     pair_rows(24).to_csv(data, index=False)
     overrides = [
@@ -240,7 +257,7 @@ def test_a_registry_uri_that_does_not_resolve_is_refused_with_the_names_found(
 
 
 def test_pairs_come_from_the_champions_own_mistakes(sft_then_dpo, tiny_llama_dir, tmp_path):
-    cfg, sft, _ = sft_then_dpo
+    cfg, sft, _, _ = sft_then_dpo
     data = tmp_path / "colours.csv"
     colour_rows(40, seed=7).to_csv(data, index=False)
     out = tmp_path / "pairs.jsonl"

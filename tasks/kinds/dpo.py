@@ -204,6 +204,7 @@ class DPO(SFT):
     """The preference-tuning kind (see :class:`tasks.kinds.Kind`); judged as :class:`SFT` is."""
 
     task = "dpo"
+    yardstick = "its parent (the starting model)"
 
     # -- data --
 
@@ -389,6 +390,7 @@ class DPO(SFT):
                 -pairs["chosen_logp_change"],
             )
         result.metrics |= pairs
+        result.baseline_names = ("parent", "classical")
         return result
 
 

@@ -474,6 +474,7 @@ class SFT:
     selection_metric = "loss"  # answer-only validation loss
     greater_is_better = False
     has_labels = False
+    yardstick = "zero-shot model"  # the untouched starting model, as the gate's reason names it
 
     def signature(self) -> ModelSignature | None:
         return None  # MLflow's chat signature for llm/v1/chat
@@ -772,7 +773,7 @@ class SFT:
             higher_is_better=higher,
             floors={},
             correct=(lambda y, p: y == p) if metric == "accuracy" else None,
-            yardstick=("zero-shot model", zero_shot),
+            yardstick=(self.yardstick, zero_shot),
         )
 
     def champion_columns(
