@@ -284,6 +284,7 @@ class ServerLost(ServerError):
 
 
 WATCH_INTERVAL_S = 2.0
+LOST_REPEAT_S = 15.0  # a lost server's interrupt is repeated this often until the run stops
 
 
 @contextmanager
@@ -305,6 +306,11 @@ def watched(info: ServerInfo, home: Path) -> Iterator[None]:
             if not alive(info.pid):
                 lost.set()
                 _thread.interrupt_main()
+                # An interrupt can be swallowed on its way (it may land while Prefect waits to
+                # retry a task): until the run has left this block, interrupt again, spaced so
+                # the run's own failure handling (marking its MLflow run) has time to finish.
+                while not stop.wait(LOST_REPEAT_S):
+                    _thread.interrupt_main()
                 return
 
     threading.Thread(target=watch, name="fulltune-server-watch", daemon=True).start()
