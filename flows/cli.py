@@ -805,30 +805,35 @@ def pairs(
             built, pinned = build_pairs(
                 model, cfg.data, cfg.model, cfg.eval, Path(staging), share_right, cfg.train.seed
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        built.write(out)
     except (SourceError, OSError) as err:
         _fail(str(err))
-    client = MlflowClient(uri, registry_uri=uri)
-    experiment = tracking.experiment_id(client, cfg)
-    run = client.create_run(
-        experiment,
-        run_name=f"pairs-{out.stem}",
-        tags=tracking.context_tags() | {"fulltune.task": "pairs", "lineage.source_model": pinned},
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        built.write(out)
+    except OSError as err:
+        _fail(f"--out {out}: cannot be written: {err.strerror or err}")
+    # The file is written whole or not at all, and the run recorded once it is there.
+    run_id = tracking.start_run(
+        cfg,
+        {
+            "fulltune.task": "pairs",
+            "lineage.source_model": pinned,
+            "pairs.out": str(out),
+            "pairs.share_right": str(share_right),
+        },
+        f"pairs-{out.stem}",
     )
-    run_id = run.info.run_id
-    params = {"model": pinned, "data": data, "out": str(out), "share_right": str(share_right)}
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
     tracking.log_metrics(run_id, built.metrics())
-    client.log_artifact(run_id, str(out), "pairs")
-    client.set_terminated(run_id, "FINISHED")
+    tracking.log_artifact(run_id, out, "pairs")
+    tracking.end_run(run_id, "FINISHED")
+    experiment = MlflowClient(uri, registry_uri=uri).get_run(run_id).info.experiment_id
     accuracy = built.right / max(built.prompts, 1)
     typer.echo(
         f"wrote {len(built.rows)} pairs from {built.prompts} prompts to {out} ({pinned} answered "
         f"{built.right} right: {accuracy:.1%})"
     )
-    typer.echo(f"MLflow run:       {tracking.run_page(uri, experiment, run_id)}")
+    served = "" if tracking.ui_base(uri)[1] else " (after `make ui`)"
+    typer.echo(f"MLflow run:       {tracking.run_page(uri, experiment, run_id)}{served}")
 
 
 @app.command()

@@ -63,8 +63,7 @@ PAIR_FIELDS = ("prompt_column", "chosen_column", "rejected_column")
 def to_pair(row: dict[str, Any], cfg: DataConfig) -> tuple[Conversation, Conversation]:
     """(prompt + chosen, prompt + rejected) of one raw row. Raises ValueError naming the fault."""
     prompt, chosen, rejected = (row[getattr(cfg, f)] for f in PAIR_FIELDS)
-    conversational = [isinstance(v, (list, np.ndarray)) or _is_json_list(v) for v in (prompt,)]
-    if conversational[0]:
+    if isinstance(prompt, (list, np.ndarray)) or _is_json_list(prompt):  # message lists
         turns = _messages(prompt)
         answers = [_messages(chosen), _messages(rejected)]
     else:
@@ -166,13 +165,14 @@ def pair_logps(model: Any, dataset: Dataset, pad_token_id: int, batch_size: int)
 
     collate = PairBatches(pad_token_id)
     columns = ["input_ids", "labels", "rejected_input_ids", "rejected_labels"]
+    pairs = dataset.select_columns(columns)
     out = []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(dataset), batch_size):
-                rows = dataset.select_columns(columns)[start : start + batch_size]
+            for start in range(0, len(pairs), batch_size):
+                rows = pairs[start : start + batch_size]
                 features = [
                     dict(zip(rows, values, strict=True))
                     for values in zip(*rows.values(), strict=True)
@@ -195,8 +195,8 @@ def preference_metrics(policy: np.ndarray, reference: np.ndarray) -> dict[str, f
     return {
         "preference_accuracy": float((margin > 0).mean()),
         "logratio_margin": float(margin.mean()),
-        "chosen_logp_change": float((policy[:, 0] - reference[:, 0]).mean()),
-        "rejected_logp_change": float((policy[:, 1] - reference[:, 1]).mean()),
+        "chosen_logp_change": float(moved[:, 0].mean()),
+        "rejected_logp_change": float(moved[:, 1].mean()),
     }
 
 
@@ -220,20 +220,23 @@ class DPO(SFT):
         chat = cfg.model_copy(update={"messages_column": "_pair", "format": "chat"})
         rows = []
         for row in frame.to_dict("records"):
-            out: dict[str, Any] = {"_rejected_present": True, "_pair_differs": True}
-            try:
-                chosen, rejected = to_pair(row, cfg) if not missing else ([], [])
-            except (ValueError, KeyError, TypeError) as err:
-                chosen, rejected = [], []
-                out["_pair_error"] = f"pair: {err}"
+            error: str | None = None
+            chosen: Conversation = []
+            rejected: Conversation = []
+            if missing:
+                error = f"columns {missing} missing for preference pairs"
+            else:
+                try:
+                    chosen, rejected = to_pair(row, cfg)
+                except (ValueError, KeyError, TypeError) as err:
+                    error = f"pair: {err}"
             first = self._derive_row({"_pair": chosen}, "chat", chat, tokenizer, [])
             second = self._derive_row({"_pair": rejected}, "chat", chat, tokenizer, [])
-            if missing:
-                first["_format_error"] = f"columns {missing} missing for preference pairs"
-            elif "_pair_error" in out:
-                first["_format_error"] = out.pop("_pair_error")
-            elif second["_format_error"]:
-                first["_format_error"] = f"rejected: {second['_format_error']}"
+            if error is None and second["_format_error"]:
+                error = f"rejected: {second['_format_error']}"
+            if error is not None:
+                first["_format_error"] = error
+            out: dict[str, Any] = {"_pair_differs": True}
             out["_rejected_present"] = second["_answers_present"]
             out["_rejected_renders"] = second["_template_renders"]
             if chosen and rejected:
@@ -414,9 +417,12 @@ class Pairs:
         }
 
     def write(self, path: Path) -> None:
-        with path.open("w", encoding="utf-8") as out:
+        """Write the pairs as JSONL, whole or not at all (a temporary file, then renamed)."""
+        partial = path.with_name(f".{path.name}.partial")
+        with partial.open("w", encoding="utf-8") as out:
             for row in self.rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        partial.replace(path)
 
 
 def conversations(cfg: DataConfig) -> list[Conversation]:
