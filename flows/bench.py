@@ -547,6 +547,140 @@ def sft_benchmark(steps: int) -> dict[str, Any]:
     }
 
 
+DPO_BETA = 0.1
+
+
+def dpo_rows(n: int) -> Dataset:
+    """``n`` demo tweets as preference pairs in TRL's conversational format: the SFT demo's
+    prompt, the tweet's label chosen, the next label round the set rejected."""
+    cfg = load_config(SFT_CONFIG)
+    labels = list(cfg.data.labels or LABELS)
+    frame = bench_rows(n, seed=2)
+    from tasks.kinds.sft import to_conversation
+
+    prompts = [
+        to_conversation({"text": t, "sentiment": label}, "labelled", cfg.data)[:-1]
+        for t, label in zip(frame["text"], frame["label"], strict=True)
+    ]
+    wrong = [labels[(labels.index(label) + 1) % len(labels)] for label in frame["label"]]
+    return Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [[{"role": "assistant", "content": a}] for a in frame["label"]],
+            "rejected": [[{"role": "assistant", "content": a}] for a in wrong],
+        }
+    )
+
+
+def _dpo_settings() -> tuple[ModelConfig, TrainConfig]:
+    """The DPO demo's model and training settings, on the SFT demo's base model (one for both
+    arms, so neither reads a registry)."""
+    from tasks.sources import materialize_model
+
+    dpo = load_config(SFT_CONFIG.with_name("dpo-demo.yaml"))
+    sft = load_config(SFT_CONFIG)
+    model_cfg = materialize_model(sft.model, sft.home_dir() / "cache")
+    return model_cfg.model_copy(update={"max_length": dpo.model.max_length}), dpo.train
+
+
+def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
+    """fulltune's DPO: its encoding, its recipe, the reference precomputed before the steps."""
+    from datasets import DatasetDict
+
+    from tasks.train import train
+
+    model_cfg, train_cfg = _dpo_settings()
+    tokenizer = load_tokenizer(model_cfg.name_or_path)
+    kind = get_kind("dpo")
+    data_cfg = load_config(SFT_CONFIG).data
+    frame = kind.normalise(kind.derive(pairs.to_pandas(), data_cfg, tokenizer), data_cfg)
+    encoded = kind.encode(Dataset.from_pandas(frame), tokenizer, [], model_cfg)
+    path = workdir / "dpo-data"
+    DatasetDict({"train": encoded, "validation": encoded.select(range(8))}).save_to_disk(str(path))
+    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
+    train_cfg = train_cfg.model_copy(
+        update={
+            "max_steps": steps,
+            "beta": DPO_BETA,
+            "dpo_sft_weight": 0.0,
+            "select_best": False,
+            "early_stopping_patience": None,
+        }
+    )
+    result = train(
+        tokenized, [], model_cfg, train_cfg, 16, workdir / "dpo-run", kind, tokenizer=tokenizer
+    )
+    return {"tokens_per_s": result.tokens_per_s, "loss": result.train_loss}
+
+
+def run_dpo_trl(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
+    """A bare TRL ``DPOTrainer`` script, configured for speed as its docs suggest: the reference
+    log-probabilities precomputed (``precompute_ref_log_probs``), same batch, steps, learning
+    rate, beta and arithmetic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from tasks.train import StepTimer
+
+    model_cfg, train_cfg = _dpo_settings()
+    set_seed(42)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path)
+    clock = StepTimer()
+    args = DPOConfig(
+        output_dir=str(workdir / "trl-dpo"),
+        max_steps=steps,
+        per_device_train_batch_size=train_cfg.batch_size,
+        learning_rate=float(train_cfg.learning_rate),
+        weight_decay=train_cfg.weight_decay,
+        beta=DPO_BETA,
+        max_length=model_cfg.tokens(),
+        precompute_ref_log_probs=True,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=pairs, processing_class=tokenizer, callbacks=[clock]
+    )
+    tokens = [0]
+    collate = trainer.data_collator
+
+    def counting(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(features)
+        tokens[0] += int(batch["attention_mask"].sum())
+        return batch
+
+    trainer.data_collator = counting
+    output = trainer.train()
+    return {"tokens_per_s": tokens[0] / max(clock.seconds, 1e-9), "loss": output.training_loss}
+
+
+def dpo_benchmark(steps: int, repeats: int) -> dict[str, Any]:
+    """The DPO section: fulltune's DPO and a bare TRL ``DPOTrainer`` on the same pairs, steps and
+    arithmetic, interleaved ``repeats`` times (tokens/s of both answers, non-pad)."""
+    _, train_cfg = _dpo_settings()
+    pairs = dpo_rows(steps * train_cfg.batch_size)
+    runs: dict[str, list[dict[str, Any]]] = {"pipeline": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(repeats):
+            runs["pipeline"].append(run_dpo_arm(pairs, steps, Path(tmp) / f"f{rep}"))
+            runs["trl"].append(run_dpo_trl(pairs, steps, Path(tmp) / f"t{rep}"))
+    rate = {arm: [r["tokens_per_s"] for r in rs] for arm, rs in runs.items()}
+    ratio = [a / b for a, b in zip(rate["pipeline"], rate["trl"], strict=True)]
+    return {
+        "dpo_steps": steps,
+        "dpo_repeats": repeats,
+        "dpo_pipeline_tokens_per_s": spread(rate["pipeline"]),
+        "dpo_trl_tokens_per_s": spread(rate["trl"]),
+        "dpo_pipeline_vs_trl": spread(ratio),
+        "dpo_pipeline_loss": statistics.median(float(r["loss"]) for r in runs["pipeline"]),
+        "dpo_trl_loss": statistics.median(float(r["loss"]) for r in runs["trl"]),
+    }
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of repeated measurements."""
     ordered = sorted(values)
@@ -559,11 +693,12 @@ def benchmark(
     overhead: bool = True,
     sft_steps: int = 0,
     repeats: int = 3,
+    dpo_steps: int = 0,
     scoring_rows: int = 2000,
     settings_steps: int = 10,
 ) -> dict[str, Any]:
     """Run (a), (b), (c) ``repeats`` times, interleaved, then the overhead measurement and, with
-    ``sft_steps``, the SFT section.
+    ``sft_steps`` and ``dpo_steps``, the SFT and DPO sections.
 
     The arms alternate within each repetition (a, b, c, a, b, c, ...), so a busy spell on a shared
     machine slows all of them rather than one; each ratio is taken within a repetition and
@@ -622,6 +757,8 @@ def benchmark(
     }
     if sft_steps:
         result |= sft_benchmark(sft_steps)
+    if dpo_steps:
+        result |= dpo_benchmark(dpo_steps, repeats)
     if spent is not None:
         result |= spent
     return result
@@ -693,6 +830,21 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"  pipeline / TRL {result['sft_pipeline_vs_trl']:.2f}x, MFU "
             f"{result['sft_pipeline_mfu']:.3f}"
+        )
+    if "dpo_pipeline_tokens_per_s" in result:
+        lines.append(
+            f"DPO on SmolLM2, {result['dpo_steps']} steps, median of {result['dpo_repeats']} "
+            "(non-pad tokens/s of both answers, [min, max]):"
+        )
+        for arm, label in (("pipeline", "fulltune"), ("trl", "bare TRL DPOTrainer, precomputed")):
+            rate = result[f"dpo_{arm}_tokens_per_s"]
+            lines.append(
+                f"  {label:<34} {rate['median']:>8.1f} tok/s  [{rate['min']:.1f}, "
+                f"{rate['max']:.1f}]   loss {result[f'dpo_{arm}_loss']:.4f}"
+            )
+        ratio = result["dpo_pipeline_vs_trl"]
+        lines.append(
+            f"  pipeline / TRL {ratio['median']:.2f}x  [{ratio['min']:.2f}, {ratio['max']:.2f}]"
         )
     if "overhead_s" in result:
         lines.append(

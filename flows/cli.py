@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -14,6 +15,7 @@ import typer
 
 if TYPE_CHECKING:
     from tasks.config import RunConfig
+    from tasks.results import ValidatedData
 
 app = typer.Typer(
     help="Full-parameter fine-tuning of Hugging Face models as a Prefect + MLflow pipeline.",
@@ -325,6 +327,18 @@ def check(
     flow, no MLflow run. Exits 1 naming every problem."""
     import tempfile
 
+    cfg = _load_config(config, overrides)
+    with tempfile.TemporaryDirectory(prefix="fulltune-check-") as work:
+        data = _validated(cfg, Path(work))
+    labels = f", labels {data.labels}" if data.labels else ""
+    typer.echo(
+        f"ok: the settings and the data contract pass ({cfg.task}): rows {data.rows}{labels}"
+    )
+
+
+def _validated(cfg: RunConfig, work: Path) -> ValidatedData:
+    """The config's data through its contract, as a run's first stage sees it (a clean exit
+    naming every problem otherwise)."""
     from flows.finetune import cache_root
     from flows.stages import contract_settings, validation_length
     from tasks.kinds import get_kind
@@ -332,7 +346,6 @@ def check(
     from tasks.sources import REGISTRY_SCHEME, SourceError, TokenizerSource, materialize_model
     from tasks.validate import DataValidationError, validate_data
 
-    cfg = _load_config(config, overrides)
     if cfg.model.name_or_path.startswith(REGISTRY_SCHEME):  # a registered version: its store
         _use_tracking(cfg.tracking_uri())
     try:
@@ -340,16 +353,9 @@ def check(
         model = materialize_model(cfg.model, cache_root(cfg))
         tokenizer = TokenizerSource.of(model).get()
         length = validation_length(model, max_positions(facts))
-        with tempfile.TemporaryDirectory(prefix="fulltune-check-") as work:
-            data = validate_data(
-                contract_settings(cfg), Path(work), get_kind(cfg.task), tokenizer, length
-            )
+        return validate_data(contract_settings(cfg), work, get_kind(cfg.task), tokenizer, length)
     except (PreflightError, SourceError, DataValidationError) as err:
         _fail(str(err))
-    labels = f", labels {data.labels}" if data.labels else ""
-    typer.echo(
-        f"ok: the settings and the data contract pass ({cfg.task}): rows {data.rows}{labels}"
-    )
 
 
 @app.command()
@@ -514,6 +520,10 @@ def bench(
             min=0, help="Steps of each SFT arm on SmolLM2 (packed, padded, bare TRL); 0 skips."
         ),
     ] = 0,
+    dpo_steps: Annotated[
+        int,
+        typer.Option(min=0, help="Steps of each DPO arm on SmolLM2 (fulltune, bare TRL); 0 skips."),
+    ] = 0,
     repeats: Annotated[
         int, typer.Option(min=1, help="Repetitions of (a), (b), (c), interleaved; medians shown.")
     ] = 3,
@@ -533,7 +543,13 @@ def bench(
 
     _setup_logging()
     result = benchmark(
-        steps, seed_steps, overhead, sft_steps, repeats, settings_steps=settings_steps
+        steps,
+        seed_steps,
+        overhead,
+        sft_steps,
+        repeats,
+        dpo_steps=dpo_steps,
+        settings_steps=settings_steps,
     )
     if not as_json:
         typer.echo(table(result))
@@ -763,19 +779,40 @@ def resume(
     _run_flow(cfg)
 
 
+class Split(StrEnum):
+    train = "train"
+    validation = "validation"
+    test = "test"
+    unused = "unused"
+
+
 @app.command()
 def pairs(
     model: Annotated[
         str,
         typer.Option("--model", "-m", help="models:/NAME@ALIAS: whose mistakes make the pairs."),
     ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data", "-d", help="Instruction data with reference answers (the sft formats)."
-        ),
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the pairs go (JSONL).")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Instruction data with reference answers (the sft formats); default: the "
+            "config's data.train.",
+        ),
+    ] = None,
+    split: Annotated[
+        Split | None,
+        typer.Option(
+            help="Only the rows an sft run with this config puts in that split, after its data "
+            "contract: `unused` is the training rows outside train.max_train_samples, `test` the "
+            "rows its evaluation judges (eval.max_test_samples). Default: every row.",
+        ),
+    ] = None,
+    max_prompts: Annotated[
+        int | None, typer.Option(min=1, help="A seeded subset of this many prompts.")
+    ] = None,
     share_right: Annotated[
         float,
         typer.Option(
@@ -795,15 +832,30 @@ def pairs(
     from mlflow import MlflowClient
 
     from tasks import tracking
-    from tasks.kinds.dpo import build_pairs
+    from tasks.kinds.dpo import build_pairs, conversations
+    from tasks.kinds.sft import conversations_of, scored_rows
     from tasks.sources import SourceError
+    from tasks.split import split_frames
 
-    cfg = _load_config(config, [*(overrides or []), f"data.train={data}"])
+    cfg = _load_config(config, [*(overrides or []), *([f"data.train={data}"] if data else [])])
+    if split is not None and cfg.task != "sft":
+        _fail(f"--split reads the splits of an sft run; the config's task is {cfg.task!r}")
     uri = _use_tracking(cfg.tracking_uri())
+    seed = cfg.train.seed
     try:
         with tempfile.TemporaryDirectory(prefix="fulltune-pairs-") as staging:
+            if split is None:
+                chats = conversations(cfg.data)
+            else:
+                validated = _validated(cfg, Path(staging))
+                frames = split_frames(validated, cfg.data, cfg.train.max_train_samples, seed)
+                chats = conversations_of(frames[split.value])
+                if split is Split.test:  # the rows the run's evaluation judged, in its order
+                    kept = scored_rows(len(chats), cfg.eval.max_test_samples, seed)
+                    chats = [chats[i] for i in kept]
+            chats = [chats[i] for i in scored_rows(len(chats), max_prompts, seed)]
             built, pinned = build_pairs(
-                model, cfg.data, cfg.model, cfg.eval, Path(staging), share_right, cfg.train.seed
+                model, chats, cfg.data, cfg.model, cfg.eval, Path(staging), share_right, seed
             )
     except (SourceError, OSError) as err:
         _fail(str(err))
@@ -820,6 +872,7 @@ def pairs(
             "lineage.source_model": pinned,
             "pairs.out": str(out),
             "pairs.share_right": str(share_right),
+            "pairs.split": split.value if split else "all",
         },
         f"pairs-{out.stem}",
     )

@@ -115,7 +115,14 @@ def text_documents(text: str, documents: str = "line") -> list[str]:
     if documents == "paragraph":
         blocks = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
         return [b.strip("\n") for b in blocks if b.strip()]
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in lines_of(text) if line.strip()]
+
+
+def lines_of(text: str) -> list[str]:
+    """The text's lines, broken at ``\n`` (or ``\r\n``) only: what JSONL and text files mean by
+    a line. ``str.splitlines`` also breaks at U+0085, U+2028 and other separators that tweets
+    and scraped text carry inside a JSON string."""
+    return re.split(r"\r?\n", text.removesuffix("\n"))
 
 
 def read_table(name: str, split: str = "train", documents: str = "line") -> Table:
@@ -207,7 +214,7 @@ def header_columns(path: Path) -> list[str] | None:
         with path.open("rb") as f:
             head = f.read(1 << 16)
         text, _ = decode_mixed(head)
-        lines = text.splitlines()
+        lines = lines_of(text)
         if suffix == ".jsonl":
             keys: dict[str, None] = {}
             for line in lines[:-1] or lines:  # the last line of the head may be cut
@@ -296,7 +303,7 @@ def check_json_lines(path: Path, text: str) -> None:
             raise ValueError(f"key(s) {twice} appear more than once")
         return dict(pairs)
 
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines_of(text), start=1):
         if not line.strip():
             continue
         try:

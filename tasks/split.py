@@ -43,20 +43,16 @@ def stratified_split(
     return rest.reset_index(drop=True), held.reset_index(drop=True)
 
 
-def split_data(
-    data: ValidatedData,
-    cfg: DataConfig,
-    workdir: Path,
-    max_train_samples: int | None,
-    sample_seed: int,
-) -> Splits:
-    """Carve validation and test splits out of train unless they were given.
+def split_frames(
+    data: ValidatedData, cfg: DataConfig, max_train_samples: int | None, sample_seed: int
+) -> dict[str, pd.DataFrame]:
+    """The train, validation and test tables, and ``unused``: training rows outside the subset.
 
     The split depends only on the data and ``cfg.split_seed``: the same inputs give the same
     splits on every machine, so the test split never leaks into training or model selection.
     With ``max_train_samples``, the train split is a seeded random subset *after* the held-out
-    splits are carved, so those stay the same, and every later stage (tokenization, training,
-    the TF-IDF baseline) sees the same training rows.
+    splits are carved, so those stay the same; the rest of the training rows is ``unused``
+    (what `fulltune pairs --split unused` builds pairs from).
     """
     train = pd.read_parquet(data.train_path)
     test = pd.read_parquet(data.test_path) if data.test_path else None
@@ -67,9 +63,26 @@ def split_data(
         # Rescale so the validation split is validation_fraction of the original train table.
         share = cfg.validation_fraction / (1 - (0 if data.test_path else cfg.test_fraction))
         train, validation = stratified_split(train, share, cfg.split_seed, "validation")
+    unused = train.iloc[:0]
     if max_train_samples is not None and max_train_samples < len(train):
-        train = train.sample(n=max_train_samples, random_state=sample_seed).reset_index(drop=True)
-    frames = {"train": train, "validation": validation, "test": test}
+        picked = train.sample(n=max_train_samples, random_state=sample_seed)
+        unused = train.drop(index=picked.index).reset_index(drop=True)
+        train = picked.reset_index(drop=True)
+    return {"train": train, "validation": validation, "test": test, "unused": unused}
+
+
+def split_data(
+    data: ValidatedData,
+    cfg: DataConfig,
+    workdir: Path,
+    max_train_samples: int | None,
+    sample_seed: int,
+) -> Splits:
+    """Carve validation and test splits out of train unless they were given (``split_frames``),
+    and write them where every later stage (tokenization, training, the TF-IDF baseline) reads
+    the same rows."""
+    frames = split_frames(data, cfg, max_train_samples, sample_seed)
+    del frames["unused"]
     paths = {}
     for name, frame in frames.items():
         paths[name] = str(workdir / f"{name}.parquet")

@@ -136,9 +136,62 @@ def test_the_dpo_loss_is_trls_on_the_same_batch(tiny_llama_dir: Path, tmp_path: 
             )
         chosen, rejected = ours_logps.chunk(2)
         ours = dpo_loss(chosen, rejected, *ref.chunk(2), beta=0.2, loss_type=loss_type)
-        ours = ours + sft_weight * chosen_nll(ours_logps, labels)
+        ours = ours + sft_weight * chosen_nll(ours_logps, (labels[:, 1:] != -100).sum(-1))
         assert abs(float(ours) - float(theirs)) < 1e-5, (loss_type, float(ours), float(theirs))
         assert abs(float(ours) - 0.6931) > 1e-3 or loss_type == "hinge"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_pairs_prompt_computed_once_scores_as_two_rows(tiny_llama_dir: Path, attention: str):
+    """One row per pair (the prompt once, the rejected answer blind to the chosen) gives each
+    answer the log-probability it has in its own padded row, and the same gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.config import ModelConfig
+    from tasks.kinds.dpo import PairBatches, pair_batch_logps, sequence_logps, unshared
+    from tasks.kinds.sft import encode_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attention)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # Prompts of different lengths, answers of several tokens, one answer a prefix of the other.
+    questions = [
+        ("colour of the sky?", "blue", "green"),
+        ("what colour is grass, in one word or two, please?", "green", "green and red"),
+        ("and blood?", "red, deep red", "blue"),
+    ]
+    limit = ModelConfig(name_or_path=str(tiny_llama_dir), max_length=64).tokens()
+    features = []
+    for prompt, right, wrong in questions:
+        turns = [{"role": "user", "content": prompt}]
+        a, b = (
+            encode_conversation(
+                tokenizer, [*turns, {"role": "assistant", "content": x}], limit, False
+            )
+            for x in (right, wrong)
+        )
+        features.append(a | {"rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"]})
+    batch = PairBatches(int(tokenizer.pad_token_id or 0))(features)
+    rows = sum(len(f["input_ids"]) + len(f["rejected_input_ids"]) for f in features)
+    assert int((batch["branches"] >= 0).sum()) < rows  # the prompts are not computed twice
+    shared = pair_batch_logps(model, batch)
+    shared.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    two_rows = sequence_logps(model, *unshared(batch))
+    two_rows.sum().backward()
+    assert torch.allclose(shared, two_rows, atol=1e-4), (shared, two_rows)
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-4), name
+    assert batch["answer_tokens"].tolist() == [
+        int((torch.tensor(f[key]) != -100).sum())
+        for key in ("labels", "rejected_labels")
+        for f in features
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,11 @@ def test_a_model_folder_without_tokenizer_files_is_refused(tiny_model_dir: Path,
     with pytest.raises(SourceError, match="no tokenizer files"):
         load_tokenizer(str(tmp_path))
     assert len(load_tokenizer(str(tiny_model_dir))) > 1000  # a real vocabulary loads as before
+
+
+def test_jsonl_lines_break_at_newlines_only(tmp_path: Path):
+    # Tweets carry U+0085 and U+2028 inside their text; str.splitlines would cut a row there.
+    path = tmp_path / "rows.jsonl"
+    texts = ["one\u0085two", "three\u2028four", "five\u2029six"]
+    path.write_text("".join(f'{{"text": "{t}", "label": "a"}}\n' for t in texts), "utf-8")
+    assert read_table(str(path)).frame["text"].tolist() == texts

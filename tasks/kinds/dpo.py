@@ -83,20 +83,44 @@ def _is_json_list(value: Any) -> bool:
 def sequence_logps(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Each row's summed log-probability of its labelled (answer) tokens."""
+    """Each row's summed log-probability of its labelled (answer) tokens.
+
+    Only the answer positions go through the output layer (transformers' boolean
+    ``logits_to_keep``) when the model takes it: a pair's prompt is most of its tokens, and the
+    vocabulary projection and log-softmax of every prompt position are work no loss reads.
+    """
+    import torch
     from trl.trainer.utils import selective_log_softmax
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = labels[:, 1:]
     scored = targets != IGNORE
-    per_token = selective_log_softmax(logits[:, :-1].float(), targets.clamp(min=0))
-    return (per_token * scored).sum(-1)
+    if not _keeps_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        per_token = selective_log_softmax(logits[:, :-1].float(), targets.clamp(min=0))
+        return (per_token * scored).sum(-1)
+    keep = torch.nn.functional.pad(scored, (0, 1), value=False)  # the logit at t predicts t + 1
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
+    ).logits
+    per_token = selective_log_softmax(logits.float(), targets[scored])
+    rows = scored.nonzero()[:, 0]
+    return torch.zeros(len(labels), dtype=per_token.dtype, device=per_token.device).index_add(
+        0, rows, per_token
+    )
 
 
-def chosen_nll(logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The chosen answers' mean loss per token (TRL's ``sft`` loss term); rows [chosen; rejected]
-    as :class:`PairBatches` stacks them."""
-    tokens = (labels[:, 1:] != IGNORE).sum(-1)
+def _keeps_logits(model: Any) -> bool:
+    """Whether the model's forward slices its output layer by ``logits_to_keep`` (through a DDP
+    or FSDP wrapper too)."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def chosen_nll(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' mean loss per token (TRL's ``sft`` loss term): ``logps`` and the
+    answer ``tokens`` per sequence, [chosen; rejected] as :class:`PairBatches` orders them."""
     chosen, _ = logps.chunk(2)
     return -chosen.sum() / tokens.chunk(2)[0].sum().clamp(min=1)
 
@@ -125,9 +149,20 @@ def dpo_loss(
     raise ValueError(f"train.dpo_loss: unknown loss {loss_type!r}")
 
 
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # what each position of a pair's row holds
+
+
 class PairBatches:
-    """A batch of pairs as one padded batch of 2B rows, [chosen; rejected], with the answer-only
-    labels and, once computed, the reference's log-probabilities."""
+    """A batch of pairs, one row per pair: the prompt once, then the chosen answer, then the
+    rejected one, which sees the prompt but not the chosen answer (a 4D attention mask) and
+    continues the prompt's positions. A pair's two sequences share their prompt, most of their
+    tokens when answers are short, so each prompt token is computed once instead of twice.
+
+    Each answer token is predicted by the logit of the position before it in its own sequence:
+    for the first token of either answer, the prompt's last position. ``targets`` lists them
+    (row, predicting position, token, sequence), sequence ``i`` the chosen answer of pair ``i``
+    and ``B + i`` its rejected one.
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad = pad_token_id
@@ -135,28 +170,134 @@ class PairBatches:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        rows = [(f["input_ids"], f["labels"]) for f in features] + [
-            (f["rejected_input_ids"], f["rejected_labels"]) for f in features
-        ]
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, answer) in enumerate(rows):
+        rows, targets = [], []
+        batch = len(features)
+        for i, f in enumerate(features):
+            chosen, rejected = list(f["input_ids"]), list(f["rejected_input_ids"])
+            shared = _shared_prompt(chosen, rejected, f["labels"], f["rejected_labels"])
+            tail = rejected[shared:]
+            ids = chosen + tail
+            branch = [PROMPT] * shared + [CHOSEN] * (len(chosen) - shared) + [REJECTED] * len(tail)
+            positions = list(range(len(chosen))) + list(range(shared, len(rejected)))
+            # A sequence's first token has no logit before it: never scored (as in one row).
+            for k, token in enumerate(f["labels"]):
+                if token != IGNORE and k > 0:
+                    targets.append((i, k - 1, token, i))
+            for k, token in enumerate(f["rejected_labels"]):
+                if token != IGNORE and k > 0:  # its first answer token: from the prompt's end
+                    at = shared - 1 if k == shared else len(chosen) + k - shared - 1
+                    targets.append((i, at, token, batch + i))
+            rows.append((ids, branch, positions))
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((batch, width), self.pad, dtype=torch.long)
+        branches = torch.full((batch, width), PAD, dtype=torch.long)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        for i, (ids, branch, positions) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(answer)] = torch.tensor(answer)
-            attention[i, : len(ids)] = 1
-        batch: dict[str, Any] = {
+            branches[i, : len(ids)] = torch.tensor(branch)
+            position_ids[i, : len(ids)] = torch.tensor(positions)
+        target = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)
+        out: dict[str, Any] = {
             "input_ids": input_ids,
-            "attention_mask": attention,
-            "answer_labels": labels,
+            "position_ids": position_ids,
+            "branches": branches,
+            "targets": target,
+            "answer_tokens": torch.bincount(target[:, 3], minlength=2 * batch),
         }
         if "ref_chosen_logp" in features[0]:
-            batch["ref_logps"] = torch.tensor(
+            out["ref_logps"] = torch.tensor(
                 [f["ref_chosen_logp"] for f in features]
                 + [f["ref_rejected_logp"] for f in features]
             )
-        return batch
+        return out
+
+
+def _shared_prompt(
+    chosen: list[int], rejected: list[int], chosen_labels: list[int], rejected_labels: list[int]
+) -> int:
+    """How many leading tokens both sequences share before either's first answer token."""
+    first = min(
+        next((k for k, t in enumerate(labels) if t != IGNORE), len(labels))
+        for labels in (chosen_labels, rejected_labels)
+    )
+    shared = 0
+    while shared < first and chosen[shared] == rejected[shared]:
+        shared += 1
+    return shared
+
+
+def tree_mask(branches: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, 1, L, L): causal, and the rejected answer blind to the chosen one; a padding position
+    sees only itself (no row without a key). Boolean (True: attend) for SDPA, or additive in
+    ``dtype`` for eager attention."""
+    import torch
+
+    width = branches.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=branches.device).tril()
+    query, key = branches[:, :, None], branches[:, None, :]
+    allowed = causal & (key != PAD) & ~((query == REJECTED) & (key == CHOSEN))
+    allowed |= torch.eye(width, dtype=torch.bool, device=branches.device)
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=branches.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def pair_batch_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(2B,): each sequence's summed log-probability of its answer tokens, [chosen; rejected],
+    from one forward pass over :class:`PairBatches` rows. Only the positions that predict an
+    answer token go through the output layer (transformers' boolean ``logits_to_keep``)."""
+    import torch
+    from trl.trainer.utils import selective_log_softmax
+
+    inner = getattr(model, "module", model)
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    if implementation not in ("sdpa", "eager"):  # kernels without a 4D mask: two rows per pair
+        input_ids, attention_mask, labels = unshared(batch)
+        return sequence_logps(model, input_ids, attention_mask, labels)
+    ids, targets = batch["input_ids"], batch["targets"]
+    mask = tree_mask(batch["branches"], None if implementation == "sdpa" else inner.dtype)
+    row, at, token, sequence = targets.unbind(1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": batch["position_ids"]}
+    if _keeps_logits(model):
+        keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        keep[row, at] = True
+        index = keep.flatten().cumsum(0) - 1  # a kept position's row in the flat logits
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        picked = logits[index[row * ids.shape[1] + at]]
+    else:
+        picked = model(**inputs, use_cache=False).logits[row, at]
+    per_token = selective_log_softmax(picked.float(), token)
+    total = torch.zeros(len(batch["answer_tokens"]), dtype=per_token.dtype, device=ids.device)
+    return total.index_add(0, sequence, per_token)
+
+
+def unshared(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A :class:`PairBatches` batch as 2B right-padded rows, [chosen; rejected]: input ids,
+    attention mask and answer labels, for :func:`sequence_logps`."""
+    import torch
+
+    ids, branches = batch["input_ids"], batch["branches"]
+    pairs = ids.shape[0]
+    parts = [{side: ids[i][branches[i] == side] for side in (PROMPT, CHOSEN)} for i in range(pairs)]
+    rows = [torch.cat([p[PROMPT], p[CHOSEN]]) for p in parts]
+    rows += [torch.cat([parts[i][PROMPT], ids[i][branches[i] == REJECTED]]) for i in range(pairs)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros((2 * pairs, width), dtype=torch.long)
+    attention = torch.zeros((2 * pairs, width), dtype=torch.long)
+    labels = torch.full((2 * pairs, width), IGNORE, dtype=torch.long)
+    for j, r in enumerate(rows):
+        input_ids[j, : len(r)] = r
+        attention[j, : len(r)] = 1
+    for i, at, token, sequence in batch["targets"].tolist():
+        prompt, chosen = len(parts[i][PROMPT]), len(parts[i][CHOSEN])
+        if sequence < pairs or at == prompt - 1:
+            labels[sequence, at + 1] = token
+        else:  # a later rejected token: the rejected row lacks the chosen answer's positions
+            labels[sequence, at + 1 - chosen] = token
+    return input_ids, attention, labels
 
 
 def pair_logps(model: Any, dataset: Dataset, pad_token_id: int, batch_size: int) -> np.ndarray:
@@ -177,10 +318,7 @@ def pair_logps(model: Any, dataset: Dataset, pad_token_id: int, batch_size: int)
                     dict(zip(rows, values, strict=True))
                     for values in zip(*rows.values(), strict=True)
                 ]
-                batch = collate(features)
-                logps = sequence_logps(
-                    model, batch["input_ids"], batch["attention_mask"], batch["answer_labels"]
-                )
+                logps = pair_batch_logps(model, collate(features))
                 out.append(logps.view(2, -1).T.cpu().numpy())
     finally:
         model.train(was_training)
@@ -288,7 +426,9 @@ class DPO(SFT):
                 row = a | {
                     "rejected_input_ids": b["input_ids"],
                     "rejected_labels": b["labels"],
-                    "length": max(a["length"], b["length"]),
+                    # A pair is two sequences: its tokens (what the step computes, what the
+                    # time budget and tokens/s count) are both answers' together.
+                    "length": a["length"] + b["length"],
                 }
                 for key, value in row.items():
                     out.setdefault(key, []).append(value)
@@ -307,12 +447,13 @@ class DPO(SFT):
         sft_weight = cfg.dpo_sft_weight
 
         def batch_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-            labels = inputs["answer_labels"]
-            logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], labels)
+            logps = pair_batch_logps(model, inputs)
             chosen, rejected = logps.chunk(2)
             ref_chosen, ref_rejected = inputs["ref_logps"].to(logps.dtype).chunk(2)
             loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type)
-            return loss + sft_weight * chosen_nll(logps, labels) if sft_weight else loss
+            if not sft_weight:
+                return loss
+            return loss + sft_weight * chosen_nll(logps, inputs["answer_tokens"])
 
         def reference(model: Any, data: Any) -> Any:
             pad = model.config.pad_token_id
@@ -426,7 +567,7 @@ class Pairs:
 
 
 def conversations(cfg: DataConfig) -> list[Conversation]:
-    """The table's rows as conversations (the SFT formats), each ending on its reference answer.
+    """``data.train``'s rows as conversations (the SFT formats), each ending on its answer.
 
     Raises:
         SourceError: the table holds no conversation in its format (naming the row).
@@ -449,6 +590,7 @@ def conversations(cfg: DataConfig) -> list[Conversation]:
 
 def build_pairs(
     model_uri: str,
+    chats: list[Conversation],
     data: DataConfig,
     model_cfg: ModelConfig,
     eval_cfg: EvalConfig,
@@ -456,19 +598,19 @@ def build_pairs(
     share_right: float = 0.0,
     seed: int = 0,
 ) -> tuple[Pairs, str]:
-    """Pairs from the registered model's mistakes on ``data.train``; and the pinned model URI.
+    """Pairs from the registered model's mistakes on ``chats``; and the pinned model URI.
 
     For each prompt the reference answer is chosen and the model's own wrong answer rejected:
-    over a closed answer set, its most likely wrong candidate (multiple-choice scoring, one pass
-    per prompt); otherwise its greedy answer. A prompt it answers right gives no pair, unless
-    ``share_right`` asks for some (closed set only: its most likely wrong candidate).
+    over a closed answer set (``data.labels``, or a few distinct answers), its most likely wrong
+    candidate (multiple-choice scoring, one pass per prompt); otherwise its greedy answer. A
+    prompt it answers right gives no pair, unless ``share_right`` asks for some (closed set
+    only: its most likely wrong candidate).
     """
     from transformers import AutoModelForCausalLM
 
     source = registered_source(model_uri)
     model, tokenizer = load_registered(source.name, source.version, AutoModelForCausalLM, staging)
     tokenizer = with_template(tokenizer, model_cfg)
-    chats = conversations(data)
     references = [str(m[-1]["content"]) for m in chats]
     labels = closed_set(references, list(data.labels) if data.labels else None)
     everyone = np.arange(len(chats))

@@ -446,8 +446,18 @@ def _cell(text: str, limit: int = 120) -> str:
     return (text[: limit - 1] + "…" if len(text) > limit else text) or " "
 
 
-def conversations_of(path: str) -> list[Conversation]:
-    return [json.loads(m) for m in pd.read_parquet(path)["messages"]]
+def conversations_of(table: str | pd.DataFrame) -> list[Conversation]:
+    """The conversations of a clean table (a split's parquet file, or the frame itself)."""
+    frame = pd.read_parquet(table) if isinstance(table, str) else table
+    return [json.loads(m) for m in frame["messages"]]
+
+
+def scored_rows(rows: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """Which held-out rows are judged: all, or a seeded subset of ``eval.max_test_samples``."""
+    everyone = np.arange(rows)
+    if max_samples is None or max_samples >= rows:
+        return everyone
+    return np.sort(np.random.default_rng(seed).choice(everyone, max_samples, False))
 
 
 def classical_answers(
@@ -654,9 +664,7 @@ class SFT:
 
         conversations = conversations_of(splits.test_path)
         test = load_from_disk(tokenized.path)["test"]
-        rows = np.arange(len(conversations))
-        if cfg.max_test_samples is not None and cfg.max_test_samples < len(rows):
-            rows = np.sort(np.random.default_rng(seed).choice(rows, cfg.max_test_samples, False))
+        rows = scored_rows(len(conversations), cfg.max_test_samples, seed)
         test = test.select(rows.tolist())
         chosen = [conversations[i] for i in rows]
         generated = np.arange(len(chosen))
