@@ -204,11 +204,11 @@ def sft_then_dpo(tiny_llama_dir: Path, tmp_path_factory, prefect_harness):
     sft_data = work / "colours.csv"
     colour_rows(96).to_csv(sft_data, index=False)
     sft_cfg = load_config(
-        None, [*tiny_overrides(tiny_llama_dir, sft_data, home, task="sft"), "train.max_steps=12"]
+        None, [*tiny_overrides(tiny_llama_dir, sft_data, home, task="sft"), "train.max_steps=4"]
     )
     sft = finetune(config=sft_cfg)
     pairs = work / "pairs.jsonl"
-    pair_rows(160, seed=1).to_json(pairs, orient="records", lines=True)
+    pair_rows(320, seed=1).to_json(pairs, orient="records", lines=True)
     cfg = load_config(
         None,
         [
@@ -235,11 +235,11 @@ pytestmark = pytest.mark.flow
 
 def test_dpo_learns_the_preference_and_beats_its_parent(sft_then_dpo):
     _, _, dpo, _ = sft_then_dpo
-    assert dpo.metrics["preference_accuracy"] > 0.6
+    assert dpo.metrics["preference_accuracy"] > 0.6, (dpo.metrics, dpo.baseline)
     assert dpo.metrics["logratio_margin"] > 0
     assert dpo.metrics["chosen_logp_change"] > 0  # the answer-likelihood term holds it up
     # Judged as SFT is, on the held-out prompts, against its parent on the same rows.
-    assert dpo.metrics["accuracy"] > dpo.baseline["accuracy"]
+    assert dpo.metrics["accuracy"] > dpo.baseline["accuracy"], (dpo.metrics, dpo.baseline)
     assert dpo.decision is not None and dpo.decision.promoted, dpo.decision
 
 
@@ -337,3 +337,42 @@ def test_pairs_come_from_the_champions_own_mistakes(sft_then_dpo, tiny_llama_dir
     # The pairs file is a valid DPO training table.
     check_result = check(dpo_overrides(model, out, Path(cfg.home)))
     assert check_result.exit_code == 0, check_result.output
+
+
+def test_pairs_that_over_choose_one_answer_are_named():
+    from tasks.kinds.dpo import Pairs
+
+    def rows(chosen: list[str]) -> list[dict]:
+        return [
+            {"prompt": [], "chosen": [{"role": "assistant", "content": c}], "rejected": []}
+            for c in chosen
+        ]
+
+    references = ["red"] * 4 + ["blue"] * 4 + ["green"] * 4
+    skewed = Pairs(rows(["red"] * 5 + ["blue"]), 12, 6, ["red", "green", "blue"])
+    assert "83% of the pairs choose 'red' (33% of the prompts)" in (skewed.skew(references) or "")
+    balanced = Pairs(rows(["red", "blue", "green"] * 2), 12, 6, ["red", "green", "blue"])
+    assert balanced.skew(references) is None
+    assert Pairs(rows(["red"] * 6), 12, 6, []).skew(references) is None  # an open set
+
+
+def test_pairs_from_the_rows_an_sft_run_held_out(sft_then_dpo, tiny_llama_dir, tmp_path):
+    """--split test: the SFT run's held-out rows (its split, after its contract), every one a
+    pair with --share-right 1, none of them a prompt it trained on."""
+    cfg, sft, _, _ = sft_then_dpo
+    home = Path(cfg.home)
+    sft_data = home.parent / "colours.csv"
+    out = tmp_path / "held-out.jsonl"
+    args = ["pairs", "-m", f"models:/tiny-chat/{sft.model.version}", "-o", str(out)]
+    args += ["--split", "test", "--share-right", "1"]
+    for item in tiny_overrides(tiny_llama_dir, sft_data, home, task="sft"):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    held_out = client.get_run(sft.mlflow_run_id).data.metrics["data/split_test"]
+    assert len(rows) == held_out  # every held-out prompt, the set being closed
+    questions = dict(zip(*pd.read_csv(sft_data)[["prompt", "completion"]].T.values, strict=True))
+    for row in rows:  # each the SFT data's own question, its answer chosen
+        assert questions[row["prompt"][-1]["content"]] == row["chosen"][0]["content"]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.split import SplitError, split_data, stratified_split
+from tasks.split import SplitError, split_data, split_frames, stratified_split
 
 from .conftest import data_config, make_rows, validate
 
@@ -24,6 +24,20 @@ def test_split_is_deterministic_stratified_and_disjoint(tiny_csv: Path, tmp_path
     assert not texts["train"] & texts["validation"]
     assert not texts["validation"] & texts["test"]
     assert sum(len(t) for t in texts.values()) == 72
+
+
+def test_unused_rows_are_the_training_rows_outside_the_subset(tiny_csv: Path, tmp_path: Path):
+    cfg = data_config(tiny_csv, validation_fraction=0.125, test_fraction=0.125)
+    data = validate(cfg, tmp_path)
+    whole = split_frames(data, cfg, None, 42)
+    frames = split_frames(data, cfg, 20, 42)
+    written = split_data(data, cfg, tmp_path, 20, 42)
+    assert pd.read_parquet(written.train_path).equals(frames["train"])
+    assert whole["unused"].empty and len(frames["unused"]) == 54 - 20
+    texts = {name: set(frame["text"]) for name, frame in frames.items()}
+    assert texts["train"] | texts["unused"] == set(whole["train"]["text"])
+    assert not texts["train"] & texts["unused"]
+    assert texts["test"] == set(whole["test"]["text"])  # the held-out rows do not move
 
 
 def test_given_test_file_is_used_as_is(tiny_csv: Path, tmp_path: Path):

@@ -423,12 +423,13 @@ class DPO(SFT):
             for chosen, rejected in zip(batch["messages"], batch["rejected"], strict=True):
                 a = encode_conversation(tokenizer, json.loads(chosen), cfg.tokens(), False)
                 b = encode_conversation(tokenizer, json.loads(rejected), cfg.tokens(), False)
+                shared = _shared_prompt(a["input_ids"], b["input_ids"], a["labels"], b["labels"])
                 row = a | {
                     "rejected_input_ids": b["input_ids"],
                     "rejected_labels": b["labels"],
-                    # A pair is two sequences: its tokens (what the step computes, what the
-                    # time budget and tokens/s count) are both answers' together.
-                    "length": a["length"] + b["length"],
+                    # A pair's row (PairBatches): the prompt once, then both answers. What a
+                    # step computes, the memory preflight sizes and tokens/s counts.
+                    "length": len(a["input_ids"]) + len(b["input_ids"]) - shared,
                 }
                 for key, value in row.items():
                     out.setdefault(key, []).append(value)
@@ -557,6 +558,26 @@ class Pairs:
             "pairs/model_accuracy": self.right / max(self.prompts, 1),
         }
 
+    def skew(self, references: list[str]) -> str | None:
+        """A warning when the chosen answers over-represent one answer of a closed set (more than
+        1.5 times its share of the prompts): a DPO run learns to give it everywhere."""
+        if not self.closed or not self.rows:
+            return None
+        data = pd.Series([normalise_answer(r) for r in references]).value_counts(normalize=True)
+        chosen = pd.Series(
+            [normalise_answer(r["chosen"][0]["content"]) for r in self.rows]
+        ).value_counts(normalize=True)
+        over = chosen / data.reindex(chosen.index).fillna(1.0)
+        answer = str(over.idxmax())
+        if over.max() <= 1.5:
+            return None
+        return (
+            f"{chosen[answer]:.0%} of the pairs choose {answer!r} ({data.get(answer, 0):.0%} of "
+            "the prompts): the model's mistakes over-represent it, and a DPO run on these pairs "
+            "learns to answer it everywhere. --share-right 1 keeps every prompt (its most likely "
+            "wrong answer rejected), so the chosen answers keep the data's balance"
+        )
+
     def write(self, path: Path) -> None:
         """Write the pairs as JSONL, whole or not at all (a temporary file, then renamed)."""
         partial = path.with_name(f".{path.name}.partial")
@@ -651,4 +672,8 @@ def build_pairs(
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
         )
-    return Pairs(rows, len(chats), right, labels), source.pinned
+    built = Pairs(rows, len(chats), right, labels)
+    skew = built.skew(references)
+    if skew:
+        log.warning("%s", skew)
+    return built, source.pinned
