@@ -467,6 +467,18 @@ def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict
     }
 
 
+# What both bare TRL arms share. TRL's configs turn activation checkpointing on by default;
+# fulltune's arms do not recompute, so neither does TRL here.
+TRL_ARGS: dict[str, Any] = {
+    "gradient_checkpointing": False,
+    "save_strategy": "no",
+    "report_to": "none",
+    "logging_steps": 10,
+    "disable_tqdm": True,
+    "use_cpu": True,
+}
+
+
 def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     """(e) a bare TRL ``SFTTrainer`` script: prompt/completion data, completion-only loss, padded
     batches, its default sampler: what a user writes from TRL's quick start."""
@@ -497,11 +509,7 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
         packing=False,
         padding_free=False,
         completion_only_loss=True,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10,
-        disable_tqdm=True,
-        use_cpu=True,
+        **TRL_ARGS,
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[clock]
@@ -615,9 +623,10 @@ def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
 
 
 def run_dpo_trl(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
-    """A bare TRL ``DPOTrainer`` script, configured for speed as its docs suggest: the reference
-    log-probabilities precomputed (``precompute_ref_log_probs``), same batch, steps, learning
-    rate, beta and arithmetic."""
+    """A bare TRL ``DPOTrainer`` script configured for speed: the reference log-probabilities
+    precomputed (``precompute_ref_log_probs``, in large batches), ``TRL_ARGS``, the same batch,
+    steps, learning rate, beta and arithmetic.
+    ``padding_free`` is disabled in TRL 1.16's DPO (it warns and pads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOConfig, DPOTrainer
 
@@ -637,11 +646,8 @@ def run_dpo_trl(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
         beta=DPO_BETA,
         max_length=model_cfg.tokens(),
         precompute_ref_log_probs=True,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10,
-        disable_tqdm=True,
-        use_cpu=True,
+        precompute_ref_batch_size=32,
+        **TRL_ARGS,
     )
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=pairs, processing_class=tokenizer, callbacks=[clock]
