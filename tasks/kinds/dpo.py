@@ -579,11 +579,26 @@ class Pairs:
         )
 
     def write(self, path: Path) -> None:
-        """Write the pairs as JSONL, whole or not at all (a temporary file, then renamed)."""
-        partial = path.with_name(f".{path.name}.partial")
-        with partial.open("w", encoding="utf-8") as out:
-            for row in self.rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        """Write the pairs as JSONL, whole or not at all: a temporary file of this process's own
+        (two commands writing one path do not interleave), renamed, or removed on failure."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(
+            "w",
+            encoding="utf-8",
+            dir=path.parent,
+            prefix=f".{path.name}.",
+            suffix=".partial",
+            delete=False,
+        ) as out:
+            partial = Path(out.name)
+            try:
+                for row in self.rows:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            except BaseException:
+                out.close()
+                partial.unlink(missing_ok=True)
+                raise
         partial.replace(path)
 
 
