@@ -29,11 +29,13 @@ from transformers import (
     default_data_collator,
 )
 
+from tasks.callbacks import StepTimer
 from tasks.config import ModelConfig, TrainConfig
 from tasks.efficiency import matmul_peak_flops, non_embedding_params, train_flops_per_token
+from tasks.kinds import get_kind
+from tasks.results import TokenizedData, TrainJob
 from tasks.sources import resolve_model
-from tasks.tokenize import TokenizedData
-from tasks.train import StepTimer, train
+from tasks.train import train
 
 
 def build_model(folder: Path, layers: int, hidden: int, seq: int) -> BertConfig:
@@ -107,9 +109,16 @@ def main() -> None:
         logging_steps=50,
         check_memory=False,
     )
-    result = train(
-        tokenized, ["0", "1"], ModelConfig(name_or_path=str(work / "model")), cfg, work / "a"
+    job = TrainJob(
+        tokenized=tokenized,
+        labels=["0", "1"],
+        model_cfg=ModelConfig(name_or_path=str(work / "model")),
+        cfg=cfg,
+        eval_batch_size=64,
+        task="text-classification",
+        workdir=str(work / "a"),
     )
+    result = train(job, get_kind("text-classification"))
     pipeline = result.global_step * args.batch / result.step_time_s
 
     # (b) a bare Trainer script: defaults, fp32; timed over optimizer steps only, as (a) is

@@ -36,7 +36,7 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows.bench import child_environment, fulltune_run_command  # noqa: E402
+from bench.harness import child_environment, fulltune_run_command  # noqa: E402
 from flows.local_server import stop_server  # noqa: E402
 from tasks.metrics import classification_metrics, tfidf_baseline  # noqa: E402
 from tasks.sources import resolve_package_path  # noqa: E402

@@ -36,6 +36,7 @@ from flows.stages import (
     train_stage,
 )
 from tasks import caching, tracking
+from tasks.caching import cache_root
 from tasks.checkpoints import latest_checkpoint, lock_folder
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import get_kind
@@ -56,11 +57,6 @@ from tasks.register import (
 )
 from tasks.results import Decision, EvalResult, RegisteredModel
 from tasks.sources import REGISTRY_SCHEME, TokenizerSource, materialize_model, registered_source
-
-
-def cache_root(cfg: RunConfig) -> Path:
-    """Where content-addressed results (stage outputs, converted models) live for this home."""
-    return cfg.home_dir() / "cache"
 
 
 class RunSummary(BaseModel):

@@ -16,20 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
-import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from tasks import caching, sizing, tracking
+from tasks import caching, tracking
 from tasks import sources as sources_module
 from tasks import tokenize as tokenize_module
 from tasks import validate as validate_module
 from tasks.caching import rehome_json
 from tasks.checkpoints import latest_checkpoint
 from tasks.config import (
-    DEFAULT_MAX_TRUNCATED,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -40,6 +38,14 @@ from tasks.config import (
 )
 from tasks.kinds import Kind
 from tasks.register import CardFacts, register_model
+from tasks.resolve import (
+    check_shift,
+    contract_settings,
+    described,
+    size_to_data,
+    token_lengths,
+    validation_length,
+)
 from tasks.results import (
     Decision,
     EvalResult,
@@ -127,7 +133,7 @@ def validation_cache(cfg: RunConfig, tokenizer_id: str, max_length: int) -> Path
         max_length,
         caching.code_version(validate_module, sources_module, extra=[suite_path(cfg.task)]),
     )
-    return caching.entry(cfg.home_dir() / "cache", "validate", key)
+    return caching.entry(caching.cache_root(cfg), "validate", key)
 
 
 def tokenization_cache(
@@ -147,7 +153,7 @@ def tokenization_cache(
         tokenizer_id,
         caching.code_version(tokenize_module, encode_module),
     )
-    return caching.entry(cfg.home_dir() / "cache", "tokenize", key)
+    return caching.entry(caching.cache_root(cfg), "tokenize", key)
 
 
 def _folder_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -281,89 +287,6 @@ class Prepared(NamedTuple):
     model: ModelConfig
 
 
-def token_lengths(data: ValidatedData) -> dict[str, np.ndarray]:
-    """Tokens per row of each validated table, as the data contract counted them."""
-    path = data.token_lengths_path
-    return dict(np.load(path)) if path and Path(path).exists() else {}
-
-
-def size_to_data(
-    cfg: RunConfig,
-    data: ValidatedData,
-    lengths: dict[str, np.ndarray],
-    limit: int,
-    run_id: str,
-) -> tuple[ModelConfig, ValidatedData]:
-    """Resolve ``model.max_length`` (within ``limit``) and ``model.truncation`` from the token
-    lengths; log each choice and its reason to the run (``sizing.*`` tags), and the truncated
-    share at the length actually used."""
-    train = lengths.get("train", np.zeros(0, dtype=np.int64))
-    model = cfg.model
-    reasons: dict[str, str] = {}
-    if model.max_length == "auto":
-        value, reasons["model.max_length"] = sizing.size_max_length(train, limit, cfg.task)
-        model = model.model_copy(update={"max_length": value})
-    if cfg.task == "text-classification":
-        side, why = sizing.choose_truncation(model.truncation, train, model.tokens())
-        if model.truncation == "auto" or side == "head+tail":
-            reasons["model.truncation"] = why
-        model = model.model_copy(update={"truncation": side})
-    elif model.truncation == "auto":
-        model = model.model_copy(update={"truncation": "head"})
-    logger = get_run_logger()
-    for setting, reason in reasons.items():
-        logger.info("auto %s = %s: %s", setting, getattr(model, setting.split(".")[1]), reason)
-    tracking.set_tags(
-        run_id,
-        {
-            f"sizing.{setting}": f"{getattr(model, setting.split('.')[1])} ({reason})"
-            for setting, reason in reasons.items()
-        },
-    )
-    truncated = {s: sizing.cut_share(v, model.tokens()) for s, v in lengths.items()}
-    return model, data.model_copy(
-        update={"truncated_fraction": truncated or data.truncated_fraction}
-    )
-
-
-def check_shift(
-    data: ValidatedData, lengths: dict[str, np.ndarray], seed: int, run_id: str
-) -> None:
-    """Compare the given test file with the training data a validation split is carved from;
-    log the figures (``shift/*``) and warn, on the run too, when they differ."""
-    if data.test_path is None or not {"train", "test"} <= lengths.keys():
-        return
-    frames = {"train": pd.read_parquet(data.train_path), "test": pd.read_parquet(data.test_path)}
-    if not all("text" in f for f in frames.values()):
-        return
-    figures, warning = sizing.distribution_shift(
-        lengths["train"],
-        lengths["test"],
-        frames["train"]["text"].astype(str).tolist(),
-        frames["test"]["text"].astype(str).tolist(),
-        seed,
-    )
-    tracking.log_metrics_once(run_id, figures)
-    if warning is not None:
-        get_run_logger().warning("DISTRIBUTION SHIFT: %s", warning)
-        tracking.set_tags(run_id, {"data.shift_warning": warning})
-
-
-def validation_length(model: ModelConfig, limit: int | None) -> int:
-    """The token budget the data contract measures truncation against: the configured
-    ``max_length``, or (``auto``, sized after validation) the model's limit."""
-    return model.max_length if model.max_length != "auto" else limit or 512
-
-
-def contract_settings(cfg: RunConfig) -> DataConfig:
-    """The data settings the contract checks with: an unset truncation bound filled in (a sized
-    ``auto`` length cuts only what the model cannot hold anyway: measured, not refused)."""
-    if cfg.data.max_truncated_fraction is not None:
-        return cfg.data
-    allowed = 1.0 if cfg.model.max_length == "auto" else DEFAULT_MAX_TRUNCATED
-    return cfg.data.model_copy(update={"max_truncated_fraction": allowed})
-
-
 def prepare_data(
     cfg: RunConfig,
     kind: Kind,
@@ -386,7 +309,11 @@ def prepare_data(
     )
     lengths = token_lengths(data)
     # With `auto`, the length validation measured against is the bound sizing stays within.
-    model, data = size_to_data(cfg, data, lengths, checked_length, run_id)
+    sized = size_to_data(cfg, data, lengths, checked_length)
+    for setting, value in described(sized).items():
+        get_run_logger().info("auto %s = %s", setting, value)
+    tracking.set_tags(run_id, {f"sizing.{k}": v for k, v in described(sized).items()})
+    model, data = sized.model, sized.data
     cfg = cfg.model_copy(update={"model": model})
     record_validation(data, run_id)
     if cfg.data.test is not None and cfg.data.validation is None:
@@ -426,7 +353,8 @@ def train_stage(
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from tasks import distributed
-    from tasks.train import MlflowMetricsCallback, run_job
+    from tasks.callbacks import MlflowMetricsCallback
+    from tasks.train import train
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resuming)
     monitor.start()
@@ -435,7 +363,7 @@ def train_stage(
             result = distributed.launch(job, num_processes)
         else:
             callbacks = [MlflowMetricsCallback(run_id, job.after_step)]
-            result = run_job(job, kind, callbacks, tokenizer.get())
+            result = train(job, kind, callbacks, tokenizer.get())
     finally:
         monitor.finish()
     if result.resumed_from_step:
@@ -643,8 +571,8 @@ def train_job(
     cfg: RunConfig,
     train_cfg: TrainConfig,
     workdir: Path,
-    checkpoint_dir: Path | None,
-    run_id: str | None,
+    checkpoint_dir: Path | None = None,
+    run_id: str | None = None,
 ) -> TrainJob:
     """The train stage's input for this run (``train_cfg`` may be a sweep trial's recipe)."""
     return TrainJob(

@@ -20,9 +20,10 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 from transformers import TrainerCallback
 
-from flows.finetune import RunSummary, cache_root, finetune
-from flows.stages import Prepared, prepare_data
+from flows.finetune import RunSummary, finetune
+from flows.stages import Prepared, prepare_data, train_job
 from tasks import tracking
+from tasks.caching import cache_root
 from tasks.config import RunConfig, SearchDimension, TrainConfig
 from tasks.kinds import Kind, get_kind
 from tasks.preflight import check_model, max_positions
@@ -144,17 +145,10 @@ def trial_stage(
     pruner = PruneOnValidation(trial, metric)
     workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
     try:
-        result = train(
-            prepared.tokenized,
-            prepared.data.labels,
-            cfg.model,
-            with_params(trial_cfg, {"early_stopping_patience": None}),
-            cfg.eval.batch_size,
-            workdir,
-            kind,
-            [MlflowMetricsCallback(run_id), pruner],
-            tokenizer=tokenizer.get(),
+        job = train_job(
+            prepared, cfg, with_params(trial_cfg, {"early_stopping_patience": None}), workdir
         )
+        result = train(job, kind, [MlflowMetricsCallback(run_id), pruner], tokenizer.get())
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         tracking.end_run(run_id, "FAILED")

@@ -18,11 +18,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
 from tasks.sources import TokenizerSource, file_digest, resolve_local
+
+if TYPE_CHECKING:
+    from tasks.config import RunConfig
 
 DONE = "DONE"
 
@@ -161,3 +164,8 @@ def rehome_json(text: str, staging: Path, folder: Path) -> str:
     """JSON text with every path into ``staging`` pointing into ``folder`` instead."""
     old, new = (json.dumps(str(p))[1:-1] for p in (staging, folder))
     return text.replace(old, new)
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    """Where content-addressed results (stage outputs, converted models) live for this home."""
+    return cfg.home_dir() / "cache"

@@ -207,3 +207,21 @@ def estimate_training_memory(
 
 def current_rss_bytes() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def throughput(
+    model: torch.nn.Module,
+    config: Any,
+    tokens: int,
+    mean_length: float,
+    seconds: float,
+    precision: str,
+) -> tuple[float, float, float]:
+    """(non-pad tokens per second, MFU, the peak FLOP/s it is measured against) of ``tokens``
+    trained in ``seconds`` of pure step time, in the arithmetic the step ran in."""
+    seconds = max(seconds, 1e-9)
+    flops = tokens * train_flops_per_token(
+        non_embedding_params(model), config.num_hidden_layers, config.hidden_size, mean_length
+    )
+    peak = matmul_peak_flops(dtype="bfloat16" if precision == "bf16" else "float32")
+    return tokens / seconds, flops / seconds / peak, peak

@@ -94,6 +94,25 @@ class Predictor:
         [ids] = self._generate(prompt)
         return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
+    def predict(
+        self, frame: pd.DataFrame, inputs: list[Any], batch_size: int
+    ) -> tuple[pd.DataFrame, list[str]]:
+        """``frame`` with the model's output columns, and one printable line per input: a chat
+        model's answer, a classifier's label and score, or a text continued."""
+        if self.chat:  # one conversation per request: a plain text is one user turn
+            lines = [self.answer(value) for value in inputs]
+            return frame.assign(answer=lines), lines
+        texts = [str(t) for t in inputs]
+        if self.task == "text-classification":  # a label and its score per text
+            predictions = self.classify(texts, batch_size)
+            out = frame.assign(
+                label=predictions["label"].to_numpy(), score=predictions["score"].to_numpy()
+            )
+            rows = zip(out["label"], out["score"], texts, strict=True)
+            return out, [f"{label}\t{score:.4f}\t{t}" for label, score, t in rows]
+        lines = self.continue_texts(texts, batch_size)  # a text-generation model
+        return frame.assign(generated_text=lines), lines
+
     def _generate(self, encoded: Any) -> list[Any]:
         """The new tokens of each prompt (left-padded), under the registered settings."""
         import torch

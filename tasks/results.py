@@ -186,8 +186,8 @@ class TrainJob(BaseModel):
     eval_batch_size: int
     task: str
     workdir: str
-    checkpoint_dir: str | None
-    run_id: str | None  # MLflow run that rank 0 streams the training metrics to
+    checkpoint_dir: str | None = None  # resumable checkpoints go here (``train.checkpoint_steps``)
+    run_id: str | None = None  # MLflow run that rank 0 streams the training metrics to
     after_step: int = -1
 
     def result_path(self, rank: int) -> Path:

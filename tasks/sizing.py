@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from tasks.config import TrainConfig
+
 COVERAGE = 0.95  # `max_length: auto` fits this share of the training texts
 LM_BLOCK = 256  # `max_length: auto` for causal-lm: the block size texts are packed into
 HEAD_TAIL_ABOVE = 0.10  # `truncation: auto` keeps head and tail when more texts than this are cut
@@ -160,3 +162,41 @@ def distribution_shift(
         "be optimistic about test; give "
         "data.validation rows that resemble the test data to select on them instead."
     )
+
+
+# The `auto` schedule: enough optimizer steps to adapt, few enough epochs not to memorise.
+TARGET_STEPS = 300
+MIN_EPOCHS, MAX_EPOCHS = 2, 10
+# The `auto` learning rate: 1e-4 for a ~25M-parameter encoder, scaled by 1/sqrt(size), so BERT-base
+# (110M) gets ~5e-5 and BERT-large (335M) ~3e-5, the usual values for those models.
+REFERENCE_PARAMS, REFERENCE_LR = 25e6, 1e-4
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Rows per optimizer step: ``batch_size`` is per process, so all processes count."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+
+
+def steps_per_epoch(cfg: TrainConfig, train_rows: int, world_size: int) -> int:
+    """Optimizer steps in one pass over ``train_rows`` (at least one)."""
+    return max(1, math.ceil(train_rows / global_batch(cfg, world_size)))
+
+
+def auto_schedule(
+    cfg: TrainConfig, train_rows: int, n_params: int, processes: int
+) -> tuple[float, float]:
+    """(epochs, learning rate), resolving ``auto`` from the data size and the model size.
+
+    Epochs: enough for about ``TARGET_STEPS`` optimizer steps of the global batch (all
+    ``processes`` together), clamped to [2, 10]: 600 rows at batch 32 get 10 epochs, 35,000 rows
+    get 2. Early stopping and best-checkpoint selection make the upper end safe. Learning rate:
+    ``1e-4 * sqrt(25M / params)``, clamped to [1e-5, 2e-4].
+    """
+    epochs = cfg.epochs
+    if epochs == "auto":
+        per_epoch = steps_per_epoch(cfg, train_rows, processes)
+        epochs = float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / per_epoch))))
+    lr = cfg.learning_rate
+    if lr == "auto":
+        lr = float(np.clip(REFERENCE_LR * math.sqrt(REFERENCE_PARAMS / n_params), 1e-5, 2e-4))
+    return float(epochs), float(lr)

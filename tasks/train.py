@@ -1,20 +1,23 @@
 """The full-parameter fine-tuning recipe: every weight of the pretrained model is trained.
 
-Setup helpers build the model, the data, the loss and the training arguments; then one
-``Trainer.train()`` call runs the loop (AdamW, linear warmup and decay, weight decay, gradient
-clipping, seeded), validating as it goes and keeping the best checkpoint by the task's validation
-metric (macro F1 for classification, loss for a causal LM). The task's kind supplies the model
-class, collator and checks; resume, scheduling, preflight and efficiency are shared.
+:func:`train` reads top to bottom as the recipe: set up the data and the model, fit the batch to
+memory and resolve the schedule (:func:`setup`), build the ``Trainer`` (:func:`setup_trainer`),
+plan the steps (a time budget, the warm-up), then one ``Trainer.train()`` call runs the loop
+(AdamW, linear warm-up and decay, weight decay, gradient clipping, seeded), validating as it goes
+and keeping the best checkpoint by the kind's validation metric. The task's kind supplies the
+model class, collator and checks; resume, scheduling, the memory fit and the accounting are shared.
+One signature, ``train(job, kind, callbacks, tokenizer)``, serves the flow, the sweep, the bench
+and every torchrun rank.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,49 +28,39 @@ from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from tasks import tracking
-from tasks.checkpoints import COMPLETE, latest_checkpoint
-from tasks.config import ModelConfig, TrainConfig, parse_duration
+from tasks.callbacks import (
+    BudgetGuard,
+    CheckpointMarker,
+    MlflowMetricsCallback,
+    ProgressLog,
+    StepTimer,
+)
+from tasks.checkpoints import latest_checkpoint
+from tasks.config import TrainConfig, parse_duration
 from tasks.efficiency import (
-    GIB,
     MemoryEstimate,
-    available_bytes,
-    current_rss_bytes,
-    estimate_training_memory,
-    matmul_peak_flops,
-    non_embedding_params,
     peak_rss_bytes,
     resolve_precision,
-    train_flops_per_token,
+    throughput,
     use_attention,
 )
+from tasks.fit import fit_memory, measure_step_seconds, world_size
 from tasks.results import TokenizedData, TrainJob, TrainResult
-from tasks.sizing import auto_warmup, plan_budget
+from tasks.sizing import auto_schedule, auto_warmup, global_batch, plan_budget, steps_per_epoch
 from tasks.sources import load_tokenizer
+from tasks.trainer import FinetuneTrainer
+from tasks.weights import count_updated, full, snapshot, weights_digest
 
 if TYPE_CHECKING:
-    from tasks.kinds import Kind
+    from tasks.kinds import Kind, TrainExtras
 
 log = logging.getLogger(__name__)
-
-# The `auto` schedule: enough optimizer steps to adapt, few enough epochs not to memorise.
-TARGET_STEPS = 300
-MIN_EPOCHS, MAX_EPOCHS = 2, 10
-# The `auto` learning rate: 1e-4 for a ~25M-parameter encoder, scaled by 1/sqrt(size), so BERT-base
-# (110M) gets ~5e-5 and BERT-large (335M) ~3e-5, the usual values for those models.
-REFERENCE_PARAMS, REFERENCE_LR = 25e6, 1e-4
-
-
-class MemoryPreflightError(RuntimeError):
-    """Training would not fit in memory; the message has the numbers and what to change."""
 
 
 class ModelCollapsed(RuntimeError):
@@ -86,364 +79,6 @@ def collapse_advice(finding: str, cfg: TrainConfig, learning_rate: float, versio
         f"{cfg.class_weights!r}), or train.balanced_sampling=true\n"
         f"  - a lower learning rate: train.learning_rate={lower} "
         f"(this run used {learning_rate:.1e})"
-    )
-
-
-class MlflowMetricsCallback(TrainerCallback):
-    """Send the Trainer's logs (loss, learning rate, grad norm, eval metrics) to one MLflow run.
-
-    One batched call per logging step: no per-step round trips beyond what the user asked for
-    with ``logging_steps``.
-    """
-
-    def __init__(self, run_id: str, after_step: int = -1):
-        self.run_id = run_id
-        # A resumed run replays the steps between its checkpoint and the crash: those metric
-        # steps are in MLflow already, and are not logged twice.
-        self.after_step = after_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or state.global_step <= self.after_step:
-            return
-        renamed = {
-            (f"val/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"): v
-            for key, v in logs.items()
-        }
-        tracking.log_metrics(self.run_id, renamed, step=state.global_step)
-
-
-class ProgressLog(TrainerCallback):
-    """One line per ``logging_steps``: step / total, loss, learning rate, time left; one per
-    validation with its metrics. Logged under ``tasks.train``, so it reaches the terminal, the
-    run's log file and the Prefect UI alike (a deployment's run is followed in the browser)."""
-
-    def __init__(self) -> None:
-        self._started: float | None = None
-        self._first_step = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._started, self._first_step = time.perf_counter(), state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or self._started is None:
-            return
-        step, total = state.global_step, state.max_steps
-        if any(k.startswith("eval_") for k in logs):
-            shown = {
-                k.removeprefix("eval_"): v
-                for k, v in logs.items()
-                if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))
-            }
-            values = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
-            log.info("step %d/%d  validation: %s", step, total, values)
-            return
-        if "loss" not in logs:
-            return
-        done = step - self._first_step
-        elapsed = time.perf_counter() - self._started
-        left = elapsed / done * (total - step) if done > 0 and total > step else 0.0
-        log.info(
-            "step %d/%d  loss %.4f  lr %.2e  %s left",
-            step,
-            total,
-            float(logs["loss"]),
-            float(logs.get("learning_rate", 0.0)),
-            time.strftime("%H:%M:%S", time.gmtime(left)),
-        )
-
-
-class StepTimer(TrainerCallback):
-    """Wall time spent in optimizer steps only (evaluation and checkpointing excluded)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._started is not None:
-            self.seconds += time.perf_counter() - self._started
-            self._started = None
-
-
-class BudgetGuard(TrainerCallback):
-    """Stop training once ``seconds`` have passed since it began: the planned step count is an
-    estimate, this is the bound (the best checkpoint so far is still the one kept)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._began = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._began = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if (
-            time.perf_counter() - self._began >= self.seconds
-            and state.global_step < state.max_steps
-        ):
-            control.should_training_stop = True
-
-
-class CheckpointMarker(TrainerCallback):
-    """Mark a checkpoint complete once the Trainer has written all of it (trainer state last).
-
-    The marker is written atomically (a temporary file, then a rename); resume only ever uses a
-    checkpoint that has it, so one cut short by a kill is never loaded.
-    """
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            tmp = folder / f".{COMPLETE}.tmp"
-            tmp.write_text(str(state.global_step))
-            os.replace(tmp, folder / COMPLETE)
-
-
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """HF's length-grouped sampler with its shuffle drawn from ``seed + epoch``.
-
-    HF's draws from the global RNG when an epoch starts, so a run resumed mid-epoch would see
-    another order than the one it was interrupted in. Seeded per epoch, the order depends only on
-    the epoch, and a resumed run continues exactly where the interrupted one stopped.
-    """
-
-    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
-class EpochSeededBalancedSampler(torch.utils.data.Sampler[int]):
-    """Rows drawn with replacement so that every class is equally likely, seeded per epoch."""
-
-    def __init__(self, labels: np.ndarray, seed: int) -> None:
-        counts = np.bincount(labels)
-        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.weights)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        drawn = torch.multinomial(self.weights, len(self.weights), True, generator=generator)
-        return iter(drawn.tolist())
-
-
-class FinetuneTrainer(Trainer):
-    """``Trainer`` with resumable (epoch-seeded) samplers and a collator of its own for scoring.
-
-    A packed training batch is one long row; validation batches (``eval.batch_size`` rows) stay
-    padded rows, so scoring never builds one attention matrix over the whole batch.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        balanced_labels: np.ndarray | None = None,
-        eval_collator: Any = None,
-        batch_loss: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(*args, **kwargs)
-        self.balanced_labels = balanced_labels
-        self.eval_collator = eval_collator
-        self.batch_loss = batch_loss
-        if batch_loss is not None:  # its collator reads columns the model's forward does not take
-            self.args.remove_unused_columns = False
-
-    def compute_loss(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ) -> Any:
-        if self.batch_loss is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.batch_loss(model, inputs)
-        return (loss, None) if return_outputs else loss
-
-    def prediction_step(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> Any:
-        if self.batch_loss is None:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.batch_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        if self.eval_collator is None:
-            return super().evaluate(*args, **kwargs)
-        training_collator, self.data_collator = self.data_collator, self.eval_collator
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self.data_collator = training_collator
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        if self.balanced_labels is not None:
-            return EpochSeededBalancedSampler(self.balanced_labels, seed)
-        sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            return EpochSeededLengthGroupedSampler(
-                sampler.batch_size, lengths=sampler.lengths, seed=seed
-            )
-        return sampler
-
-
-def measure_step_seconds(trainer: Trainer, accumulation: int) -> tuple[float, float]:
-    """(seconds per optimizer step, seconds per whole validation), timed on the run's own batches.
-
-    Three training micro-batches go forward and backward (the first only warms up; gradients are
-    discarded, no weight changes) and two validation batches forward. Both are timed per token
-    and scaled to the split's mean length: length-grouped training starts with its longest batch
-    and sorted validation with its shortest, so per-batch times would mislead. Seeds are
-    restored by the caller.
-    """
-    model = trainer.model
-    assert isinstance(model, torch.nn.Module)
-
-    def per_token(loader: Any, step: Any, batches: int, warm_up: bool) -> float:
-        seconds, tokens = 0.0, 0
-        for i, batch in enumerate(loader):
-            started = time.perf_counter()
-            step(batch)
-            if i > 0 or not warm_up:
-                seconds += time.perf_counter() - started
-                tokens += int(batch["input_ids"].numel())
-            if i + 1 >= batches + warm_up:
-                break
-        return seconds / max(tokens, 1)
-
-    train_set = trainer.train_dataset
-    assert train_set is not None
-    model.train()
-    train_rate = per_token(
-        trainer.get_train_dataloader(), lambda b: trainer.training_step(model, b), 2, True
-    )
-    model.zero_grad(set_to_none=True)
-    args = trainer.args
-    step_tokens = float(np.mean(train_set["length"])) * args.per_device_train_batch_size
-    step_s = train_rate * step_tokens * accumulation
-    eval_s = 0.0
-    if trainer.eval_dataset is not None:
-        eval_set = trainer.eval_dataset
-        eval_rate = per_token(
-            trainer.get_eval_dataloader(),
-            lambda b: trainer.prediction_step(model, b, prediction_loss_only=False),
-            2,
-            False,
-        )
-        eval_s = eval_rate * float(np.sum(eval_set["length"]))  # type: ignore[arg-type]
-    return step_s, eval_s
-
-
-def global_batch(cfg: TrainConfig, world_size: int) -> int:
-    """Rows per optimizer step: ``batch_size`` is per process, so all processes count."""
-    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-
-
-def steps_per_epoch(cfg: TrainConfig, train_rows: int, world_size: int) -> int:
-    """Optimizer steps in one pass over ``train_rows`` (at least one)."""
-    return max(1, math.ceil(train_rows / global_batch(cfg, world_size)))
-
-
-def world_size() -> int:
-    """Data-parallel processes of this run (torchrun sets WORLD_SIZE; 1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def auto_schedule(
-    cfg: TrainConfig, train_rows: int, n_params: int, processes: int
-) -> tuple[float, float]:
-    """(epochs, learning rate), resolving ``auto`` from the data size and the model size.
-
-    Epochs: enough for about ``TARGET_STEPS`` optimizer steps of the global batch (all
-    ``processes`` together), clamped to [2, 10]: 600 rows at batch 32 get 10 epochs, 35,000 rows
-    get 2. Early stopping and best-checkpoint selection make the upper end safe. Learning rate:
-    ``1e-4 * sqrt(25M / params)``, clamped to [1e-5, 2e-4].
-    """
-    epochs = cfg.epochs
-    if epochs == "auto":
-        per_epoch = steps_per_epoch(cfg, train_rows, processes)
-        epochs = float(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / per_epoch))))
-    lr = cfg.learning_rate
-    if lr == "auto":
-        lr = float(np.clip(REFERENCE_LR * math.sqrt(REFERENCE_PARAMS / n_params), 1e-5, 2e-4))
-    return float(epochs), float(lr)
-
-
-def preflight(
-    model: PreTrainedModel, cfg: TrainConfig, seq_len: int
-) -> tuple[TrainConfig, MemoryEstimate]:
-    """Check that training fits before it starts; with ``auto_batch``, shrink the batch to fit.
-
-    Raises:
-        MemoryPreflightError: the estimate exceeds the available memory (numbers and remedies).
-    """
-    baseline = current_rss_bytes()
-    free = available_bytes()
-    n_params = model.num_parameters()
-
-    def need(batch: int) -> MemoryEstimate:
-        return estimate_training_memory(
-            model.config,
-            n_params,
-            batch,
-            seq_len,
-            baseline=baseline,
-            shards=world_size() if cfg.fsdp == "full_shard" else 1,
-            checkpointing=cfg.gradient_checkpointing,
-            optimizer_bytes=2 if cfg.optim == "adamw_bnb_8bit" else 8,
-        )
-
-    estimate = need(cfg.batch_size)
-    if not cfg.check_memory or estimate.total - baseline <= free:
-        return cfg, estimate
-    if cfg.auto_batch:
-        batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
-        while batch > 1 and need(batch).total - baseline > free:
-            batch, accumulation = batch // 2, accumulation * 2
-        if need(batch).total - baseline <= free:
-            log.warning(
-                "auto_batch: batch %d -> %d, accumulation %d -> %d (same effective batch)",
-                cfg.batch_size,
-                batch,
-                cfg.gradient_accumulation_steps,
-                accumulation,
-            )
-            fitted = cfg.model_copy(
-                update={"batch_size": batch, "gradient_accumulation_steps": accumulation}
-            )
-            return fitted, need(batch)
-    raise MemoryPreflightError(
-        f"training needs about {estimate.describe()} at batch {cfg.batch_size} and sequence "
-        f"length {seq_len}, but only {free / GIB:.2f} GiB is available. Lower train.batch_size "
-        f"(raising train.gradient_accumulation_steps keeps the effective batch), set "
-        f"train.auto_batch: true, set train.gradient_checkpointing: true, or lower "
-        f"model.max_length."
     )
 
 
@@ -559,82 +194,37 @@ def setup_args(
     )
 
 
-def full(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value on the CPU. Under FSDP each rank holds a shard (a DTensor):
-    gathering it is a collective, so every rank must call this for the same parameters."""
-    value = param.detach()
-    gather = getattr(value, "full_tensor", None)
-    return (gather() if gather is not None else value).cpu()
+@dataclass(frozen=True)
+class Setup:
+    """The recipe as it will run: the training settings after the memory fit (``auto_batch``), the
+    resolved schedule and arithmetic, and the notes the run is tagged with."""
+
+    cfg: TrainConfig
+    epochs: float
+    learning_rate: float
+    precision: str
+    estimate: MemoryEstimate
+    notes: dict[str, str]
+    data: DatasetDict  # train and validation, with the kind's columns (a DPO reference's)
+    extras: TrainExtras  # the kind's loss, sampler labels or batch loss
+    collator: Any
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every parameter, to prove afterwards that each one was updated."""
-    return {name: full(p).clone() for name, p in model.named_parameters()}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A hash of every parameter's bytes: two models with the same digest have the same weights."""
-    h = hashlib.sha256()
-    for name, param in model.named_parameters():
-        h.update(name.encode())
-        h.update(full(param).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def count_updated(
-    model: torch.nn.Module, before: dict[str, torch.Tensor]
-) -> tuple[int, int, int, int]:
-    """(params_total, params_updated, tensors_total, tensors_updated) against a snapshot."""
-    params_total = params_updated = tensors_updated = 0
-    for name, param in model.named_parameters():
-        changed = full(param) != before[name]
-        params_total += param.numel()
-        params_updated += int(changed.sum())
-        tensors_updated += int(bool(changed.any()))
-    return params_total, params_updated, len(before), tensors_updated
-
-
-def train(
-    tokenized: TokenizedData,
-    labels: list[str],
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    eval_batch_size: int,
-    workdir: Path,
-    kind: Kind,
-    callbacks: list[TrainerCallback] | None = None,
-    checkpoint_dir: Path | None = None,
-    tokenizer: Any | None = None,
-) -> TrainResult:
-    """Fine-tune every parameter on the train split; save the selected model to ``workdir/model``.
-
-    The validation split is scored every epoch (or ``eval_steps``); with ``select_best`` the
-    checkpoint with the best validation score (the kind's selection metric) is the one saved. The
-    test split is never loaded. With ``checkpoint_dir``, checkpoints go there and training resumes
-    from the latest complete one found there (model, optimizer, scheduler, RNG states and position
-    in the data order). ``kind`` supplies the model class, the collator, the metrics and the
-    task's checks; the recipe is the same for every kind. ``tokenizer`` is the run's tokenizer
-    (loaded from ``model_cfg`` when not given, as in a torchrun rank).
-    """
-    set_seed(cfg.seed)  # before any new head is initialised, so runs are reproducible
-    data = setup_data(tokenized, cfg)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
-    # May give the tokenizer a pad token, which must happen before it is saved with the model.
-    collator = kind.collator(tokenizer, model_cfg, training=True)
-    model = kind.setup_model(model_cfg, labels)
-    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    precision, why = resolve_precision(cfg.precision, on_gpu)
+def setup(
+    job: TrainJob, kind: Kind, model: PreTrainedModel, data: DatasetDict, collator: Any
+) -> Setup:
+    """Fit the batch to memory, resolve the schedule and precision, and let the kind add its
+    loss, sampler or reference columns."""
+    on_gpu = job.cfg.device != "cpu" and torch.cuda.is_available()
+    precision, why = resolve_precision(job.cfg.precision, on_gpu)
     attention = use_attention(model, precision, on_gpu)
-    before = snapshot(model)
     lengths = np.asarray(data["train"]["length"])
-    cfg, estimate = preflight(model, cfg, int(lengths.max()))
+    cfg, estimate = fit_memory(model, job.cfg, int(lengths.max()))
     log.info("memory preflight: %s", estimate.describe())
-    processes = world_size()
     epochs, learning_rate = auto_schedule(
-        cfg, len(data["train"]), model.num_parameters(), processes
+        cfg, len(data["train"]), model.num_parameters(), world_size()
     )
-    extras = kind.train_extras(cfg, data["train"], labels)
+    extras = kind.train_extras(cfg, data["train"], job.labels)
     if extras.reference is not None:  # the starting model's columns, before any step changes it
         data = extras.reference(model, data)
     length = (
@@ -642,31 +232,53 @@ def train(
     )
     log.info("schedule: %s at lr %.2e; %s", length, learning_rate, extras.notes)
     log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
-    extras.notes["train.precision"] = f"{precision} ({why})"
+    notes = extras.notes | {"train.precision": f"{precision} ({why})"}
+    return Setup(cfg, epochs, learning_rate, precision, estimate, notes, data, extras, collator)
 
+
+def setup_trainer(
+    job: TrainJob,
+    kind: Kind,
+    run: Setup,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    callbacks: Sequence[TrainerCallback],
+) -> FinetuneTrainer:
+    """The ``Trainer`` over the run's data, with the recipe's callbacks."""
+    cfg, data, extras = run.cfg, run.data, run.extras
     early_stopping = (
         [EarlyStoppingCallback(cfg.early_stopping_patience)]
         if (cfg.early_stopping_patience and cfg.select_best)
         else []
     )
-    timer = StepTimer()
-    output_dir = checkpoint_dir or workdir / "trainer"
+    output_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else Path(job.workdir) / "trainer"
     trainer = FinetuneTrainer(
         model=model,
-        args=setup_args(cfg, output_dir, epochs, learning_rate, kind, eval_batch_size),
+        args=setup_args(cfg, output_dir, run.epochs, run.learning_rate, kind, job.eval_batch_size),
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
-        data_collator=collator,
-        eval_collator=kind.collator(tokenizer, model_cfg, training=False),
-        compute_metrics=kind.compute_metrics(labels),
+        data_collator=run.collator,
+        eval_collator=kind.collator(tokenizer, job.model_cfg, training=False),
+        compute_metrics=kind.compute_metrics(job.labels),
         compute_loss_func=extras.compute_loss_func,
-        callbacks=[*(callbacks or []), *early_stopping, timer, CheckpointMarker(), ProgressLog()],
+        callbacks=[*callbacks, *early_stopping, StepTimer(), CheckpointMarker(), ProgressLog()],
         balanced_labels=extras.sampler_labels,
         batch_loss=extras.batch_loss,
     )
     trainer.remove_callback(PrinterCallback)  # its raw dicts: ProgressLog says it in words
-    per_epoch = steps_per_epoch(cfg, len(data["train"]), processes)
+    return trainer
+
+
+def plan_steps(trainer: FinetuneTrainer, run: Setup, notes: dict[str, str]) -> dict[str, float]:
+    """Turn a time budget into a step count (probed on the run's own batches) and resolve the
+    warm-up from the total steps; returns the ``plan/*`` figures (empty without a budget)."""
+    cfg = run.cfg
+    assert trainer.train_dataset is not None
+    per_epoch = steps_per_epoch(cfg, len(trainer.train_dataset), world_size())  # type: ignore[arg-type]
+    model = trainer.model
+    assert isinstance(model, PreTrainedModel)
+    n_params = model.num_parameters()
     plan: dict[str, float] = {}
     if cfg.time_budget is not None:
         budget = parse_duration(cfg.time_budget)
@@ -677,7 +289,7 @@ def train(
         trainer.args.max_steps = planned
         trainer.add_callback(BudgetGuard(budget))
         log.info("time budget %s: %s", cfg.time_budget, why)
-        extras.notes["plan.time_budget"] = why
+        notes["plan.time_budget"] = why
         plan = {
             "plan/budget_s": budget,
             "plan/steps": float(planned),
@@ -685,13 +297,45 @@ def train(
             "plan/validation_s": eval_s,
         }
     total_steps = (
-        trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(epochs * per_epoch)
+        trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(run.epochs * per_epoch)
     )
-    warmup, why = auto_warmup(cfg.warmup_fraction, total_steps, model.num_parameters())
+    warmup, why = auto_warmup(cfg.warmup_fraction, total_steps, n_params)
     trainer.args.warmup_steps = warmup
     if cfg.warmup_fraction == "auto":
         log.info("auto train.warmup_fraction = %.2f: %s", warmup, why)
-        extras.notes["sizing.train.warmup_fraction"] = f"{warmup} ({why})"
+        notes["sizing.train.warmup_fraction"] = f"{warmup} ({why})"
+    return plan
+
+
+def train(
+    job: TrainJob,
+    kind: Kind,
+    callbacks: Sequence[TrainerCallback] = (),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> TrainResult:
+    """Fine-tune every parameter on the train split; save the selected model to ``workdir/model``.
+
+    The validation split is scored every epoch (or ``eval_steps``); with ``select_best`` the
+    checkpoint with the best validation score (the kind's selection metric) is the one saved. The
+    test split is never loaded. With ``job.checkpoint_dir``, checkpoints go there and training
+    resumes from the latest complete one found there (model, optimizer, scheduler, RNG states and
+    position in the data order). ``tokenizer`` is the run's tokenizer (loaded from the job's model
+    settings when not given, as in a torchrun rank).
+    """
+    set_seed(job.cfg.seed)  # before any new head is initialised, so runs are reproducible
+    data = setup_data(job.tokenized, job.cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(job.model_cfg.name_or_path, job.model_cfg.revision)
+    # May give the tokenizer a pad token, which must happen before it is saved with the model.
+    collator = kind.collator(tokenizer, job.model_cfg, training=True)
+    model = kind.setup_model(job.model_cfg, job.labels)
+    before = snapshot(model)
+    run = setup(job, kind, model, data, collator)
+    data = run.data
+    trainer = setup_trainer(job, kind, run, model, tokenizer, callbacks)
+    notes = dict(run.notes)
+    plan = plan_steps(trainer, run, notes)
+    checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
         log.warning("resuming from %s", resume)
@@ -708,7 +352,7 @@ def train(
             runtime,
         )
 
-    model_dir = workdir / "model"
+    model_dir = Path(job.workdir) / "model"
     trainer.save_model(str(model_dir))  # the selected model, with its tokenizer
     selected = trainer.model  # the best checkpoint's weights when select_best loaded them
     assert isinstance(selected, torch.nn.Module)
@@ -718,7 +362,7 @@ def train(
         log.warning("%d parameter tensors were not updated: %s", len(frozen), frozen[:10])
 
     checking = time.perf_counter()
-    checked = kind.check(trainer, data["validation"], labels, data["train"])
+    checked = kind.check(trainer, data["validation"], job.labels, data["train"])
     validation_s = (
         time.perf_counter()
         - checking
@@ -728,32 +372,29 @@ def train(
         log.warning("COLLAPSE GUARD: %s; this model will not be promoted", checked.collapse)
 
     # Efficiency: non-pad tokens of the samples actually stepped through, over pure step time.
+    cfg = run.cfg
+    lengths = np.asarray(data["train"]["length"])
     resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     samples_seen = min(
-        (output.global_step - resumed_step) * global_batch(cfg, processes),
-        math.ceil(epochs * len(lengths)),
+        (output.global_step - resumed_step) * global_batch(cfg, world_size()),
+        math.ceil(run.epochs * len(lengths)),
     )
     tokens = int(samples_seen * lengths.mean())
-    config = model.config  # the architecture; selection only swaps the weights
-    flops = tokens * train_flops_per_token(
-        non_embedding_params(selected),
-        config.num_hidden_layers,
-        config.hidden_size,
-        float(lengths.mean()),
+    timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+    tokens_per_s, mfu, peak = throughput(
+        selected, model.config, tokens, float(lengths.mean()), timer.seconds, run.precision
     )
-    peak = matmul_peak_flops(dtype="bfloat16" if precision == "bf16" else "float32")
-    step_time = max(timer.seconds, 1e-9)
     losses, curve = training_history(trainer.state.log_history, kind.selection_metric)
     best = trainer.state.best_global_step
     return TrainResult(
         model_dir=str(model_dir),
         global_step=output.global_step,
         train_samples=len(data["train"]),
-        epochs=epochs,
-        learning_rate=learning_rate,
+        epochs=run.epochs,
+        learning_rate=run.learning_rate,
         best_step=int(best) if best else None,
         stopped_early=output.global_step < trainer.state.max_steps,
-        notes=extras.notes,
+        notes=notes,
         train_loss=float(output.training_loss),
         first_logged_loss=losses[0] if losses else None,
         last_logged_loss=losses[-1] if losses else None,
@@ -771,11 +412,11 @@ def train(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         step_time_s=timer.seconds,
         non_pad_tokens=tokens,
-        tokens_per_s=tokens / step_time,
-        mfu=flops / step_time / peak,
+        tokens_per_s=tokens_per_s,
+        mfu=mfu,
         matmul_peak_flops=peak,
         peak_rss_bytes=peak_rss_bytes(),
-        preflight_estimate_bytes=estimate.total,
+        preflight_estimate_bytes=run.estimate.total,
         resumed_from_step=resumed_step or None,
         weights_digest=weights_digest(selected),
         num_processes=trainer.args.world_size,
@@ -803,27 +444,6 @@ def training_history(
     return losses, curve
 
 
-def run_job(
-    job: TrainJob,
-    kind: Kind,
-    callbacks: Sequence[TrainerCallback],
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> TrainResult:
-    """:func:`train` on a :class:`TrainJob` (the train stage's input, and each rank's)."""
-    return train(
-        job.tokenized,
-        job.labels,
-        job.model_cfg,
-        job.cfg,
-        job.eval_batch_size,
-        Path(job.workdir),
-        kind,
-        list(callbacks),
-        Path(job.checkpoint_dir) if job.checkpoint_dir else None,
-        tokenizer,
-    )
-
-
 def main(job_path: str) -> None:
     """One torchrun rank: run the recipe; every rank writes its result (its weights' digest)."""
     from tasks.kinds import get_kind
@@ -832,10 +452,8 @@ def main(job_path: str) -> None:
     job = TrainJob.model_validate_json(Path(job_path).read_text())
     # The tracking store comes from MLFLOW_TRACKING_URI, set by the launcher.
     # The callback logs on the main process only (Trainer's is_world_process_zero).
-    callbacks: list[TrainerCallback] = (
-        [MlflowMetricsCallback(job.run_id, job.after_step)] if job.run_id else []
-    )
-    result = run_job(job, get_kind(job.task), callbacks)
+    callbacks = [MlflowMetricsCallback(job.run_id, job.after_step)] if job.run_id else []
+    result = train(job, get_kind(job.task), callbacks)
     job.result_path(int(os.environ.get("RANK", "0"))).write_text(result.model_dump_json())
 
 

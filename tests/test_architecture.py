@@ -12,6 +12,10 @@ CORE |= {"tasks.lm_scoring"}  # how a causal LM's answers and general text are s
 CORE |= {"tasks.kinds"}  # the kinds' interface: the protocol and get_kind
 CORE |= {"tasks.sizing"}  # pure sizing rules (max length, truncation, warm-up, time budget)
 CORE |= {"tasks.checkpoints"}  # which checkpoint is complete, who holds the folder
+CORE |= {"tasks.resolve"}  # what the data says about the run: the settings sized to it
+# The recipe's parts: its Trainer and samplers, callbacks, the memory fit and step probe, and the
+# proof that every weight was updated.
+RECIPE = {"tasks.trainer", "tasks.callbacks", "tasks.fit", "tasks.weights"}
 
 
 def module_name(path: Path) -> str:
@@ -76,6 +80,8 @@ def test_tasks_never_import_flows_and_stages_never_import_stages():
             allowed = allowed | {"tasks.kinds.causal_lm"}
         if module == "tasks.kinds.dpo":  # DPO encodes and judges as SFT does
             allowed = allowed | {"tasks.kinds.causal_lm", "tasks.kinds.sft"}
+        if module == "tasks.train":  # the recipe and its parts
+            allowed = allowed | RECIPE
         stray = {t for t in targets if t.startswith("tasks")} - allowed
         assert not stray, f"{module} imports {sorted(stray)}"
 
@@ -123,3 +129,93 @@ def test_a_cached_data_contract_needs_no_tokenizer(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.split() == ["512", "[]", "True", "False"]
+
+
+# What each module in flows/ is: a flow, the command line, or Prefect glue (its tasks, deployments,
+# hooks, the local server). A benchmark harness, prediction or business logic belongs elsewhere
+# (tasks/, bench/): a new module here fails until it is one of these.
+FLOWS_ROLES = {
+    "flows": "glue",  # the package: Prefect's logging settings
+    "flows.finetune": "flow",
+    "flows.sweep": "flow",
+    "flows.stages": "glue",  # the stages as Prefect tasks, their retry and cache policies
+    "flows.deploy": "glue",  # the scheduled deployments
+    "flows.notify": "glue",  # the flow's failure and completion hooks
+    "flows.local_server": "glue",  # the home's Prefect server
+    "flows.cli": "cli",
+    "flows.cli_base": "cli",
+    "flows.cli_models": "cli",
+    "flows.cli_ops": "cli",
+    "flows.cli_pairs": "cli",
+}
+
+
+def test_flows_holds_flows_the_cli_and_prefect_glue_only():
+    for path in ROOT.glob("flows/*.py"):
+        module, text = module_name(path), path.read_text()
+        role = FLOWS_ROLES.get(module)
+        assert role is not None, f"{module} is not a flow, the CLI or Prefect glue: move it"
+        if role == "flow":
+            assert "@flow(" in text, f"{module} defines no flow"
+        elif role == "cli":
+            assert "import typer" in text, f"{module} defines no command"
+        else:
+            assert "prefect" in text.lower(), f"{module} does not touch Prefect"
+
+
+# Every section of the config, and every field name any section has.
+def _config_fields() -> set[str]:
+    from tasks import config
+
+    sections = [c for c in vars(config).values() if isinstance(c, type)]
+    sections = [
+        c for c in sections if issubclass(c, config.BaseModel) and c is not config.BaseModel
+    ]
+    return {name for c in sections for name in c.model_fields}
+
+
+SETTINGS = (
+    r"(^|\.)(\w*cfg|config)(\.(data|model|train|eval|lm_eval|registry|promote|sweep|notify))*$"
+)
+
+
+def test_settings_are_never_assigned_after_resolution():
+    """Settings are resolved once (the config, then what the data and the model say) and read
+    after that: every config section is frozen, and no statement in flows/ or tasks/ assigns to a
+    config field, directly or with setattr."""
+    import re
+
+    import pytest
+    from pydantic import ValidationError
+
+    from tasks.config import RunConfig
+
+    cfg = RunConfig()
+    for section in (cfg, cfg.data, cfg.model, cfg.train, cfg.eval, cfg.eval.lm_eval, cfg.promote):
+        name = next(iter(type(section).model_fields))
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(section, name, getattr(section, name))
+
+    fields, settings = _config_fields(), re.compile(SETTINGS)
+    found = []
+    for path in [*ROOT.glob("tasks/**/*.py"), *ROOT.glob("flows/*.py")]:
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("setattr"):
+                args = node.args[-3:]
+                if len(args) == 3 and isinstance(args[1], ast.Constant):
+                    owner, field = ast.unparse(args[0]), str(args[1].value)
+                    if field in fields and settings.search(owner):
+                        found.append(f"{path.name}:{node.lineno}: setattr({owner}, {field!r})")
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr in fields:
+                    owner = ast.unparse(target.value)
+                    if settings.search(owner):
+                        found.append(f"{path.name}:{node.lineno}: {owner}.{target.attr} = ...")
+    assert not found, found

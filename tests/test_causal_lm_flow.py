@@ -101,8 +101,10 @@ def test_causal_lm_run_lowers_perplexity_and_registers_a_generator(
 
 def test_lm_training_resumes_from_its_checkpoint(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     """Resume is the shared recipe's: an LM run picks up from its latest complete checkpoint."""
+    from tasks.checkpoints import latest_checkpoint
     from tasks.config import TrainConfig
-    from tasks.train import latest_checkpoint, train
+    from tasks.results import TrainJob
+    from tasks.train import train
 
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(corpus(160)) + "\n")
@@ -120,16 +122,17 @@ def test_lm_training_resumes_from_its_checkpoint(tiny_gpt2_dir: Path, tmp_path: 
             select_best=False,
             early_stopping_patience=None,
         )
-        return train(
-            tokenized,
-            [],
-            model_cfg,
-            train_cfg,
-            64,
-            tmp_path / folder,
-            get_kind("causal-lm"),
-            checkpoint_dir=checkpoints,
+        job = TrainJob(
+            tokenized=tokenized,
+            labels=[],
+            model_cfg=model_cfg,
+            cfg=train_cfg,
+            eval_batch_size=64,
+            task="causal-lm",
+            workdir=str(tmp_path / folder),
+            checkpoint_dir=str(checkpoints),
         )
+        return train(job, get_kind("causal-lm"))
 
     first = run(10, "first")
     assert first.resumed_from_step is None

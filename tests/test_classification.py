@@ -19,7 +19,7 @@ from tasks.kinds.classification import (
     weighted_loss,
 )
 from tasks.metrics import classification_metrics
-from tasks.train import count_updated, snapshot
+from tasks.weights import count_updated, snapshot
 
 from .conftest import LABELS, data_config, prepare
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-import tasks.train
+import tasks.fit
 from tasks.config import TrainConfig
 from tasks.efficiency import (
     embedding_params,
@@ -13,7 +13,7 @@ from tasks.efficiency import (
     non_embedding_params,
     train_flops_per_token,
 )
-from tasks.train import MemoryPreflightError, preflight
+from tasks.fit import MemoryPreflightError, fit_memory
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_memory_estimate_by_hand(tiny):
 
 
 def test_preflight_fails_with_numbers_and_remedies(tiny, monkeypatch):
-    monkeypatch.setattr(tasks.train, "available_bytes", lambda: 1000)
+    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: 1000)
     with pytest.raises(MemoryPreflightError) as err:
-        preflight(tiny, TrainConfig(batch_size=32), seq_len=128)
+        fit_memory(tiny, TrainConfig(batch_size=32), seq_len=128)
     message = str(err.value)
     assert "at batch 32 and sequence length 128" in message
     assert "GiB is available" in message and "train.auto_batch" in message
@@ -57,9 +57,9 @@ def test_auto_batch_halves_until_it_fits(tiny, monkeypatch):
     need = {b: estimate_training_memory(tiny.config, tiny.num_parameters(), b, 128) for b in (8, 4)}
     # Room for batch 4 but not 8, on top of what the process holds.
     room = (need[8].total + need[4].total) // 2
-    monkeypatch.setattr(tasks.train, "available_bytes", lambda: room)
-    monkeypatch.setattr(tasks.train, "current_rss_bytes", lambda: 0)
-    cfg, est = preflight(tiny, TrainConfig(batch_size=32, auto_batch=True), seq_len=128)
+    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: room)
+    monkeypatch.setattr(tasks.fit, "current_rss_bytes", lambda: 0)
+    cfg, est = fit_memory(tiny, TrainConfig(batch_size=32, auto_batch=True), seq_len=128)
     assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (4, 8)
     assert est.total <= room
 

@@ -361,7 +361,7 @@ def test_a_metric_named_by_a_paragraph_long_label_is_logged(tmp_path: Path):
 def test_a_full_disk_is_named_with_its_path(tmp_path: Path):
     import errno
 
-    from flows.cli import _disk_full
+    from flows.cli_base import disk_full
 
     cfg = load_config(None, [f"home={tmp_path}"])
     try:
@@ -370,9 +370,9 @@ def test_a_full_disk_is_named_with_its_path(tmp_path: Path):
         except OSError as inner:
             raise RuntimeError("saving the checkpoint failed") from inner
     except RuntimeError as err:
-        message = _disk_full(err, cfg)
+        message = disk_full(err, cfg)
     assert message is not None and "the disk is full" in message and "x.bin" in message
-    assert _disk_full(RuntimeError("shape mismatch"), cfg) is None
+    assert disk_full(RuntimeError("shape mismatch"), cfg) is None
 
 
 def test_a_home_whose_tracking_database_vanished_warns_loudly(

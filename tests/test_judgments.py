@@ -126,7 +126,7 @@ def test_a_run_that_did_not_learn_is_kept_as_challenger(free_form, tmp_path: Pat
 def test_a_version_that_forgot_too_much_takes_no_alias_and_fails(
     tiny_llama_dir: Path, tmp_path: Path, prefect_harness
 ):
-    from flows.cli import _named_cause
+    from flows.cli_base import named_cause
     from flows.finetune import finetune
     from tasks.promote import ModelForgot
 
@@ -154,7 +154,7 @@ def test_a_version_that_forgot_too_much_takes_no_alias_and_fails(
         finetune(config=cfg)
     message = str(caught.value)
     assert "general-text perplexity rose" in message and "promote.max_forgetting" in message
-    assert "train.learning_rate" in message and _named_cause(caught.value)
+    assert "train.learning_rate" in message and named_cause(caught.value)
     client = MlflowClient(cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     version = client.get_model_version("tiny-chat", "1")
     assert version.aliases == [] and "general-text perplexity rose" in version.tags["forgetting"]

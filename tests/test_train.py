@@ -10,7 +10,9 @@ import torch
 
 from tasks.config import DataConfig, ModelConfig, TrainConfig
 from tasks.kinds import get_kind
-from tasks.train import auto_schedule, global_batch, train
+from tasks.results import TrainJob
+from tasks.sizing import auto_schedule, global_batch
+from tasks.train import train
 
 from .conftest import LABELS, data_config, make_rows, prepare
 
@@ -46,15 +48,16 @@ def tokenized(tiny_model_dir: Path, tmp_path_factory):
 
 def run(tokenized, tiny_model_dir: Path, tmp_path: Path, **overrides):
     cfg = TrainConfig(batch_size=8, logging_steps=1, warmup_fraction=0.0, **overrides)
-    return train(
-        tokenized,
-        LABELS,
-        ModelConfig(name_or_path=str(tiny_model_dir), max_length=32),
-        cfg,
-        64,
-        tmp_path,
-        get_kind("text-classification"),
+    job = TrainJob(
+        tokenized=tokenized,
+        labels=LABELS,
+        model_cfg=ModelConfig(name_or_path=str(tiny_model_dir), max_length=32),
+        cfg=cfg,
+        eval_batch_size=64,
+        task="text-classification",
+        workdir=str(tmp_path),
     )
+    return train(job, get_kind("text-classification"))
 
 
 @pytest.mark.flow
@@ -108,7 +111,7 @@ def test_collapse_guard_fires_on_a_one_class_model(tokenized, tiny_model_dir, tm
 
 
 def test_balanced_sampler_evens_out_classes_and_repeats_per_epoch():
-    from tasks.train import EpochSeededBalancedSampler
+    from tasks.trainer import EpochSeededBalancedSampler
 
     labels = np.array([0] * 900 + [1] * 100)
     sampler = EpochSeededBalancedSampler(labels, seed=3)
@@ -149,7 +152,16 @@ def test_class_weights_move_predictions_off_the_majority_class(tmp_path: Path):
             early_stopping_patience=None,
         )
         kind = get_kind("text-classification")
-        result = train(tokenized, data.labels, model_cfg, train_cfg, 64, tmp_path / weights, kind)
+        job = TrainJob(
+            tokenized=tokenized,
+            labels=data.labels,
+            model_cfg=model_cfg,
+            cfg=train_cfg,
+            eval_batch_size=64,
+            task="text-classification",
+            workdir=str(tmp_path / weights),
+        )
+        result = train(job, kind)
         predicted = predict_ids(result.model_dir, test, 64)
         majority_share[weights] = float(np.mean(predicted == 0))
     assert majority_share["auto"] < majority_share["none"], majority_share

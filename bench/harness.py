@@ -30,10 +30,11 @@ from typing import Any
 import pandas as pd
 from datasets import Dataset
 
+from tasks.caching import cache_root
 from tasks.config import DEMO_CONFIG, EvalConfig, ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops, resolve_precision
 from tasks.kinds import get_kind
-from tasks.results import TokenizedData
+from tasks.results import TokenizedData, TrainJob
 from tasks.sources import load_tokenizer, read_table, resolve_model
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,16 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
         logging_steps=10,
         **HPARAMS,
     )
-    result = train(
-        tokenized,
-        LABELS,
-        ModelConfig(name_or_path=MODEL),
-        cfg,
-        EvalConfig().batch_size,
-        workdir / "pipeline",
-        kind,
-        tokenizer=tokenizer,
+    job = TrainJob(
+        tokenized=tokenized,
+        labels=LABELS,
+        model_cfg=ModelConfig(name_or_path=MODEL),
+        cfg=cfg,
+        eval_batch_size=EvalConfig().batch_size,
+        task="text-classification",
+        workdir=str(workdir / "pipeline"),
     )
+    result = train(job, kind, tokenizer=tokenizer)
     return {
         "samples_per_s": result.samples_per_s,
         "tokens_per_s": result.tokens_per_s,
@@ -435,7 +436,7 @@ def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict
     from tasks.train import train
 
     cfg = load_config(SFT_CONFIG)
-    model_cfg = materialize_model(cfg.model, cfg.home_dir() / "cache")
+    model_cfg = materialize_model(cfg.model, cache_root(cfg))
     model_cfg = model_cfg.model_copy(update={"packing": packing})
     tokenizer = load_tokenizer(model_cfg.name_or_path)
     kind = get_kind("sft")
@@ -448,16 +449,16 @@ def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict
     train_cfg = cfg.train.model_copy(
         update={"max_steps": steps, "select_best": False, "early_stopping_patience": None}
     )
-    result = train(
-        tokenized,
-        [],
-        model_cfg,
-        train_cfg,
-        16,
-        workdir / f"sft-run-{packing}",
-        kind,
-        tokenizer=tokenizer,
+    job = TrainJob(
+        tokenized=tokenized,
+        labels=[],
+        model_cfg=model_cfg,
+        cfg=train_cfg,
+        eval_batch_size=16,
+        task="sft",
+        workdir=str(workdir / f"sft-run-{packing}"),
     )
+    result = train(job, kind, tokenizer=tokenizer)
     return {
         "tokens_per_s": result.tokens_per_s,
         "mfu": result.mfu,
@@ -488,7 +489,7 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     from tasks.sources import materialize_model
 
     cfg = load_config(SFT_CONFIG)
-    folder = materialize_model(cfg.model, cfg.home_dir() / "cache").name_or_path
+    folder = materialize_model(cfg.model, cache_root(cfg)).name_or_path
     set_seed(42)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -496,7 +497,7 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     data = Dataset.from_dict(
         {"prompt": [m[:-1] for m in conversations], "completion": [m[-1:] for m in conversations]}
     )
-    from tasks.train import StepTimer
+    from tasks.callbacks import StepTimer
 
     clock = StepTimer()
     args = SFTConfig(
@@ -587,7 +588,7 @@ def _dpo_settings() -> tuple[ModelConfig, TrainConfig]:
 
     dpo = load_config(SFT_CONFIG.with_name("dpo-demo.yaml"))
     sft = load_config(SFT_CONFIG)
-    model_cfg = materialize_model(sft.model, sft.home_dir() / "cache")
+    model_cfg = materialize_model(sft.model, cache_root(sft))
     return model_cfg.model_copy(update={"max_length": dpo.model.max_length}), dpo.train
 
 
@@ -615,9 +616,16 @@ def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
             "early_stopping_patience": None,
         }
     )
-    result = train(
-        tokenized, [], model_cfg, train_cfg, 16, workdir / "dpo-run", kind, tokenizer=tokenizer
+    job = TrainJob(
+        tokenized=tokenized,
+        labels=[],
+        model_cfg=model_cfg,
+        cfg=train_cfg,
+        eval_batch_size=16,
+        task="dpo",
+        workdir=str(workdir / "dpo-run"),
     )
+    result = train(job, kind, tokenizer=tokenizer)
     pairs_done = steps * train_cfg.batch_size
     return {"pairs_per_s": pairs_done / max(result.step_time_s, 1e-9), "loss": result.train_loss}
 
@@ -630,7 +638,7 @@ def run_dpo_trl(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from tasks.train import StepTimer
+    from tasks.callbacks import StepTimer
 
     model_cfg, train_cfg = _dpo_settings()
     set_seed(42)

@@ -1,0 +1,1 @@
+"""Benchmarks: the harness behind ``fulltune bench`` / ``make bench`` and the scripts beside it."""

@@ -1,0 +1,43 @@
+"""Proof of full fine-tuning: which parameters a run changed, and a digest of the weights (equal
+on every data-parallel rank). Under FSDP each rank holds shards, gathered here."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def full(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on the CPU. Under FSDP each rank holds a shard (a DTensor):
+    gathering it is a collective, so every rank must call this for the same parameters."""
+    value = param.detach()
+    gather = getattr(value, "full_tensor", None)
+    return (gather() if gather is not None else value).cpu()
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter, to prove afterwards that each one was updated."""
+    return {name: full(p).clone() for name, p in model.named_parameters()}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: two models with the same digest have the same weights."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        h.update(name.encode())
+        h.update(full(param).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def count_updated(
+    model: torch.nn.Module, before: dict[str, torch.Tensor]
+) -> tuple[int, int, int, int]:
+    """(params_total, params_updated, tensors_total, tensors_updated) against a snapshot."""
+    params_total = params_updated = tensors_updated = 0
+    for name, param in model.named_parameters():
+        changed = full(param) != before[name]
+        params_total += param.numel()
+        params_updated += int(changed.sum())
+        tensors_updated += int(bool(changed.any()))
+    return params_total, params_updated, len(before), tensors_updated
