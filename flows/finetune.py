@@ -39,7 +39,7 @@ from tasks import caching, tracking
 from tasks.caching import cache_root
 from tasks.checkpoints import latest_checkpoint, lock_folder
 from tasks.config import RunConfig, redact_uri
-from tasks.kinds import get_kind
+from tasks.kinds import Kind, get_kind
 from tasks.preflight import max_positions, preflight
 from tasks.promote import (
     ModelForgot,
@@ -76,7 +76,7 @@ class RunSummary(BaseModel):
 
 
 def claim_run(
-    cfg: RunConfig, tags: dict[str, str], run_name: str
+    cfg: RunConfig, kind: Kind, tags: dict[str, str], run_name: str
 ) -> tuple[str, Path | None, IO[str] | None]:
     """The MLflow run this flow run writes to, its checkpoint folder and the folder's lock.
 
@@ -99,7 +99,10 @@ def claim_run(
                 )
                 return candidate, folder, lock
     run_id = tracking.start_run(
-        cfg, tags=tags | {"fulltune.resume_key": resume_key}, run_name=run_name
+        cfg,
+        tags=tags | {"fulltune.resume_key": resume_key},
+        run_name=run_name,
+        headline=(kind.headline, kind.headline_higher),
     )
     if not cfg.train.checkpoint_steps:
         return run_id, None, None
@@ -158,7 +161,8 @@ def finetune(
         "fulltune.task": cfg.task,
         "fulltune.config_hash": cfg.digest(),
     } | (extra_tags or {})
-    run_id, checkpoint_dir, lock = claim_run(cfg, tags, str(flow_run.get_name()))
+    kind = get_kind(cfg.task)
+    run_id, checkpoint_dir, lock = claim_run(cfg, kind, tags, str(flow_run.get_name()))
     get_run_logger().info("MLflow run %s (tracking URI %s)", run_id, redact_uri(cfg.tracking_uri()))
     # Each UI links to the other: the MLflow run names its flow run, the flow run links its pages.
     experiment = MlflowClient().get_run(run_id).info.experiment_id
@@ -167,7 +171,6 @@ def finetune(
     if flow_run_url:
         tracking.set_tags(run_id, {"prefect.flow_run_url": flow_run_url})
     tracking.link_in_prefect("mlflow-run", run_url, f"MLflow run {run_id}", cfg.tracking_uri())
-    kind = get_kind(cfg.task)
     # A run that starts from a registered version records it as its parent (run and version).
     parent = registered_source(base_model) if base_model.startswith(REGISTRY_SCHEME) else None
     if parent is not None:
@@ -311,7 +314,7 @@ def finetune(
         registered = registered.model_copy(update={"alias": cfg.promote.alias})
     # The runs table's deciding columns: what the gate did, and the alias the version holds.
     tracking.set_tags(run_id, {"fulltune.decision": gate, "fulltune.alias": alias})
-    metric = decision.metric if decision else gate_metric(cfg.promote, evaluation)[0]
+    metric = decision.metric if decision else gate_metric(cfg.promote, evaluation, kind)[0]
     tracking.describe_run(run_id, run_description(card, metric, evaluation, decision))
     tracking.end_run(run_id, "FINISHED")
     # The model is registered (its weights are in the artifact store): the working copy and the

@@ -178,12 +178,13 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = cfg.home_dir() / "work" / f"{stamp}-sweep-{flow_run_id[:8]}"
     workdir.mkdir(parents=True, exist_ok=True)
+    kind = get_kind(cfg.task)
     parent = tracking.start_run(
         cfg,
         tags={"prefect.flow_run_id": flow_run_id, "sweep.trials": str(trials)},
         run_name=f"sweep-{flow_run.get_name()}",
+        headline=(kind.headline, kind.headline_higher),
     )
-    kind = get_kind(cfg.task)
     metric = kind.selection_metric
     try:
         cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})

@@ -71,7 +71,9 @@ def _accepts_bool(annotation: Any) -> bool:
 
 class _Section(BaseModel):
     # Unknown keys are typos, not extensions: fail on them, naming the key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Frozen: settings are resolved once (a changed setting is a new object, `model_copy`), and
+    # nothing assigns to one after that.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -703,29 +705,10 @@ class NotifyConfig(_Section):
     )
 
 
-# The promotion metrics each task can be judged by; the first is its default.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "text-classification": ("macro_f1", "accuracy"),
-    "causal-lm": ("perplexity",),
-    # sft's default follows the data (a closed answer set or not): the kind decides after scoring.
-    "sft": ("answer_loss", "accuracy", "macro_f1", "exact_match", "rouge_l"),
-    # dpo is judged as sft is, on the held-out prompts with the chosen answers as references.
-    "dpo": ("answer_loss", "accuracy", "macro_f1", "exact_match", "rouge_l"),
-}
-DATA_DEPENDENT_METRIC = {"sft", "dpo"}
-# The test metric each task leads with (summaries, the runs table), and whether higher is better.
-HEADLINE: dict[str, tuple[str, bool]] = {
-    "text-classification": ("macro_f1", True),
-    "causal-lm": ("perplexity", False),
-    "sft": ("exact_match", True),
-    "dpo": ("exact_match", True),
-}
-
-
 class RunConfig(BaseModel):
     """A whole fine-tuning run: one section per stage."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Literal["text-classification", "causal-lm", "sft", "dpo"] = Field(
         "text-classification",
@@ -759,21 +742,12 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_task(self) -> RunConfig:
-        metrics = TASK_METRICS[self.task]
         if self.task == "text-classification" and (
             self.eval.general_text or self.eval.lm_eval.tasks
         ):
             raise ValueError(
                 "eval.general_text and eval.lm_eval measure a language model's general "
                 "capability: they apply to task causal-lm or sft, not text-classification"
-            )
-        if self.promote.metric is None:
-            if self.task not in DATA_DEPENDENT_METRIC:
-                self.promote.metric = metrics[0]  # type: ignore[assignment]
-        elif self.promote.metric not in metrics:
-            raise ValueError(
-                f"promote.metric {self.promote.metric!r} does not fit task {self.task!r}: use "
-                + "; ".join(f"{' or '.join(m)} for {t}" for t, m in TASK_METRICS.items())
             )
         return self
 

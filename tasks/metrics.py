@@ -87,7 +87,7 @@ def tfidf_baseline(
     """TF-IDF (word 1-2-grams) + logistic regression, fit on train, predicting test ids.
 
     The yardstick a fine-tuned transformer has to beat to be worth its compute. Its fit is the
-    slowest thing a run does outside forward and backward passes (7.7 s on 12,000 tweets here), and
+    slowest thing a run does outside forward and backward passes (docs/benchmarks.md), and
     it depends only on the rows, the labels and the seed: with ``cache_dir`` its predictions are
     kept there under a key of exactly those (and this code and sklearn's version), so a run on
     data the home has seen reuses them.

@@ -57,6 +57,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
     if not data_problems and not refused:
         problems += check_columns(cfg)
     problems += check_registry(cfg)
+    problems += check_gate_metric(cfg)
     if not any(p.startswith("eval.") for p in refused):  # never read a file outside the list
         problems += check_evaluation(cfg)
     model_config, model_problems = check_model(cfg)
@@ -153,6 +154,19 @@ def check_columns(cfg: RunConfig) -> list[str]:
                 f"{found}{separator_hint(found)}){hint}"
             )
     return problems
+
+
+def check_gate_metric(cfg: RunConfig) -> list[str]:
+    """``promote.metric`` is one the task's kind can be judged by."""
+    from tasks.kinds import get_kind
+
+    metrics = get_kind(cfg.task).gate_metrics
+    if cfg.promote.metric is None or cfg.promote.metric in metrics:
+        return []
+    return [
+        f"promote.metric {cfg.promote.metric!r} does not fit task {cfg.task!r}: use "
+        + " or ".join(metrics)
+    ]
 
 
 def check_evaluation(cfg: RunConfig) -> list[str]:

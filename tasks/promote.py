@@ -188,7 +188,7 @@ def promote(
         blocked: why this version may never be champion (the collapse guard's finding).
     """
     client = MlflowClient()
-    metric, why = gate_metric(cfg, evaluation)
+    metric, why = gate_metric(cfg, evaluation, kind)
     evidence = kind.evidence(evaluation, metric)
     champion = current_champion(client, registered.name, cfg.alias)
     columns, rescored = None, False
@@ -207,13 +207,14 @@ def promote(
     return record_decision(client, registered, decision, cfg.alias)
 
 
-def gate_metric(cfg: PromoteConfig, evaluation: EvalResult) -> tuple[str, str]:
-    """The metric the gate decides on, and why: ``promote.metric``, else what the data says."""
+def gate_metric(cfg: PromoteConfig, evaluation: EvalResult, kind: Kind) -> tuple[str, str]:
+    """The metric the gate decides on, and why: ``promote.metric``, else what the data says,
+    else the kind's default."""
     if cfg.metric is not None:
         return cfg.metric, "set by promote.metric"
-    if evaluation.default_metric is None:
-        raise ValueError("promote.metric is unset and the evaluation names no default")
-    return evaluation.default_metric, evaluation.default_metric_reason
+    if evaluation.default_metric is not None:
+        return evaluation.default_metric, evaluation.default_metric_reason
+    return kind.gate_metrics[0], f"the default of task {kind.task}"
 
 
 def forgetting(

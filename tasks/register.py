@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from tasks.config import TASK_METRICS, RegistryConfig
+from tasks.config import RegistryConfig
 from tasks.results import RegisteredModel
 
 if TYPE_CHECKING:  # transformers is imported where a model is logged: `lineage` needs neither
@@ -84,7 +84,9 @@ def describe_lineage(model_uri: str) -> list[tuple[str, str]]:
         if key.startswith(("lineage.", "promotion.", "test.")) and key != "lineage.mlflow_run_id":
             rows.append((key, mv.tags[key]))
     task = run.data.tags.get("fulltune.task", "text-classification")
-    metric = mv.tags.get("promotion.metric") or TASK_METRICS.get(task, ("",))[0]
+    from tasks.kinds import get_kind
+
+    metric = mv.tags.get("promotion.metric") or get_kind(task).gate_metrics[0]
     for key in sorted(run.data.metrics):
         if key.startswith(("test/", "yardstick/")) and key.endswith(f"/{metric}"):
             rows.append((f"metric {key}", f"{run.data.metrics[key]:.4f}"))

@@ -21,8 +21,8 @@ HEAD_TAIL_ABOVE = 0.10  # `truncation: auto` keeps head and tail when more texts
 HEAD_SHARE = 0.25  # head+tail: the first quarter of the budget, then the last three quarters
 MAX_BUDGET_EPOCHS = 20  # a time budget on tiny data stops here (early stopping usually sooner)
 # What a step costs beyond its forward and backward pass (the optimizer update, clipping, logging):
-# the probe times only the passes. Measured with MiniLM-L6 on 2 CPU cores: a 0.46 s probe, 0.585 s
-# per step in the run. The budget guard stops training at the budget whatever the estimate.
+# the probe times only the passes (the measurement behind 1.25 is in docs/benchmarks.md). The
+# budget guard stops training at the budget whatever the estimate.
 STEP_OVERHEAD = 1.25
 
 

@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from tasks.config import HEADLINE, RunConfig, redact_uri
+from tasks.config import RunConfig, redact_uri
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 log = logging.getLogger(__name__)
@@ -68,8 +68,12 @@ def create_sqlite_store(uri: str) -> None:
         MlflowClient(uri, registry_uri=uri).search_registered_models(max_results=1)
 
 
-def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
+def experiment_id(
+    client: MlflowClient, cfg: RunConfig, headline: tuple[str, bool] | None = None
+) -> str:
     """The configured experiment's id, created if missing; safe when runs race to create it.
+    With ``headline`` (the kind's test metric and whether higher is better), the runs table's
+    default view leads with it, unless the experiment has a view already.
 
     Two first runs on a new store both find no experiment and both create it: the loser gets
     RESOURCE_ALREADY_EXISTS (the store's unique constraint) and takes the winner's.
@@ -90,8 +94,8 @@ def experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
                 raise
         experiment = client.get_experiment_by_name(name)
         assert experiment is not None, f"experiment {name!r} exists but cannot be read"
-    view_key, view = runs_view_tag(*HEADLINE[cfg.task])
-    for key, value in (EXPERIMENT_TAGS | {view_key: view}).items():
+    views = dict([runs_view_tag(*headline)]) if headline else {}
+    for key, value in (EXPERIMENT_TAGS | views).items():
         if experiment.tags.get(key) is None:  # also for experiments made before fulltune set them
             try:
                 client.set_experiment_tag(experiment.experiment_id, key, value)
@@ -255,11 +259,17 @@ def mark_killed_runs(client: MlflowClient, experiment: str) -> list[str]:
     return killed
 
 
-def start_run(cfg: RunConfig, tags: dict[str, str], run_name: str | None = None) -> str:
-    """Create the run for one flow run, log the flattened config as params, return its id."""
+def start_run(
+    cfg: RunConfig,
+    tags: dict[str, str],
+    run_name: str | None = None,
+    headline: tuple[str, bool] | None = None,
+) -> str:
+    """Create the run for one flow run, log the flattened config as params, return its id
+    (``headline``: see :func:`experiment_id`)."""
     configure(cfg)
     client = MlflowClient()
-    experiment = experiment_id(client, cfg)
+    experiment = experiment_id(client, cfg, headline)
     mark_killed_runs(client, experiment)
     run = client.create_run(
         experiment, run_name=run_name, tags=context_tags() | tags | process_tags()

@@ -156,13 +156,17 @@ def test_lm_contract_catches_leakage_and_empty_documents(tmp_path: Path) -> None
     assert "text is not empty after stripping" in message
 
 
-def test_config_ties_the_promotion_metric_to_the_task() -> None:
+def test_the_promotion_metric_must_fit_the_task() -> None:
     from tasks.config import ConfigError
+    from tasks.preflight import check_gate_metric
 
-    # The metric's default follows the task; a metric of another task is refused by name.
-    assert load_config(None, ["task=causal-lm"]).promote.metric == "perplexity"
-    assert load_config(None, ["task=sft"]).promote.metric is None  # the data decides (sft)
+    # Unset, the kind decides (its default, or for sft what the data says); a metric of another
+    # task is refused before the run starts, naming the ones that fit.
+    assert load_config(None, ["task=causal-lm"]).promote.metric is None
+    assert check_gate_metric(load_config(None, ["task=causal-lm"])) == []
     with pytest.raises(ConfigError, match="not text-classification"):
         load_config(None, ["eval.general_text=speeches.txt"])
-    with pytest.raises(ConfigError, match="perplexity for causal-lm"):
-        load_config(None, ["task=causal-lm", "promote.metric=macro_f1"])
+    wrong = load_config(None, ["task=causal-lm", "promote.metric=macro_f1"])
+    assert check_gate_metric(wrong) == [
+        "promote.metric 'macro_f1' does not fit task 'causal-lm': use perplexity"
+    ]

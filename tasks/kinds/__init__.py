@@ -39,6 +39,9 @@ class Kind(Protocol):
     mlflow_task: str  # the MLflow transformers-flavor task (a pipeline task, or llm/v1/chat)
     headline: str  # the test metric named in version tags and summaries
     headline_higher: bool  # whether a higher headline is better
+    # The test metrics the gate may decide on (promote.metric); the first is the default unless
+    # the evaluation names one from the data (sft: a closed answer set or not).
+    gate_metrics: tuple[str, ...]
     selection_metric: str  # Trainer's metric_for_best_model (without the eval_ prefix)
     greater_is_better: bool
     has_labels: bool  # whether rows carry a class label

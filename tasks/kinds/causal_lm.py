@@ -26,7 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from tasks.caching import digest
-from tasks.config import HEADLINE, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.lm_scoring import (
     forward_takes,
     general_blocks,
@@ -266,7 +266,8 @@ class CausalLM:
     task = "causal-lm"
     pipeline_task = "text-generation"
     mlflow_task = "text-generation"
-    headline, headline_higher = HEADLINE["causal-lm"]
+    headline, headline_higher = "perplexity", False
+    gate_metrics: tuple[str, ...] = ("perplexity",)
     selection_metric = "loss"
     greater_is_better = False
     has_labels = False

@@ -21,7 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from tasks.config import HEADLINE, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
@@ -238,7 +238,8 @@ class Classification:
     task = "text-classification"
     pipeline_task = "text-classification"
     mlflow_task = "text-classification"
-    headline, headline_higher = HEADLINE["text-classification"]
+    headline, headline_higher = "macro_f1", True
+    gate_metrics: tuple[str, ...] = ("macro_f1", "accuracy")
     selection_metric = "macro_f1"
     greater_is_better = True
     has_labels = True

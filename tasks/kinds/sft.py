@@ -40,7 +40,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 
-from tasks.config import HEADLINE, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import (
     IGNORE,
     block_losses,
@@ -480,7 +480,15 @@ class SFT:
     task = "sft"
     pipeline_task = "text-generation"
     mlflow_task = "llm/v1/chat"  # OpenAI-style chat requests; the chat template goes with it
-    headline, headline_higher = HEADLINE["sft"]
+    headline, headline_higher = "exact_match", True
+    # The first is a fallback: the evaluation names the default (a closed answer set or not).
+    gate_metrics: tuple[str, ...] = (
+        "answer_loss",
+        "accuracy",
+        "macro_f1",
+        "exact_match",
+        "rouge_l",
+    )
     selection_metric = "loss"  # answer-only validation loss
     greater_is_better = False
     has_labels = False
