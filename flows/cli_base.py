@@ -251,21 +251,11 @@ def fail(message: str) -> NoReturn:
 
 def use_tracking(uri: str | None) -> str:
     """Point MLflow at ``uri``, the environment's store, or the default local store."""
-    import mlflow
-
+    from tasks import tracking
     from tasks.config import RunConfig
 
-    user_value = os.environ.get("MLFLOW_TRACKING_URI")
-    resolved = uri or user_value or RunConfig().tracking_uri()
-    mlflow.set_tracking_uri(resolved)
-    mlflow.set_registry_uri(resolved)
-    # mlflow exports the URI to the environment; put the user's own value back, or every later
-    # run in this process (a test module, a served deployment) would take it for the user's choice
-    # (as tasks.tracking.configure does for runs).
-    if user_value is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = user_value
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or RunConfig().tracking_uri()
+    tracking.point_at(resolved)
     return resolved
 
 

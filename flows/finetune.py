@@ -14,8 +14,8 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
+from filelock import FileLock
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -36,7 +36,6 @@ from flows.stages import (
     train_stage,
 )
 from tasks import caching, tracking
-from tasks.caching import cache_root
 from tasks.checkpoints import latest_checkpoint, lock_folder
 from tasks.config import RunConfig, redact_uri
 from tasks.kinds import Kind, get_kind
@@ -56,7 +55,7 @@ from tasks.register import (
     lineage_tags,
 )
 from tasks.results import Decision, EvalResult, RegisteredModel
-from tasks.sources import REGISTRY_SCHEME, TokenizerSource, materialize_model, registered_source
+from tasks.sources import REGISTRY_SCHEME, registered_source
 
 
 class RunSummary(BaseModel):
@@ -77,7 +76,7 @@ class RunSummary(BaseModel):
 
 def claim_run(
     cfg: RunConfig, kind: Kind, tags: dict[str, str], run_name: str
-) -> tuple[str, Path | None, IO[str] | None]:
+) -> tuple[str, Path | None, FileLock | None]:
     """The MLflow run this flow run writes to, its checkpoint folder and the folder's lock.
 
     With ``train.checkpoint_steps``, a run of the same config on the same data that died
@@ -155,11 +154,12 @@ def finetune(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
     workdir.mkdir(parents=True, exist_ok=True)
+    config_hash = cfg.digest()  # of the config as given (the one logged with the run)
     tags = {
         "prefect.flow_run_id": str(flow_run_id),
         "prefect.flow_run_name": str(flow_run.get_name()),
         "fulltune.task": cfg.task,
-        "fulltune.config_hash": cfg.digest(),
+        "fulltune.config_hash": config_hash,
     } | (extra_tags or {})
     kind = get_kind(cfg.task)
     run_id, checkpoint_dir, lock = claim_run(cfg, kind, tags, str(flow_run.get_name()))
@@ -183,37 +183,23 @@ def finetune(
             update={"model": cfg.model.model_copy(update={"name_or_path": parent.pinned})}
         )
     try:
-        # A GGUF model becomes a cached safetensors checkpoint once, a registered version a
-        # folder of its weights and tokenizer; stages see that folder.
-        cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
-        tokenizer = TokenizerSource.of(cfg.model)
-        # When the first stage (the data contract) starts: the command's cold start ends here.
-        tracking.set_tags(run_id, {tracking.FIRST_STAGE_TAG: f"{time.time():.3f}"})
-        prepared = prepare_data(cfg, kind, tokenizer, workdir, run_id, limit)
-        cfg = cfg.model_copy(update={"model": prepared.model})  # `auto` sized to the data
+        # The model materialised, the data validated, sized, split and tokenized: from here on
+        # every stage reads the settings resolved against them (prepared.cfg), never the input.
+        prepared, tokenizer = prepare_data(cfg, kind, workdir, run_id, limit)
+        cfg = prepared.cfg
         trained = train_stage.with_options(
             retries=cfg.train.retries,
             retry_condition_fn=retry_transient,
             retry_delay_seconds=exponential_backoff(backoff_factor=10),
             timeout_seconds=cfg.train.timeout_hours * 3600 if cfg.train.timeout_hours else None,
         )(
-            train_job(prepared, cfg, cfg.train, workdir, checkpoint_dir, run_id),
+            train_job(prepared, cfg.train, workdir, checkpoint_dir, run_id),
             kind,
             tokenizer,
             cfg.train.num_processes,
             run_id,
         )
-        evaluation = evaluate_stage(
-            trained.model_dir,
-            prepared,
-            kind,
-            cfg.model,
-            cfg.eval,
-            cfg.train.seed,
-            workdir,
-            cache_root(cfg),
-            run_id,
-        )
+        evaluation = evaluate_stage(trained.model_dir, prepared, kind, workdir, run_id)
         # How far validation (what selection saw) was from test: optimism shows up here.
         tracking.log_metrics(
             run_id,
@@ -246,16 +232,16 @@ def finetune(
         registered = register_model_stage(
             trained.model_dir,
             cfg.registry,
-            kind.inference_config(cfg.eval, evaluation),
-            kind,
             run_id,
+            kind,
             example,
-            lineage_tags(run_id, str(flow_run_id), prepared.data, cfg.digest())
+            lineage_tags(run_id, str(flow_run_id), prepared.data, config_hash)
             | (parent.lineage_tags() if parent else {})
             | evaluation.version_tags()
             | {"quality.collapse": trained.collapse or "none"}
             | ({"collapsed": "true"} if trained.collapse else {})
             | ({"forgetting": "; ".join(forgotten)} if forgotten else {}),
+            kind.inference_config(cfg.eval, evaluation),
             card,
         )
         if trained.collapse:  # registered for inspection, never a candidate
@@ -275,8 +261,6 @@ def finetune(
                 evaluation,
                 prepared,
                 kind,
-                cfg.promote,
-                cfg.eval.batch_size,
                 run_id,
                 trained.collapse or ("it forgot: " + "; ".join(forgotten) if forgotten else None),
             )
@@ -324,7 +308,7 @@ def finetune(
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if lock is not None:
-        lock.close()
+        lock.release()
 
     table = evaluation.table()
     create_markdown_artifact(

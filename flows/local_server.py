@@ -16,7 +16,6 @@ has used it for ``FULLTUNE_SERVER_IDLE`` (30m; ``0`` keeps it): every run touche
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -29,7 +28,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from filelock import FileLock
 from pydantic import BaseModel
+
+from tasks.environment import restored_environment
 
 # How long to wait for a starting server before giving up: a bound on a hung start, generous
 # because a busy 2-core machine needs a minute or more where an idle one needs 15 s.
@@ -163,8 +165,7 @@ def ensure_server(
     info = read_info(home)
     if info is not None and alive(info.pid) and healthy(info.url):
         return info  # the common case: no lock needed
-    with (folder / "server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per home; the others wait and reuse it
+    with FileLock(folder / "server.lock"):  # one starter per home; the others wait, reuse it
         info = read_info(home)
         if info is not None and alive(info.pid):
             # Running but slow to answer (a busy machine, or still starting): wait for it
@@ -212,8 +213,7 @@ def stop_server(home: Path, timeout: float = 30.0) -> ServerInfo | None:
     info = read_info(home)
     if info is None:
         return None
-    with (folder / "server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(folder / "server.lock"):
         if alive(info.pid):
             with suppress(ProcessLookupError):
                 os.killpg(info.pid, signal.SIGTERM)
@@ -342,16 +342,12 @@ def prefect_api(home: Path) -> Iterator[str]:
         return
     info = ensure_server(home)
     url = info.url
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}), watched(info, home):
-            yield url
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+    with (
+        restored_environment(PREFECT_API_URL=url),
+        temporary_settings(updates={PREFECT_API_URL: url}),
+        watched(info, home),
+    ):
+        yield url
 
 
 def describe(home: Path) -> dict[str, object]:

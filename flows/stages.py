@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -31,7 +31,6 @@ from tasks.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
-    PromoteConfig,
     RegistryConfig,
     RunConfig,
     TrainConfig,
@@ -50,6 +49,7 @@ from tasks.results import (
     Decision,
     EvalResult,
     HarnessResult,
+    Prepared,
     RegisteredModel,
     Splits,
     TokenizedData,
@@ -277,32 +277,25 @@ def tokenize_stage(
     return caching.rehome(tokenized, staging, folder)
 
 
-class Prepared(NamedTuple):
-    """The data every flow trains on: validated, split and tokenized; and the model settings it
-    was tokenized with (``max_length`` and ``truncation`` resolved from ``auto``)."""
-
-    data: ValidatedData
-    splits: Splits
-    tokenized: TokenizedData
-    model: ModelConfig
-
-
 def prepare_data(
-    cfg: RunConfig,
-    kind: Kind,
-    tokenizer: TokenizerSource,
-    workdir: Path,
-    run_id: str,
-    limit: int | None = None,
-) -> Prepared:
-    """validate -> size -> split -> tokenize, each cached by content, each logged to ``run_id``.
+    cfg: RunConfig, kind: Kind, workdir: Path, run_id: str, limit: int | None = None
+) -> tuple[Prepared, TokenizerSource]:
+    """The prologue every flow starts with: the model materialised (a GGUF file becomes a cached
+    safetensors checkpoint once, a registered version a folder of its weights and tokenizer), its
+    tokenizer, then validate -> size -> split -> tokenize, each cached by content, each logged to
+    ``run_id``. Returns the prepared data with the run's settings resolved against it
+    (``Prepared.cfg``: what every later stage reads) and the tokenizer.
 
     ``limit`` is the model's position limit: the bound of an ``auto`` max length. The tokenizer
     is loaded by the first stage that runs rather than coming from the cache.
     """
+    model = sources_module.materialize_model(cfg.model, caching.cache_root(cfg))
+    cfg = cfg.model_copy(update={"model": model, "data": contract_settings(cfg)})
+    tokenizer = TokenizerSource.of(cfg.model)
+    # When the first stage (the data contract) starts: the command's cold start ends here.
+    tracking.set_tags(run_id, {tracking.FIRST_STAGE_TAG: f"{time.time():.3f}"})
     tokenizer_id = caching.tokenizer_identity(tokenizer)
     checked_length = validation_length(cfg.model, limit)
-    cfg = cfg.model_copy(update={"data": contract_settings(cfg)})
     folder = validation_cache(cfg, tokenizer_id, checked_length)
     data = cached(validate_data_stage, folder)(
         cfg.data, kind, tokenizer, checked_length, folder, run_id
@@ -313,8 +306,7 @@ def prepare_data(
     for setting, value in described(sized).items():
         get_run_logger().info("auto %s = %s", setting, value)
     tracking.set_tags(run_id, {f"sizing.{k}": v for k, v in described(sized).items()})
-    model, data = sized.model, sized.data
-    cfg = cfg.model_copy(update={"model": model})
+    data, cfg = sized.data, cfg.model_copy(update={"model": sized.model})
     record_validation(data, run_id)
     if cfg.data.test is not None and cfg.data.validation is None:
         check_shift(data, lengths, cfg.train.seed, run_id)
@@ -326,7 +318,7 @@ def prepare_data(
         splits, data.labels, cfg.model, kind, tokenizer, folder, run_id
     )
     tracking.log_metrics_once(run_id, tokenized.metrics())
-    return Prepared(data, splits, tokenized, model)
+    return Prepared(cfg=cfg, data=data, splits=splits, tokenized=tokenized), tokenizer
 
 
 @task(name="train", cache_policy=NONE)
@@ -395,32 +387,14 @@ def train_stage(
 @task(name="evaluate", cache_policy=NONE)
 @timed
 def evaluate_stage(
-    model_dir: str,
-    prepared: Prepared,
-    kind: Kind,
-    model_cfg: ModelConfig,
-    cfg: EvalConfig,
-    seed: int,
-    workdir: Path,
-    cache_dir: Path,
-    run_id: str,
+    model_dir: str, prepared: Prepared, kind: Kind, workdir: Path, run_id: str
 ) -> EvalResult:
     """Score the model and the task's two yardsticks on the test split.
 
     Classification: the majority class and TF-IDF + logistic regression. Causal LM: the
     untrained model and a unigram model, plus generations from the configured prompts.
     """
-    result = kind.evaluate(
-        model_dir,
-        prepared.tokenized,
-        prepared.data.labels,
-        prepared.splits,
-        model_cfg,
-        cfg,
-        seed,
-        workdir,
-        cache_dir,
-    )
+    result = kind.evaluate(model_dir, prepared, workdir)
     tracking.log_metrics(
         run_id,
         {f"test/{k}": tracking.shown(v) for k, v in result.metrics.items()}
@@ -493,26 +467,15 @@ def lm_eval_stage(
 def register_model_stage(
     model_dir: str,
     cfg: RegistryConfig,
-    inference_config: dict[str, Any],
-    kind: Kind,
     run_id: str,
+    kind: Kind,
     example: Any,
     tags: dict[str, str],
+    inference_config: dict[str, Any],
     card: CardFacts | None = None,
 ) -> RegisteredModel:
     """Log the model with the transformers flavor (the kind's pipeline task), register, alias."""
-    registered = register_model(
-        model_dir,
-        cfg,
-        run_id,
-        example,
-        tags,
-        kind.pipeline_task,
-        kind.mlflow_task,
-        kind.signature(),
-        inference_config,
-        card,
-    )
+    registered = register_model(model_dir, cfg, run_id, kind, example, tags, inference_config, card)
     tracking.set_tags(
         run_id, {"registry.model": registered.name, "registry.version": registered.version}
     )
@@ -535,25 +498,14 @@ def promote_stage(
     evaluation: EvalResult,
     prepared: Prepared,
     kind: Kind,
-    cfg: PromoteConfig,
-    eval_batch_size: int,
     run_id: str,
     collapse: str | None,
 ) -> Decision:
     """Move the champion alias to the new version only if the evidence says it is better."""
     from tasks.promote import promote
 
-    decision = promote(
-        registered,
-        evaluation,
-        kind,
-        prepared.data.labels,
-        prepared.splits,
-        prepared.tokenized,
-        cfg,
-        eval_batch_size,
-        collapse,
-    )
+    decision = promote(registered, evaluation, kind, prepared, collapse)
+    cfg = prepared.cfg.promote
     tracking.set_tags(run_id, decision.tags())
     tracking.log_metrics(run_id, decision.metrics())
     create_markdown_artifact(
@@ -568,13 +520,13 @@ def promote_stage(
 
 def train_job(
     prepared: Prepared,
-    cfg: RunConfig,
     train_cfg: TrainConfig,
     workdir: Path,
     checkpoint_dir: Path | None = None,
     run_id: str | None = None,
 ) -> TrainJob:
-    """The train stage's input for this run (``train_cfg`` may be a sweep trial's recipe)."""
+    """The train stage's input for this run (``train_cfg``: the run's, or a sweep trial's)."""
+    cfg = prepared.cfg
     return TrainJob(
         tokenized=prepared.tokenized,
         labels=prepared.data.labels,

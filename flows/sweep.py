@@ -23,11 +23,10 @@ from transformers import TrainerCallback
 from flows.finetune import RunSummary, finetune
 from flows.stages import Prepared, prepare_data, train_job
 from tasks import tracking
-from tasks.caching import cache_root
 from tasks.config import RunConfig, SearchDimension, TrainConfig
 from tasks.kinds import Kind, get_kind
 from tasks.preflight import check_model, max_positions
-from tasks.sources import TokenizerSource, materialize_model
+from tasks.sources import TokenizerSource
 from tasks.train import MlflowMetricsCallback, train
 
 log = logging.getLogger(__name__)
@@ -128,10 +127,10 @@ def trial_stage(
     prepared: Prepared,
     kind: Kind,
     tokenizer: TokenizerSource,
-    cfg: RunConfig,
     parent_run_id: str,
 ) -> TrialResult:
     """Train one candidate (a nested MLflow run) and tell Optuna its best validation score."""
+    cfg = prepared.cfg
     metric = kind.selection_metric
     trial = study.ask()
     params = suggest(trial, cfg.sweep.space)
@@ -146,7 +145,7 @@ def trial_stage(
     workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
     try:
         job = train_job(
-            prepared, cfg, with_params(trial_cfg, {"early_stopping_patience": None}), workdir
+            prepared, with_params(trial_cfg, {"early_stopping_patience": None}), workdir
         )
         result = train(job, kind, [MlflowMetricsCallback(run_id), pruner], tokenizer.get())
     except BaseException:
@@ -187,11 +186,9 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
     )
     metric = kind.selection_metric
     try:
-        cfg = cfg.model_copy(update={"model": materialize_model(cfg.model, cache_root(cfg))})
-        tokenizer = TokenizerSource.of(cfg.model)
         limit = max_positions(check_model(cfg)[0])
-        prepared = prepare_data(cfg, kind, tokenizer, workdir, parent, limit)
-        cfg = cfg.model_copy(update={"model": prepared.model})
+        prepared, tokenizer = prepare_data(cfg, kind, workdir, parent, limit)
+        cfg = prepared.cfg
         study = open_study(cfg, prepared.data.fingerprint, kind.greater_is_better)
         done = finished_trials(study)
         if done:
@@ -200,7 +197,7 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
             )
         tracking.set_tags(parent, {"sweep.study": study.study_name})
         results = done + [
-            trial_stage(study, prepared, kind, tokenizer, cfg, parent)
+            trial_stage(study, prepared, kind, tokenizer, parent)
             for _ in range(max(trials - len(done), 0))
         ]
         completed = [r for r in results if r.value is not None]

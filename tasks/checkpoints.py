@@ -6,9 +6,9 @@ its first stage, and the train task writes into it.
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
-from typing import IO
+
+from filelock import FileLock, Timeout
 
 COMPLETE = "COMPLETE"  # written into a checkpoint folder once the Trainer has saved all of it
 
@@ -21,17 +21,17 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def lock_folder(folder: Path) -> IO[str] | None:
+def lock_folder(folder: Path) -> FileLock | None:
     """Take an exclusive lock on a checkpoint folder, or None if a live process holds it.
 
-    The operating system drops the lock when its holder exits, SIGKILL included: a folder whose
-    lock can be taken belongs to a run that is no longer running.
+    The operating system drops the lock (an ``flock``) when its holder exits, SIGKILL included: a
+    folder whose lock can be taken belongs to a run that is no longer running. The caller
+    releases it.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    handle = (folder / ".lock").open("w")
+    lock = FileLock(folder / ".lock", timeout=0)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+        lock.acquire()
+    except Timeout:
         return None
-    return handle
+    return lock

@@ -25,9 +25,8 @@ from tasks.results import (
     Evidence,
     HarnessResult,
     HarnessTask,
+    Prepared,
     RegisteredModel,
-    Splits,
-    TokenizedData,
 )
 
 if TYPE_CHECKING:
@@ -172,30 +171,25 @@ def promote(
     registered: RegisteredModel,
     evaluation: EvalResult,
     kind: Kind,
-    labels: list[str],
-    splits: Splits,
-    tokenized: TokenizedData,
-    cfg: PromoteConfig,
-    batch_size: int,
+    prepared: Prepared,
     blocked: str | None = None,
 ) -> Decision:
     """Run the gate for a just-registered version; move the alias and tag the version.
 
     Args:
         evaluation: its test evaluation, with per-example scores on disk.
-        splits, tokenized: the test split, to score a champion that saw another test set.
-        batch_size: the evaluation batch size, for scoring the champion again.
+        prepared: the run's test split (to score a champion that saw another test set) and its
+            settings (``promote``, and ``eval.batch_size`` for scoring the champion again).
         blocked: why this version may never be champion (the collapse guard's finding).
     """
+    cfg = prepared.cfg.promote
     client = MlflowClient()
     metric, why = gate_metric(cfg, evaluation, kind)
     evidence = kind.evidence(evaluation, metric)
     champion = current_champion(client, registered.name, cfg.alias)
     columns, rescored = None, False
     if champion is not None and str(champion.version) != registered.version and not blocked:
-        columns, blocked, rescored = kind.champion_columns(
-            champion, evaluation, splits, tokenized, labels, batch_size, metric
-        )
+        columns, blocked, rescored = kind.champion_columns(champion, evaluation, prepared, metric)
     decision = decide(
         cfg,
         registered.version,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,8 +14,11 @@ from pydantic import BaseModel
 from tasks.config import RegistryConfig
 from tasks.results import RegisteredModel
 
+if TYPE_CHECKING:
+    from tasks.kinds import Kind
+
 if TYPE_CHECKING:  # transformers is imported where a model is logged: `lineage` needs neither
-    from mlflow.models import ModelSignature
+    pass
 
 # Inferring requirements makes mlflow import torchvision, which is not a dependency; the model
 # needs exactly these packages to load and predict.
@@ -30,22 +32,20 @@ def pip_requirements() -> list[str]:
 
 
 def git_commit(path: Path = PROJECT_DIR) -> str | None:
-    """The commit of the code that ran (with ``-dirty`` when the tree has changes), if in git."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+    """The commit of the code that ran (with ``-dirty`` when tracked files changed), if in git:
+    MLflow's own git lookup (GitPython), as for its ``mlflow.source.git.commit`` tag."""
+    from mlflow.utils.git_utils import get_git_commit
+
+    commit = get_git_commit(str(path))
+    if commit is None:
         return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    try:
+        from git import Repo
+
+        dirty = Repo(path, search_parent_directories=True).is_dirty(untracked_files=False)
+    except Exception:  # GitPython raises its own errors for a broken or foreign repository
+        dirty = False
+    return commit + ("-dirty" if dirty else "")
 
 
 def lineage_tags(run_id: str, flow_run_id: str, data: Any, config_hash: str) -> dict[str, str]:
@@ -270,18 +270,16 @@ def register_model(
     model_dir: str,
     cfg: RegistryConfig,
     run_id: str,
+    kind: Kind,
     input_example: Any,
     version_tags: dict[str, str],
-    task: str,
-    mlflow_task: str,
-    signature: ModelSignature | None,
     inference_config: dict[str, Any] | None = None,
     card: CardFacts | None = None,
 ) -> RegisteredModel:
-    """Log ``model_dir`` to the run as a ``task`` pipeline, register it, set the alias.
+    """Log ``model_dir`` to the run as the kind's pipeline, register it, set the alias.
 
-    ``mlflow_task`` is the flavor's task: the pipeline's own, or ``llm/v1/chat`` for a chat model
-    (pyfunc then takes OpenAI-style ``messages`` and applies the saved chat template).
+    The flavor's task is the kind's ``mlflow_task``: the pipeline's own, or ``llm/v1/chat`` for a
+    chat model (pyfunc then takes OpenAI-style ``messages`` and applies the saved chat template).
 
     The tokenizer saved beside the model is logged with it, so ``mlflow.pyfunc.load_model``
     returns something that takes raw strings: a classifier predicts labels from the declared set,
@@ -299,7 +297,7 @@ def register_model(
 
         # A pipeline object rather than the folder path: mlflow's path-based flavor config does
         # not understand transformers 5's pipeline registry.
-        model = pipeline(task, model=model_dir, tokenizer=model_dir)  # type: ignore[call-overload]
+        model = pipeline(kind.pipeline_task, model=model_dir, tokenizer=model_dir)  # type: ignore[call-overload]
         hub_card = None
         if card is not None:
             from huggingface_hub import ModelCard, ModelCardData
@@ -313,8 +311,8 @@ def register_model(
             info = mlflow.transformers.log_model(
                 transformers_model=model,
                 name=LOGGED_MODEL,
-                task=mlflow_task,
-                signature=signature,
+                task=kind.mlflow_task,
+                signature=kind.signature(),
                 input_example=input_example,
                 pip_requirements=pip_requirements(),
                 model_config=inference_config or None,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import ModelConfig, TrainConfig
+from tasks.config import ModelConfig, RunConfig, TrainConfig
 
 # What a registered model is shown as its input example: texts, or a chat request.
 InputExample = list[str] | dict[str, list[dict[str, str]]]
@@ -174,6 +174,20 @@ class TrainResult(BaseModel):
             | {f"val_selected/{k}": v for k, v in self.reference.items()}
             | self.plan
         )
+
+
+class Prepared(BaseModel):
+    """What every flow trains and is judged on: the data validated, split and tokenized, and the
+    run's settings resolved against it. ``cfg`` is the config with the model materialised (a
+    folder of weights and tokenizer), ``model.max_length`` and ``model.truncation`` sized to the
+    data and the contract's settings filled in: the settings every later stage reads."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cfg: RunConfig
+    data: ValidatedData
+    splits: Splits
+    tokenized: TokenizedData
 
 
 class TrainJob(BaseModel):

@@ -9,7 +9,6 @@ they are in the source; column mapping and checks happen later, in validation.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import importlib.util
 import io
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 from tasks.config import ModelConfig
 
@@ -475,8 +475,7 @@ def materialize_registered(source: RegisteredSource, cache_root: Path) -> Path:
     if (target / "DONE").exists():
         return target / "checkpoint"
     target.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f".{target.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(target.parent / f".{target.name}.lock"):
         if not (target / "DONE").exists():
             root = registered_artifacts(source.name, source.version, target / "download")
             model_dir, tokenizer_dir = weights_in(root, source.pinned)
@@ -518,8 +517,8 @@ def materialize_gguf(name_or_path: str, gguf_file: str | None, cache_root: Path)
     if (target / "DONE").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f".{target.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another run converting the same file: wait for it
+    # Another run converting the same file: wait for it.
+    with FileLock(target.parent / f".{target.name}.lock"):
         if (target / "DONE").exists():
             return target
         _convert_gguf(folder, file_name, target)

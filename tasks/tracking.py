@@ -7,7 +7,6 @@ threads than the flow.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -22,12 +21,14 @@ from urllib.parse import quote
 
 import mlflow
 import psutil
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from tasks.config import RunConfig, redact_uri
+from tasks.environment import restored_environment
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 log = logging.getLogger(__name__)
@@ -41,17 +42,16 @@ def configure(cfg: RunConfig) -> str:
     uri = cfg.tracking_uri()
     if uri.startswith("sqlite:///"):
         create_sqlite_store(uri)
-    user_value = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    # mlflow exports the URI to the environment for subprocesses. Put the user's own value back,
-    # or the next run in this process (a served deployment, a test) would take this run's store
-    # for the user's choice.
-    if user_value is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = user_value
+    point_at(uri)
     return uri
+
+
+def point_at(uri: str) -> None:
+    """MLflow's tracking and registry on ``uri``. mlflow also exports it to the environment for
+    subprocesses; the user's own value (or none) is put back."""
+    with restored_environment("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
 
 
 def create_sqlite_store(uri: str) -> None:
@@ -62,8 +62,7 @@ def create_sqlite_store(uri: str) -> None:
     """
     path = Path(uri.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / f".{path.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(path.parent / f".{path.name}.lock"):
         MlflowClient(uri, registry_uri=uri).search_experiments(max_results=1)
         MlflowClient(uri, registry_uri=uri).search_registered_models(max_results=1)
 

@@ -13,6 +13,7 @@ CORE |= {"tasks.kinds"}  # the kinds' interface: the protocol and get_kind
 CORE |= {"tasks.sizing"}  # pure sizing rules (max length, truncation, warm-up, time budget)
 CORE |= {"tasks.checkpoints"}  # which checkpoint is complete, who holds the folder
 CORE |= {"tasks.resolve"}  # what the data says about the run: the settings sized to it
+CORE |= {"tasks.environment"}  # environment variables set for a while and put back
 # The recipe's parts: its Trainer and samplers, callbacks, the memory fit and step probe, and the
 # proof that every weight was updated.
 RECIPE = {"tasks.trainer", "tasks.callbacks", "tasks.fit", "tasks.weights"}
@@ -232,3 +233,44 @@ def test_the_map_names_every_module():
         if path.name == "__init__.py" and path.parent.name != "kinds":
             continue
         assert f" {path.name} " in text, f"{path.relative_to(ROOT)} is not on docs/architecture.md"
+
+
+# Where a setting may be derived (a config copied with a change), and why there: each is where
+# the value is first known. Everywhere else, stages and the recipe read the settings they get.
+RESOLVED_AT = {
+    ("flows/finetune.py", "finetune"): "the registered parent, pinned to its version at the start",
+    ("flows/stages.py", "prepare_data"): "the model materialised, the data contract's settings, "
+    "max length and truncation sized to the data: Prepared.cfg",
+    ("flows/sweep.py", "trial_stage"): "a trial's candidate recipe",
+    ("flows/sweep.py", "sweep"): "the best trial's recipe, trained again by finetune",
+    ("flows/deploy.py", "deployments"): "the served config's home as an absolute path",
+    ("tasks/resolve.py", "contract_settings"): "the contract's truncation bound",
+    ("tasks/resolve.py", "size_to_data"): "max length and truncation from the token lengths",
+    ("tasks/sources.py", "materialize_model"): "the model as a local folder",
+    ("tasks/fit.py", "fit_memory"): "train.auto_batch: the batch the loaded model fits",
+    ("tasks/kinds/dpo.py", "derive"): "a pair's prompt read by sft's chat reader (a view)",
+}
+
+
+def test_settings_are_derived_only_where_they_are_first_known():
+    import re
+
+    settings = re.compile(SETTINGS)
+    found = set()
+    for path in [*ROOT.glob("tasks/**/*.py"), *ROOT.glob("flows/*.py")]:
+        if path.name == "config.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            for node in ast.walk(function):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "model_copy"
+                    and settings.search(ast.unparse(node.func.value))
+                ):
+                    found.add((str(path.relative_to(ROOT)), function.name))
+    nested = {site for site in found if site not in RESOLVED_AT}
+    assert not nested, f"settings derived outside the places they are first known: {nested}"

@@ -191,11 +191,9 @@ def test_registration_retried_after_a_failure_registers_once(tiny_model_dir: Pat
             str(tiny_model_dir),
             cfg,
             run_id,
+            kind,
             ["a text"],
             {"lineage.mlflow_run_id": run_id},
-            kind.pipeline_task,
-            kind.mlflow_task,
-            kind.signature(),
             {},
         )
 

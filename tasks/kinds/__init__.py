@@ -25,8 +25,8 @@ if TYPE_CHECKING:
         EvalResult,
         Evidence,
         InputExample,
+        Prepared,
         Splits,
-        TokenizedData,
         TrainExtras,
     )
 
@@ -107,18 +107,7 @@ class Kind(Protocol):
         """The selected model's validation scores and guards."""
         ...
 
-    def evaluate(
-        self,
-        model_dir: str,
-        tokenized: TokenizedData,
-        labels: list[str],
-        splits: Splits,
-        model_cfg: ModelConfig,
-        cfg: EvalConfig,
-        seed: int,
-        workdir: Path,
-        cache_dir: Path,
-    ) -> EvalResult:
+    def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> EvalResult:
         """Score the model and the task's two yardsticks on the test split."""
         ...
 
@@ -127,14 +116,7 @@ class Kind(Protocol):
         ...
 
     def champion_columns(
-        self,
-        champion: ModelVersion,
-        evaluation: EvalResult,
-        splits: Splits,
-        tokenized: TokenizedData,
-        labels: list[str],
-        batch_size: int,
-        metric: str,
+        self, champion: ModelVersion, evaluation: EvalResult, prepared: Prepared, metric: str
     ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
         """The champion's per-example columns on this test split: (columns, why not, rescored)."""
         ...

@@ -39,8 +39,8 @@ from tasks.results import (
     EvalResult,
     Evidence,
     InputExample,
+    Prepared,
     Splits,
-    TokenizedData,
     TrainExtras,
 )
 from tasks.sources import fingerprint, resolve_model
@@ -347,19 +347,10 @@ class CausalLM:
         """Validation loss and perplexity of the selected model, over tokens."""
         return validation_perplexity(trainer, validation)
 
-    def evaluate(
-        self,
-        model_dir: str,
-        tokenized: TokenizedData,
-        labels: list[str],
-        splits: Splits,
-        model_cfg: ModelConfig,
-        cfg: EvalConfig,
-        seed: int,
-        workdir: Path,
-        cache_dir: Path,
-    ) -> LMEvalResult:
+    def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> LMEvalResult:
         """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""
+        tokenized, labels, splits = prepared.tokenized, prepared.data.labels, prepared.splits
+        model_cfg, cfg, seed = prepared.cfg.model, prepared.cfg.eval, prepared.cfg.train.seed
         from datasets import load_from_disk
         from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
@@ -425,20 +416,14 @@ class CausalLM:
         )
 
     def champion_columns(
-        self,
-        champion: ModelVersion,
-        evaluation: EvalResult,
-        splits: Splits,
-        tokenized: TokenizedData,
-        labels: list[str],
-        batch_size: int,
-        metric: str,
+        self, champion: ModelVersion, evaluation: EvalResult, prepared: Prepared, metric: str
     ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
         """The champion's per-block losses on this test split: logged, or scored again.
 
         Perplexities under different tokenizers count different tokens, so they are never
         compared.
         """
+        tokenized, batch_size = prepared.tokenized, prepared.cfg.eval.batch_size
         from datasets import load_from_disk
         from transformers import AutoModelForCausalLM
 

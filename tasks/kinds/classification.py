@@ -21,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from tasks.caching import cache_root
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
@@ -28,8 +29,8 @@ from tasks.results import (
     EvalResult,
     Evidence,
     InputExample,
+    Prepared,
     Splits,
-    TokenizedData,
     TrainExtras,
 )
 from tasks.sizing import head_tail
@@ -353,23 +354,15 @@ class Classification:
             collapse=collapse,
         )
 
-    def evaluate(
-        self,
-        model_dir: str,
-        tokenized: TokenizedData,
-        labels: list[str],
-        splits: Splits,
-        model_cfg: ModelConfig,
-        cfg: EvalConfig,
-        seed: int,
-        workdir: Path,
-        cache_dir: Path,
-    ) -> ClassificationEval:
+    def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> ClassificationEval:
         """Accuracy, macro P/R/F1, per-class P/R/F1 and a confusion matrix on the test split.
 
         The same rows are scored by the majority-class and the TF-IDF baselines, and the per-row
         predictions are saved so that a later model can be compared with this one row by row.
         """
+        tokenized, labels, splits = prepared.tokenized, prepared.data.labels, prepared.splits
+        cfg, seed = prepared.cfg.eval, prepared.cfg.train.seed
+        cache_dir = cache_root(prepared.cfg)
         import torch
         from datasets import load_from_disk
         from sklearn.metrics import confusion_matrix
@@ -454,16 +447,11 @@ class Classification:
         )
 
     def champion_columns(
-        self,
-        champion: ModelVersion,
-        evaluation: EvalResult,
-        splits: Splits,
-        tokenized: TokenizedData,
-        labels: list[str],
-        batch_size: int,
-        metric: str,
+        self, champion: ModelVersion, evaluation: EvalResult, prepared: Prepared, metric: str
     ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
         """The champion's predictions on this test split: logged when it saw the same rows."""
+        splits, labels = prepared.splits, prepared.data.labels
+        batch_size = prepared.cfg.eval.batch_size
         import torch
         from transformers import AutoModelForSequenceClassification
 

@@ -44,7 +44,7 @@ from tasks.kinds.sft import (
     with_template,
 )
 from tasks.lm_scoring import answer_budget, closed_set, label_of, normalise_answer
-from tasks.results import Checked, TrainExtras
+from tasks.results import Checked, Prepared, TrainExtras
 from tasks.sources import SourceError, load_registered, read_table, registered_source
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
 
     from tasks.kinds.sft import Conversation
-    from tasks.results import Splits, TokenizedData
 
 log = logging.getLogger(__name__)
 
@@ -497,28 +496,16 @@ class DPO(SFT):
 
     # -- evaluation --
 
-    def evaluate(
-        self,
-        model_dir: str,
-        tokenized: TokenizedData,
-        labels: list[str],
-        splits: Splits,
-        model_cfg: ModelConfig,
-        cfg: EvalConfig,
-        seed: int,
-        workdir: Path,
-        cache_dir: Path,
-    ) -> SFTEval:
+    def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
         """SFT's judgment on the held-out prompts (the chosen answers as references, the
         starting model as the yardstick), and the preference metrics of the held-out pairs."""
+        tokenized, model_cfg, cfg = prepared.tokenized, prepared.cfg.model, prepared.cfg.eval
         from datasets import load_from_disk
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from tasks.kinds.causal_lm import setup_model
 
-        result = super().evaluate(
-            model_dir, tokenized, labels, splits, model_cfg, cfg, seed, workdir, cache_dir
-        )
+        result = super().evaluate(model_dir, prepared, workdir)
         test = load_from_disk(tokenized.path)["test"]
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)

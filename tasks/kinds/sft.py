@@ -70,8 +70,8 @@ from tasks.results import (
     EvalResult,
     Evidence,
     InputExample,
+    Prepared,
     Splits,
-    TokenizedData,
     TrainExtras,
 )
 from tasks.sources import fingerprint
@@ -648,18 +648,7 @@ class SFT:
 
     # -- evaluation --
 
-    def evaluate(
-        self,
-        model_dir: str,
-        tokenized: TokenizedData,
-        labels: list[str],
-        splits: Splits,
-        model_cfg: ModelConfig,
-        cfg: EvalConfig,
-        seed: int,
-        workdir: Path,
-        cache_dir: Path,
-    ) -> SFTEval:
+    def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
         """Judge the fine-tuned and the zero-shot model on the same held-out rows.
 
         Every scored row: the answer-only loss of its reference answer and, over a closed answer
@@ -667,6 +656,8 @@ class SFT:
         answer, judged by exact match, ROUGE-L and the label it names. With
         ``eval.general_text``: the perplexity of general text, before and after.
         """
+        tokenized, labels, splits = prepared.tokenized, prepared.data.labels, prepared.splits
+        model_cfg, cfg, seed = prepared.cfg.model, prepared.cfg.eval, prepared.cfg.train.seed
         from datasets import load_from_disk
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -793,16 +784,11 @@ class SFT:
         )
 
     def champion_columns(
-        self,
-        champion: ModelVersion,
-        evaluation: EvalResult,
-        splits: Splits,
-        tokenized: TokenizedData,
-        labels: list[str],
-        batch_size: int,
-        metric: str,
+        self, champion: ModelVersion, evaluation: EvalResult, prepared: Prepared, metric: str
     ) -> tuple[tuple[np.ndarray, ...] | None, str | None, bool]:
         """The champion's scores on the same rows: logged by its own run, or scored again."""
+        splits, tokenized = prepared.splits, prepared.tokenized
+        batch_size = prepared.cfg.eval.batch_size
         from datasets import load_from_disk
 
         assert isinstance(evaluation, SFTEval)
