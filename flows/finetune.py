@@ -182,7 +182,7 @@ def finetune(
         cfg = cfg.model_copy(
             update={"model": cfg.model.model_copy(update={"name_or_path": parent.pinned})}
         )
-    try:
+    with tracking.failing_run(run_id):
         # The model materialised, the data validated, sized, split and tokenized: from here on
         # every stage reads the settings resolved against them (prepared.cfg), never the input.
         prepared, tokenizer = prepare_data(cfg, kind, workdir, run_id, limit)
@@ -272,10 +272,6 @@ def finetune(
         complete_registration(registered)
         if forgotten:
             raise ModelForgot(forgetting_advice(forgotten, registered.version, cfg.promote))
-    except BaseException as err:
-        tracking.record_failure(run_id, err)
-        tracking.end_run(run_id, "FAILED")
-        raise
     total = time.perf_counter() - started
     # Work is forward and backward passes: optimizer steps, validation, scoring the test split.
     # Everything else (Prefect, validation of the data, MLflow, loading, saving, registering,

@@ -35,6 +35,7 @@ from tasks.environment import restored_environment
 
 # How long to wait for a starting server before giving up: a bound on a hung start, generous
 # because a busy 2-core machine needs a minute or more where an idle one needs 15 s.
+START_ATTEMPTS = 3  # a server that exits while starting (its port taken) is started again
 START_TIMEOUT_S = float(os.environ.get("FULLTUNE_SERVER_START_TIMEOUT", "600"))
 
 
@@ -111,6 +112,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def listens(info: ServerInfo) -> bool:
+    """Whether the server's own process listens on its port. Another process may answer there:
+    a port picked free can be taken before the server binds it (then the server exits), and a
+    healthy answer from someone else's server must not count as this home's."""
+    import psutil
+
+    try:
+        connections = psutil.Process(info.pid).net_connections("inet")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == info.port for c in connections)
+
+
+def answers(info: ServerInfo) -> bool:
+    """Whether this home's server is up: its process listens on its port, and the API is healthy."""
+    return listens(info) and healthy(info.url)
+
+
 def read_info(home: Path) -> ServerInfo | None:
     path = server_dir(home) / "server.json"
     try:
@@ -138,7 +157,7 @@ def server_environment(folder: Path, port: int) -> dict[str, str]:
 
 def wait_until_healthy(info: ServerInfo, log_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not healthy(info.url):
+    while not answers(info):
         if not alive(info.pid):
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise ServerError(f"the Prefect server exited while starting; {log_path}:\n{tail}")
@@ -163,7 +182,7 @@ def ensure_server(
     folder.mkdir(parents=True, exist_ok=True)
     touch(home)
     info = read_info(home)
-    if info is not None and alive(info.pid) and healthy(info.url):
+    if info is not None and alive(info.pid) and answers(info):
         return info  # the common case: no lock needed
     with FileLock(folder / "server.lock"):  # one starter per home; the others wait, reuse it
         info = read_info(home)
@@ -173,38 +192,52 @@ def ensure_server(
             if wait:
                 wait_until_healthy(info, folder / "server.log", timeout)
             return info
-        port = free_port()
         log_path = folder / "server.log"
-        with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                [*PREFECT_SERVER, "--host", "127.0.0.1", "--port", str(port)],
-                env=server_environment(folder, port),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives this run; stopped as a group
-            )
-        info = ServerInfo(pid=process.pid, port=port, started_at=time.time())
-        (folder / "server.json").write_text(info.model_dump_json())
-        index = servers_index()
-        with suppress(OSError):
-            index.mkdir(parents=True, exist_ok=True)
-            entry = {"home": str(home.resolve()), **info.model_dump()}
-            (index / f"{info.pid}.json").write_text(json.dumps(entry))
-        idle = idle_limit_s()
-        if idle > 0 and not stays:
-            subprocess.Popen(
-                [sys.executable, "-m", "flows.local_server", "reap", str(home), str(info.pid)],
-                env=os.environ | {"FULLTUNE_SERVER_IDLE": f"{idle}s"},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        if wait:
-            wait_until_healthy(info, log_path, timeout)
+        for attempt in range(START_ATTEMPTS):
+            info = _start(home, folder, log_path, stays)
+            if not wait:
+                return info
+            try:
+                wait_until_healthy(info, log_path, timeout)
+            except ServerError:
+                if alive(info.pid) or attempt + 1 == START_ATTEMPTS:
+                    raise
+                continue  # it exited while starting (its port was taken meanwhile): another port
             touch(home)  # the idle clock starts once the server answers, not while it boots
-        return info
+            return info
+    raise AssertionError("unreachable")
+
+
+def _start(home: Path, folder: Path, log_path: Path, stays: bool) -> ServerInfo:
+    """Start the home's server on a free port; record it (and, unless ``stays``, its reaper)."""
+    port = free_port()
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [*PREFECT_SERVER, "--host", "127.0.0.1", "--port", str(port)],
+            env=server_environment(folder, port),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this run; stopped as a group
+        )
+    info = ServerInfo(pid=process.pid, port=port, started_at=time.time())
+    (folder / "server.json").write_text(info.model_dump_json())
+    index = servers_index()
+    with suppress(OSError):
+        index.mkdir(parents=True, exist_ok=True)
+        entry = {"home": str(home.resolve()), **info.model_dump()}
+        (index / f"{info.pid}.json").write_text(json.dumps(entry))
+    idle = idle_limit_s()
+    if idle > 0 and not stays:
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.local_server", "reap", str(home), str(info.pid)],
+            env=os.environ | {"FULLTUNE_SERVER_IDLE": f"{idle}s"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return info
 
 
 def stop_server(home: Path, timeout: float = 30.0) -> ServerInfo | None:
@@ -285,6 +318,14 @@ class ServerLost(ServerError):
 
 WATCH_INTERVAL_S = 2.0
 LOST_REPEAT_S = 15.0  # a lost server's interrupt is repeated this often until the run stops
+LOST_GRACE_S = 60.0  # then the process records its runs FAILED and exits
+
+
+def lost_message(info: ServerInfo) -> str:
+    return (
+        f"the home's Prefect server (pid {info.pid}, {info.url}) stopped during the run; "
+        "the run is marked FAILED. Run again: a new server starts"
+    )
 
 
 @contextmanager
@@ -306,10 +347,19 @@ def watched(info: ServerInfo, home: Path) -> Iterator[None]:
             if not alive(info.pid):
                 lost.set()
                 _thread.interrupt_main()
-                # An interrupt can be swallowed on its way (it may land while Prefect waits to
-                # retry a task): until the run has left this block, interrupt again, spaced so
-                # the run's own failure handling (marking its MLflow run) has time to finish.
+                # An interrupt can be swallowed on its way (Prefect's engine catches it to
+                # report a crash to the dead API, and retries that call): until the run has left
+                # this block, interrupt again, spaced so the run's own failure handling (marking
+                # its MLflow run) has time to finish; after LOST_GRACE_S, leave without it.
+                deadline = time.monotonic() + LOST_GRACE_S
                 while not stop.wait(LOST_REPEAT_S):
+                    if time.monotonic() > deadline:
+                        from tasks import tracking
+
+                        tracking.fail_open_runs(lost_message(info))
+                        sys.stderr.write(f"fulltune: error: {lost_message(info)}\n")
+                        sys.stderr.flush()
+                        os._exit(1)
                     _thread.interrupt_main()
                 return
 
@@ -318,10 +368,7 @@ def watched(info: ServerInfo, home: Path) -> Iterator[None]:
         yield
     except BaseException as err:
         if lost.is_set():
-            raise ServerLost(
-                f"the home's Prefect server (pid {info.pid}, {info.url}) stopped during the run; "
-                "the run is marked FAILED. Run again: a new server starts"
-            ) from err
+            raise ServerLost(lost_message(info)) from err
         raise
     finally:
         stop.set()
@@ -356,7 +403,7 @@ def describe(home: Path) -> dict[str, object]:
     if info is None:
         return {"running": False, "home": str(home)}
     return {
-        "running": alive(info.pid) and healthy(info.url),
+        "running": alive(info.pid) and answers(info),
         "pid": info.pid,
         "api": info.url,
         "ui": info.ui_url,

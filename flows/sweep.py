@@ -144,13 +144,13 @@ def trial_stage(
     pruner = PruneOnValidation(trial, metric)
     workdir = cfg.home_dir() / "work" / f"sweep-{parent_run_id[:8]}" / f"trial-{trial.number}"
     try:
-        job = train_job(
-            prepared, with_params(trial_cfg, {"early_stopping_patience": None}), workdir
-        )
-        result = train(job, kind, [MlflowMetricsCallback(run_id), pruner], tokenizer.get())
+        with tracking.failing_run(run_id):
+            job = train_job(
+                prepared, with_params(trial_cfg, {"early_stopping_patience": None}), workdir
+            )
+            result = train(job, kind, [MlflowMetricsCallback(run_id), pruner], tokenizer.get())
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        tracking.end_run(run_id, "FAILED")
         raise
     scores = [p[metric] for p in result.validation_curve]
     value = (max if kind.greater_is_better else min)(scores, default=float("nan"))
@@ -185,7 +185,7 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         headline=(kind.headline, kind.headline_higher),
     )
     metric = kind.selection_metric
-    try:
+    with tracking.failing_run(parent):
         limit = max_positions(check_model(cfg)[0])
         prepared, tokenizer = prepare_data(cfg, kind, workdir, parent, limit)
         cfg = prepared.cfg
@@ -208,9 +208,6 @@ def sweep(config: RunConfig = RunConfig(), trials: int = 5) -> SweepSummary:
         tracking.log_metrics(parent, {f"sweep/best_val_{metric}": best.value or 0.0})
         tracking.set_tags(parent, {"sweep.best_trial": str(best.number)})
         tracking.log_json(parent, [r.model_dump() for r in results], "sweep/trials.json")
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
     tracking.end_run(parent, "FINISHED")
     rows = "\n".join(
         f"| {r.number} | {'pruned' if r.pruned else f'{r.value:.4f}'} | "

@@ -11,10 +11,13 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -456,6 +459,48 @@ def record_failure(run_id: str, err: BaseException) -> None:
         describe_run(run_id, f"**Failed.** {cause[:2000]}")
     except Exception:  # a full disk or a lost store: the terminal and the log still say it
         log.debug("could not record the failure on run %s", run_id, exc_info=True)
+
+
+OPEN_RUNS: set[str] = set()  # the runs of this process inside failing_run
+
+
+@contextmanager
+def failing_run(run_id: str) -> Iterator[None]:
+    """Within the block, any exception (an interrupt included) is recorded on the run, which ends
+    FAILED, and raised again: a run never stays RUNNING after its work failed. The record is
+    written with interrupts held back, so a second one cannot cut it short."""
+    OPEN_RUNS.add(run_id)
+    try:
+        yield
+    except BaseException as err:
+        with uninterrupted():
+            record_failure(run_id, err)
+            end_run(run_id, "FAILED")
+        raise
+    finally:
+        OPEN_RUNS.discard(run_id)
+
+
+def fail_open_runs(reason: str) -> None:
+    """End FAILED every run of this process still inside :func:`failing_run`, recording
+    ``reason``: for a process about to exit without unwinding (best effort)."""
+    for run_id in list(OPEN_RUNS):
+        with suppress(Exception):
+            set_tags(run_id, {"fulltune.error": reason[:5000]})
+            end_run(run_id, "FAILED")
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C, ``_thread.interrupt_main``) for the block, in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:

@@ -86,8 +86,9 @@ def test_a_server_a_run_started_stops_itself_when_unused(tmp_path: Path, monkeyp
         listed = CliRunner().invoke(app, ["server", "list"])
         assert listed.exit_code == 0 and str(home) in listed.output, listed.output
         assert f"pid {info.pid}" in listed.output and "stop themselves after" in listed.output
+        # Stopped is both: the process gone and its record removed (the reaper does it after).
         deadline = time.monotonic() + 90
-        while alive(info.pid) and time.monotonic() < deadline:
+        while (alive(info.pid) or read_info(home)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not alive(info.pid), "stopped after 8 s unused"
         assert read_info(home) is None
@@ -96,3 +97,28 @@ def test_a_server_a_run_started_stops_itself_when_unused(tmp_path: Path, monkeyp
         assert "no fulltune Prefect server is running" in listed.output
     finally:
         stop_server(home)
+
+
+def test_a_server_whose_port_is_taken_starts_on_another(tmp_path: Path, monkeypatch):
+    """The port a server is given can be taken before it binds it (another home's server, any
+    process). That server exits; the start tries another port, and a healthy answer from the
+    other process never counts as this home's server."""
+    import socket
+
+    from flows import local_server
+
+    monkeypatch.setenv("FULLTUNE_SERVER_IDLE", "0")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    free = local_server.free_port
+    monkeypatch.setattr(local_server, "free_port", lambda: next(ports, None) or free())
+    home = tmp_path / "home"
+    try:
+        info = local_server.ensure_server(home)
+        assert info.port != taken.getsockname()[1]
+        assert local_server.listens(info) and local_server.answers(info)
+    finally:
+        local_server.stop_server(home)
+        taken.close()

@@ -205,3 +205,26 @@ def test_registration_retried_after_a_failure_registers_once(tiny_model_dir: Pat
         experiment_ids=[client.get_run(run_id).info.experiment_id], output_format="list"
     )
     assert len(logged) == 1, "the model's artifacts are written once"
+
+
+def test_a_failed_run_is_marked_even_if_a_second_interrupt_arrives(tmp_path: Path, monkeypatch):
+    """A lost server interrupts the run again every few seconds; one landing while the failure is
+    recorded must not leave the MLflow run RUNNING."""
+    import _thread
+    import time
+
+    cfg = RunConfig(home=str(tmp_path))
+    run_id = tracking.start_run(cfg, {}, "interrupted")
+    recorded = tracking.record_failure
+
+    def record_then_interrupted(run: str, err: BaseException) -> None:
+        _thread.interrupt_main()  # the second interrupt, while the first is being recorded
+        time.sleep(0.2)
+        recorded(run, err)
+
+    monkeypatch.setattr(tracking, "record_failure", record_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), tracking.failing_run(run_id):
+        raise KeyboardInterrupt
+    run = MlflowClient(cfg.tracking_uri()).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["fulltune.error"].startswith("KeyboardInterrupt")
