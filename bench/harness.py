@@ -34,7 +34,7 @@ from tasks.caching import cache_root
 from tasks.config import DEMO_CONFIG, EvalConfig, ModelConfig, TrainConfig, load_config
 from tasks.efficiency import matmul_peak_flops, resolve_precision
 from tasks.kinds import get_kind
-from tasks.results import TokenizedData, TrainJob
+from tasks.results import TokenizedData, TrainJob, TrainResult
 from tasks.sources import load_tokenizer, read_table, resolve_model
 
 log = logging.getLogger(__name__)
@@ -57,22 +57,36 @@ def bench_rows(n: int, seed: int = 0) -> pd.DataFrame:
     return frame.sample(n=n, random_state=seed).reset_index(drop=True)
 
 
-def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any]:
-    """(a) fulltune's own tokenization and train task."""
+def train_arm(
+    encoded: Dataset,
+    validation_rows: int,
+    job: dict[str, Any],
+    workdir: Path,
+    tokenizer: Any,
+) -> TrainResult:
+    """fulltune's recipe on rows its kind encoded, as the train stage runs it (no MLflow run):
+    the first ``validation_rows`` double as the validation split. ``job``: the
+    :class:`TrainJob` fields other than the data and the folder (labels, model_cfg, cfg,
+    eval_batch_size, task)."""
+    from datasets import DatasetDict
+
     from tasks.train import train
 
+    path = workdir / "tokenized"
+    validation = encoded.select(range(validation_rows))
+    DatasetDict({"train": encoded, "validation": validation}).save_to_disk(str(path))
+    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
+    run = TrainJob(tokenized=tokenized, workdir=str(workdir / "run"), **job)
+    return train(run, get_kind(run.task), tokenizer=tokenizer)
+
+
+def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any]:
+    """(a) fulltune's own tokenization and train task."""
     tokenizer = load_tokenizer(MODEL)
     kind = get_kind("text-classification")  # the flow's own encoding: ids, labels, lengths
     train_ds = kind.encode(
         Dataset.from_pandas(rows), tokenizer, LABELS, ModelConfig(max_length=128)
     )
-    from datasets import DatasetDict
-
-    path = workdir / "tokenized"
-    DatasetDict({"train": train_ds, "validation": train_ds.select(range(64))}).save_to_disk(
-        str(path)
-    )
-    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
     cfg = TrainConfig(
         max_steps=steps,
         select_best=False,
@@ -80,16 +94,14 @@ def run_pipeline(rows: pd.DataFrame, steps: int, workdir: Path) -> dict[str, Any
         logging_steps=10,
         **HPARAMS,
     )
-    job = TrainJob(
-        tokenized=tokenized,
-        labels=LABELS,
-        model_cfg=ModelConfig(name_or_path=MODEL),
-        cfg=cfg,
-        eval_batch_size=EvalConfig().batch_size,
-        task="text-classification",
-        workdir=str(workdir / "pipeline"),
-    )
-    result = train(job, kind, tokenizer=tokenizer)
+    job = {
+        "labels": LABELS,
+        "model_cfg": ModelConfig(name_or_path=MODEL),
+        "cfg": cfg,
+        "eval_batch_size": EvalConfig().batch_size,
+        "task": "text-classification",
+    }
+    result = train_arm(train_ds, 64, job, workdir / "pipeline", tokenizer)
     return {
         "samples_per_s": result.samples_per_s,
         "tokens_per_s": result.tokens_per_s,
@@ -433,7 +445,6 @@ def sft_rows(n: int) -> Dataset:
 def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict[str, Any]:
     """(d) fulltune's SFT train task on SmolLM2: packed (padding-free) or padded batches."""
     from tasks.sources import materialize_model
-    from tasks.train import train
 
     cfg = load_config(SFT_CONFIG)
     model_cfg = materialize_model(cfg.model, cache_root(cfg))
@@ -441,24 +452,11 @@ def run_sft_arm(rows: Dataset, steps: int, workdir: Path, packing: bool) -> dict
     tokenizer = load_tokenizer(model_cfg.name_or_path)
     kind = get_kind("sft")
     encoded = kind.encode(rows, tokenizer, [], model_cfg)
-    from datasets import DatasetDict
-
-    path = workdir / f"sft-{packing}"
-    DatasetDict({"train": encoded, "validation": encoded.select(range(16))}).save_to_disk(str(path))
-    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
     train_cfg = cfg.train.model_copy(
         update={"max_steps": steps, "select_best": False, "early_stopping_patience": None}
     )
-    job = TrainJob(
-        tokenized=tokenized,
-        labels=[],
-        model_cfg=model_cfg,
-        cfg=train_cfg,
-        eval_batch_size=16,
-        task="sft",
-        workdir=str(workdir / f"sft-run-{packing}"),
-    )
-    result = train(job, kind, tokenizer=tokenizer)
+    job = {"labels": [], "model_cfg": model_cfg, "cfg": train_cfg, "eval_batch_size": 16}
+    result = train_arm(encoded, 16, job | {"task": "sft"}, workdir / f"sft-{packing}", tokenizer)
     return {
         "tokens_per_s": result.tokens_per_s,
         "mfu": result.mfu,
@@ -594,9 +592,6 @@ def _dpo_settings() -> tuple[ModelConfig, TrainConfig]:
 
 def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     """fulltune's DPO: its encoding, its recipe, the reference precomputed before the steps."""
-    from datasets import DatasetDict
-
-    from tasks.train import train
 
     model_cfg, train_cfg = _dpo_settings()
     tokenizer = load_tokenizer(model_cfg.name_or_path)
@@ -604,9 +599,6 @@ def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     data_cfg = load_config(SFT_CONFIG).data
     frame = kind.normalise(kind.derive(pairs.to_pandas(), data_cfg, tokenizer), data_cfg)
     encoded = kind.encode(Dataset.from_pandas(frame), tokenizer, [], model_cfg)
-    path = workdir / "dpo-data"
-    DatasetDict({"train": encoded, "validation": encoded.select(range(8))}).save_to_disk(str(path))
-    tokenized = TokenizedData(path=str(path), rows={}, tokens={}, mean_tokens={})
     train_cfg = train_cfg.model_copy(
         update={
             "max_steps": steps,
@@ -616,16 +608,8 @@ def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
             "early_stopping_patience": None,
         }
     )
-    job = TrainJob(
-        tokenized=tokenized,
-        labels=[],
-        model_cfg=model_cfg,
-        cfg=train_cfg,
-        eval_batch_size=16,
-        task="dpo",
-        workdir=str(workdir / "dpo-run"),
-    )
-    result = train(job, kind, tokenizer=tokenizer)
+    job = {"labels": [], "model_cfg": model_cfg, "cfg": train_cfg, "eval_batch_size": 16}
+    result = train_arm(encoded, 8, job | {"task": "dpo"}, workdir / "dpo", tokenizer)
     pairs_done = steps * train_cfg.batch_size
     return {"pairs_per_s": pairs_done / max(result.step_time_s, 1e-9), "loss": result.train_loss}
 
