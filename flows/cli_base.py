@@ -166,10 +166,9 @@ def named_cause(err: Exception) -> bool:
     from tasks.distributed import DistributedError
     from tasks.fit import MemoryPreflightError
     from tasks.preflight import PreflightError
-    from tasks.promote import ModelForgot
+    from tasks.promote import ModelCollapsed, ModelForgot
     from tasks.sources import SourceError
     from tasks.split import SplitError
-    from tasks.train import ModelCollapsed
     from tasks.validate import DataValidationError
 
     named = (DataValidationError, PreflightError, SourceError, SplitError, MemoryPreflightError)

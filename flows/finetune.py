@@ -245,7 +245,7 @@ def finetune(
             card,
         )
         if trained.collapse:  # registered for inspection, never a candidate
-            from tasks.train import ModelCollapsed, collapse_advice
+            from tasks.promote import ModelCollapsed, collapse_advice
 
             advice = collapse_advice(
                 trained.collapse, cfg.train, trained.learning_rate, registered.version

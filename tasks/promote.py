@@ -17,7 +17,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.config import PromoteConfig
+from tasks.config import PromoteConfig, TrainConfig
 from tasks.metrics import paired_bootstrap, paired_interval
 from tasks.results import (
     Decision,
@@ -267,6 +267,25 @@ def relative_drop(task: HarnessTask, samples: int, seed: int) -> tuple[float, fl
 
     data = (np.asarray(task.after_docs), np.asarray(task.before_docs))
     return paired_interval(data, drop, samples, seed)
+
+
+class ModelCollapsed(RuntimeError):
+    """The trained model is no better than guessing; the message says what to try."""
+
+
+def collapse_advice(finding: str, cfg: TrainConfig, learning_rate: float, version: str) -> str:
+    """What happened to a collapsed run, where its model went, and what to change."""
+    lower = f"{learning_rate / 3:.1e}"
+    return (
+        f"the model collapsed ({finding}). It was registered as version {version} without an "
+        "alias and tagged `collapsed`, for inspection only; no alias moved.\nTry, in order:\n"
+        "  - more optimizer steps: train.epochs (or train.time_budget) higher; small data sets "
+        "need several epochs\n"
+        "  - class weights for skewed labels: train.class_weights=auto (now "
+        f"{cfg.class_weights!r}), or train.balanced_sampling=true\n"
+        f"  - a lower learning rate: train.learning_rate={lower} "
+        f"(this run used {learning_rate:.1e})"
+    )
 
 
 class ModelForgot(RuntimeError):

@@ -110,7 +110,7 @@ def test_a_collapsed_model_is_kept_for_inspection_but_never_aliased(
     prefect_harness, tiny_model_dir: Path, tmp_path: Path
 ):
     from flows.finetune import finetune
-    from tasks.train import ModelCollapsed
+    from tasks.promote import ModelCollapsed
 
     data = tmp_path / "rows.csv"
     make_rows(72).to_csv(data, index=False)
