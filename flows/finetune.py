@@ -25,13 +25,13 @@ from prefect.utilities.urls import url_for
 from pydantic import BaseModel
 
 from flows import notify
+from flows.policies import retry_transient
 from flows.stages import (
     evaluate_stage,
     lm_eval_stage,
     prepare_data,
     promote_stage,
     register_model_stage,
-    retry_transient,
     train_job,
     train_stage,
 )

@@ -139,7 +139,8 @@ FLOWS_ROLES = {
     "flows": "glue",  # the package: Prefect's logging settings
     "flows.finetune": "flow",
     "flows.sweep": "flow",
-    "flows.stages": "glue",  # the stages as Prefect tasks, their retry and cache policies
+    "flows.stages": "glue",  # the stages as Prefect tasks
+    "flows.policies": "glue",  # their retry and cache-key policies, their timing
     "flows.deploy": "glue",  # the scheduled deployments
     "flows.notify": "glue",  # the flow's failure and completion hooks
     "flows.local_server": "glue",  # the home's Prefect server

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-from flows.stages import is_transient
+from flows.policies import is_transient
 from tasks import tracking
 from tasks.config import ConfigError, RunConfig, load_config, redact_uri
 from tasks.distributed import DistributedError
