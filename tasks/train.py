@@ -187,6 +187,7 @@ class Setup:
     estimate: MemoryEstimate
     notes: dict[str, str]
     data: DatasetDict  # train and validation, with the kind's columns (a DPO reference's)
+    lengths: np.ndarray  # tokens per training row
     extras: TrainExtras  # the kind's loss, sampler labels or batch loss
     collator: Any
 
@@ -214,7 +215,9 @@ def setup(
     log.info("schedule: %s at lr %.2e; %s", length, learning_rate, extras.notes)
     log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
     notes = extras.notes | {"train.precision": f"{precision} ({why})"}
-    return Setup(cfg, epochs, learning_rate, precision, estimate, notes, data, extras, collator)
+    return Setup(
+        cfg, epochs, learning_rate, precision, estimate, notes, data, lengths, extras, collator
+    )
 
 
 def setup_trainer(
@@ -353,8 +356,7 @@ def train(
         log.warning("COLLAPSE GUARD: %s; this model will not be promoted", checked.collapse)
 
     # Efficiency: non-pad tokens of the samples actually stepped through, over pure step time.
-    cfg = run.cfg
-    lengths = np.asarray(data["train"]["length"])
+    cfg, lengths = run.cfg, run.lengths
     resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     samples_seen = min(
         (output.global_step - resumed_step) * global_batch(cfg, world_size()),
