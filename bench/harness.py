@@ -604,6 +604,7 @@ def run_dpo_arm(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
             "max_steps": steps,
             "beta": DPO_BETA,
             "dpo_sft_weight": 0.0,
+            "warmup_fraction": 0.0,  # TRL's default: both arms' first step moves the policy
             "select_best": False,
             "early_stopping_patience": None,
         }
@@ -639,6 +640,7 @@ def run_dpo_trl(pairs: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
         max_length=model_cfg.tokens(),
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=32,
+        warmup_steps=0,
         **TRL_ARGS,
     )
     trainer = DPOTrainer(

@@ -194,6 +194,52 @@ def test_a_pairs_prompt_computed_once_scores_as_two_rows(tiny_llama_dir: Path, a
     ]
 
 
+def test_held_out_pairs_of_closed_set_answers_reuse_the_judgings_scores(tiny_llama_dir: Path):
+    """A held-out pair whose two answers are labels of the closed set takes its log-probabilities
+    from the judging's choice scores, and they are the ones its own pass gives; a pair with an
+    answer outside the set is left to that pass."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.config import ModelConfig
+    from tasks.kinds.dpo import judged_pairs, pair_logps
+    from tasks.kinds.sft import HeldOut, Questions, encode_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    limit = ModelConfig(name_or_path=str(tiny_llama_dir), max_length=64).tokens()
+    questions = [
+        ("colour of the sky?", "blue", "green"),
+        ("what colour is grass, in one word?", "green", "red"),
+        ("and blood?", "red", "a deep maroon"),
+    ]
+    features, asked = [], []
+    for prompt, right, wrong in questions:
+        turns = [{"role": "user", "content": prompt}]
+        a, b = (
+            encode_conversation(
+                tokenizer, [*turns, {"role": "assistant", "content": x}], limit, False
+            )
+            for x in (right, wrong)
+        )
+        features.append(a | {"rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"]})
+        asked.append([*turns, {"role": "assistant", "content": right}])
+    question = Questions.of(tokenizer, asked, np.arange(0), ["red", "green", "blue"], limit)
+    judged = question.judge(model, None, None, 2, 0)
+    test = Dataset.from_list(features)
+    policy, reference, known = judged_pairs(test, HeldOut(np.arange(3), question, judged, judged))
+    assert known.tolist() == [True, True, False]
+    own = pair_logps(model, test, int(tokenizer.pad_token_id or 0), 2)
+    assert np.allclose(policy[known], own[known], atol=1e-4), (policy, own)
+    assert np.array_equal(policy, reference)
+
+
 @pytest.fixture(scope="module")
 def sft_then_dpo(tiny_llama_dir: Path, tmp_path_factory, prefect_harness):
     """A short SFT run registers tiny-chat v1; a DPO run starts from it by its alias."""

@@ -34,6 +34,7 @@ from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from tasks.kinds.causal_lm import IGNORE
 from tasks.kinds.sft import (
     SFT,
+    HeldOut,
     Questions,
     SFTEval,
     _messages,
@@ -324,6 +325,49 @@ def pair_logps(model: Any, dataset: Dataset, pad_token_id: int, batch_size: int)
     return np.concatenate(out) if out else np.zeros((0, 2))
 
 
+def judged_pairs(test: Dataset, held: HeldOut) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out pairs' log-probabilities that the closed-set judging already computed:
+    ``(policy, reference, known)``, each ``(rows, 2)`` but ``known`` ``(rows,)``.
+
+    A pair is known when both of its answers are candidates the judging scored after the same
+    prompt tokens (a label of the closed set, as the pairs ``fulltune pairs`` builds are); its
+    log-probabilities are then the fine-tuned and the starting model's choice scores.
+    """
+    policy, reference = np.zeros((len(test), 2)), np.zeros((len(test), 2))
+    known = np.zeros(len(test), dtype=bool)
+    if not held.question.closed:
+        return policy, reference, known
+    asked = {int(row): j for j, row in enumerate(held.rows)}
+    columns = ["input_ids", "labels", "rejected_input_ids", "rejected_labels"]
+    for i, pair in enumerate(test.select_columns(columns)):
+        j = asked.get(i)
+        if j is None:
+            continue
+        picks = [
+            _candidate(held.question, j, pair[ids], pair[labels])
+            for ids, labels in (columns[:2], columns[2:])
+        ]
+        if min(picks) < 0:
+            continue
+        policy[i] = held.fine.choice_scores[j, picks]
+        reference[i] = held.zero.choice_scores[j, picks]
+        known[i] = True
+    return policy, reference, known
+
+
+def _candidate(question: Questions, row: int, input_ids: list[int], labels: list[int]) -> int:
+    """Which of ``row``'s scored candidates this answer is (its tokens, after the same prompt), or
+    -1."""
+    answer = [t for t, label in enumerate(labels) if label != IGNORE]
+    if not answer or answer[-1] - answer[0] + 1 != len(answer):
+        return -1
+    start, stop = answer[0], answer[-1] + 1
+    if input_ids[:start] != question.prompt_ids[row]:
+        return -1
+    tokens = input_ids[start:stop]
+    return next((k for k, c in enumerate(question.choices[row]) if c == tokens), -1)
+
+
 def preference_metrics(policy: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """What a DPO run is judged by on held-out pairs. The implicit reward of an answer is
     beta * (pi - ref); the margin is given without beta (in nats), so runs of any beta compare."""
@@ -505,14 +549,25 @@ class DPO(SFT):
 
         from tasks.kinds.causal_lm import setup_model
 
-        result = super().evaluate(model_dir, prepared, workdir)
+        result, held = self.judge_held_out(model_dir, prepared, workdir)
         test = load_from_disk(tokenized.path)["test"]
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        policy = pair_logps(
-            AutoModelForCausalLM.from_pretrained(model_dir), test, pad, cfg.batch_size
+        policy, reference, known = judged_pairs(test, held)
+        rest = np.flatnonzero(~known)
+        log.info(
+            "held-out pairs: %d of %d scored by the closed-set judging, %d scored on their own",
+            len(test) - len(rest),
+            len(test),
+            len(rest),
         )
-        reference = pair_logps(setup_model(model_cfg, []), test, pad, cfg.batch_size)
+        if len(rest):
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+            part = test.select(rest.tolist())
+            for out, model in (
+                (policy, lambda: AutoModelForCausalLM.from_pretrained(model_dir)),
+                (reference, lambda: setup_model(model_cfg, [])),
+            ):
+                out[rest] = pair_logps(model(), part, pad, cfg.batch_size)
         pairs = preference_metrics(policy, reference)
         if pairs["chosen_logp_change"] < 0:
             log.warning(

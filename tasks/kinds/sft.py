@@ -649,7 +649,13 @@ class SFT:
     # -- evaluation --
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
-        """Judge the fine-tuned and the zero-shot model on the same held-out rows.
+        """Judge the fine-tuned and the zero-shot model on the same held-out rows."""
+        return self.judge_held_out(model_dir, prepared, workdir)[0]
+
+    def judge_held_out(
+        self, model_dir: str, prepared: Prepared, workdir: Path
+    ) -> tuple[SFTEval, HeldOut]:
+        """The evaluation, and the scores behind it (for kinds that judge more on the same rows).
 
         Every scored row: the answer-only loss of its reference answer and, over a closed answer
         set, the most likely answer. A seeded subset (``eval.generation_samples``): the greedy
@@ -736,7 +742,7 @@ class SFT:
             )
             for j, i in enumerate(generated)
         ]
-        return SFTEval(
+        evaluation = SFTEval(
             scoring_s=scoring_s,
             metrics=fine_metrics,
             baseline=zero_metrics,
@@ -766,6 +772,7 @@ class SFT:
                 else ("answer_loss", "rouge_l", "exact_match", "generation_capped")
             ),
         )
+        return evaluation, HeldOut(rows, question, fine, zero)
 
     def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:
         """The challenger's per-row scores in ``metric``, with the zero-shot model's on the same
@@ -910,6 +917,17 @@ class Judged:
             out["outside_label_set"] = judged.pop("outside_label_set")
             out |= {f"generated_{k}": v for k, v in judged.items() if "/" not in k}
         return out
+
+
+@dataclass
+class HeldOut:
+    """The held-out rows a judgment scored (their indices in the test split), as they were asked,
+    and each model's scores on them."""
+
+    rows: np.ndarray
+    question: Questions
+    fine: Judged
+    zero: Judged
 
 
 @dataclass
