@@ -96,6 +96,35 @@ class StepTimer(TrainerCallback):
             self._started = None
 
 
+class StateBytes(TrainerCallback):
+    """What this process holds of the training state, measured before each optimizer step (the
+    gradients are there, and the optimizer's moments after the first step): the bytes of its
+    parameters, gradients and optimizer state, a shard's under FSDP."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            return
+        params = list(model.parameters())
+        moments = [t for s in optimizer.state.values() for t in s.values() if hasattr(t, "numel")]
+        self.bytes = {
+            "parameters": local_bytes(params),
+            "gradients": local_bytes([p.grad for p in params if p.grad is not None]),
+            "optimizer": local_bytes(moments),
+        }
+
+
+def local_bytes(tensors: list) -> int:
+    """The bytes these tensors take in this process (a DTensor's local shard)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
 class BudgetGuard(TrainerCallback):
     """Stop training once ``seconds`` have passed since it began: the planned step count is an
     estimate, this is the bound (the best checkpoint so far is still the one kept)."""

@@ -428,11 +428,13 @@ class TrainConfig(_Section):
     fsdp: Literal["none", "full_shard"] = Field(
         "none",
         description="`full_shard`: shard weights, gradients and optimizer state over the "
-        "`num_processes` ranks (FSDP2 through the Trainer, each transformer block a unit). CUDA "
-        "only: accelerate runs FSDP on accelerators, so a CPU run asking for it is refused.",
+        "`num_processes` ranks (FSDP2 through the Trainer, each transformer block a unit), on "
+        "GPUs (NCCL) and CPU processes (gloo). Needs `num_processes` of 2 or more.",
     )
     fsdp_cpu_offload: bool = Field(
-        False, description="With `fsdp: full_shard`, keep the shards in host memory (CUDA runs)."
+        False,
+        description="With `fsdp: full_shard`, keep the shards, gradients and optimizer state in "
+        "host memory between uses (GPU runs: on CPU processes they are there already).",
     )
 
     @field_validator("epochs", "learning_rate", "warmup_fraction", mode="before")
@@ -481,6 +483,11 @@ class TrainConfig(_Section):
         if self.time_budget is not None and self.num_processes > 1:
             raise ValueError(
                 "train.time_budget plans one process's steps: use it with num_processes: 1"
+            )
+        if self.fsdp == "full_shard" and self.num_processes < 2:
+            raise ValueError(
+                "train.fsdp full_shard shards over the ranks: set train.num_processes to 2 or "
+                f"more (got {self.num_processes})"
             )
         if isinstance(self.class_weights, list) and min(self.class_weights) <= 0:
             raise ValueError("train.class_weights must all be > 0")

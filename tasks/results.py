@@ -142,6 +142,8 @@ class TrainResult(BaseModel):
     num_processes: int = 1
     plan: dict[str, float] = {}  # a time budget's plan against what happened (``plan/...``)
     validation_s: float = 0.0  # forward passes over the validation split during training
+    # This process's parameters, gradients and optimizer state, measured (a shard's under FSDP).
+    state_bytes: dict[str, int] = {}
 
     def metrics(self) -> dict[str, float]:
         """What training did, as run metrics (``train/``, ``efficiency/``, ``val_selected/``,
@@ -170,6 +172,7 @@ class TrainResult(BaseModel):
                 "efficiency/preflight_estimate_bytes": self.preflight_estimate_bytes,
                 "efficiency/non_pad_tokens": self.non_pad_tokens,
             }
+            | {f"efficiency/rank_{k}_bytes": float(v) for k, v in self.state_bytes.items()}
             | {f"val_selected/{k}": v for k, v in self.validation.items()}
             | {f"val_selected/{k}": v for k, v in self.reference.items()}
             | self.plan

@@ -39,6 +39,7 @@ from tasks.callbacks import (
     CheckpointMarker,
     MlflowMetricsCallback,
     ProgressLog,
+    StateBytes,
     StepTimer,
 )
 from tasks.checkpoints import latest_checkpoint
@@ -85,25 +86,20 @@ def sharding_arguments(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` for ``train.fsdp``, ``train.optim`` and checkpointing.
 
     FSDP2 through accelerate, every transformer block a shard unit (the model's
-    ``_no_split_modules``), resharded after each forward (full sharding). accelerate enables FSDP
-    only on accelerators: on CPU processes it would quietly train plain DDP instead, so a CPU run
-    that asks for FSDP is refused rather than mislabelled.
+    ``_no_split_modules``), resharded after each forward (full sharding), on GPUs (NCCL) and CPU
+    processes (gloo) alike (:class:`FinetuneTrainer` enables it on CPU, where accelerate would
+    not). The saved model and checkpoints hold full weights, so any rank count resumes them.
     """
     if cfg.optim == "adamw_bnb_8bit" and not on_gpu:
         raise ValueError("train.optim adamw_bnb_8bit needs CUDA (bitsandbytes); use adamw_torch")
     if cfg.fsdp == "none":
         return {"activation_checkpointing": cfg.gradient_checkpointing}
-    if not on_gpu:
-        raise ValueError(
-            "train.fsdp full_shard needs CUDA: accelerate runs FSDP only on GPUs, and on CPU "
-            "processes it would train plain DDP. Use train.fsdp: none (DDP over gloo) here."
-        )
     return {
         "fsdp": True,
         "fsdp_config": {
             "version": 2,
             "reshard_after_forward": True,
-            "cpu_offload": cfg.fsdp_cpu_offload,
+            "cpu_offload": cfg.fsdp_cpu_offload and on_gpu,  # CPU ranks hold them in host memory
             # Under FSDP, checkpointing is FSDP's own (the Trainer refuses both at once).
             "activation_checkpointing": cfg.gradient_checkpointing,
         },
@@ -246,7 +242,14 @@ def setup_trainer(
         eval_collator=kind.collator(tokenizer, job.model_cfg, training=False),
         compute_metrics=kind.compute_metrics(job.labels),
         compute_loss_func=extras.compute_loss_func,
-        callbacks=[*callbacks, *early_stopping, StepTimer(), CheckpointMarker(), ProgressLog()],
+        callbacks=[
+            *callbacks,
+            *early_stopping,
+            StepTimer(),
+            StateBytes(),
+            CheckpointMarker(),
+            ProgressLog(),
+        ],
         balanced_labels=extras.sampler_labels,
         batch_loss=extras.batch_loss,
     )
@@ -364,6 +367,7 @@ def train(
     )
     tokens = int(samples_seen * lengths.mean())
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+    held = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StateBytes))
     tokens_per_s, mfu, peak = throughput(
         selected, model.config, tokens, float(lengths.mean()), timer.seconds, run.precision
     )
@@ -405,6 +409,7 @@ def train(
         num_processes=trainer.args.world_size,
         plan=plan,
         validation_s=validation_s,
+        state_bytes=held.bytes,
     )
 
 

@@ -76,6 +76,25 @@ class FinetuneTrainer(Trainer):
         if batch_loss is not None:  # its collator reads columns the model's forward does not take
             self.args.remove_unused_columns = False
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """FSDP2 on CPU processes too. accelerate turns the FSDP plugin into FSDP only on
+        accelerators, and CPU ranks (gloo) would quietly train DDP; the same plugin makes their
+        model one ``fully_shard`` per transformer block, as on GPUs."""
+        super().create_accelerator_and_postprocess()
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is None or state.distributed_type == DistributedType.FSDP:
+            return
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        # Every later AcceleratorState() copies the process state's type over its own.
+        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
     def compute_loss(
         self,
         model: Any,

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from transformers import AutoModelForSequenceClassification
 
 import tasks.fit
@@ -85,15 +86,16 @@ def test_what_only_cuda_offers_is_refused_on_the_cpu_by_name():
 
     with pytest.raises(ValueError, match=r"train\.optim adamw_bnb_8bit needs CUDA"):
         sharding_arguments(TrainConfig(optim="adamw_bnb_8bit"), on_gpu=False)
-    # accelerate would quietly run DDP instead of FSDP on CPU processes: refused, not mislabelled.
-    with pytest.raises(ValueError, match=r"train\.fsdp full_shard needs CUDA"):
-        sharding_arguments(TrainConfig(fsdp="full_shard"), on_gpu=False)
-    sharded = sharding_arguments(
-        TrainConfig(fsdp="full_shard", fsdp_cpu_offload=True, gradient_checkpointing=True), True
-    )
-    assert sharded["fsdp"] is True and sharded["fsdp_config"]["cpu_offload"] is True
-    assert sharded["fsdp_config"]["activation_checkpointing"] is True
-    assert sharded["activation_checkpointing"] is False
+    sharded = dict(fsdp="full_shard", num_processes=2, fsdp_cpu_offload=True)
+    on_gpu = sharding_arguments(TrainConfig(**sharded, gradient_checkpointing=True), True)
+    assert on_gpu["fsdp"] is True and on_gpu["fsdp_config"]["cpu_offload"] is True
+    assert on_gpu["fsdp_config"]["activation_checkpointing"] is True
+    assert on_gpu["activation_checkpointing"] is False
+    # CPU ranks shard too (FinetuneTrainer); their shards are in host memory already.
+    on_cpu = sharding_arguments(TrainConfig(**sharded), False)
+    assert on_cpu["fsdp"] is True and on_cpu["fsdp_config"]["cpu_offload"] is False
+    with pytest.raises(ValidationError, match=r"train.fsdp full_shard shards over the ranks"):
+        TrainConfig(fsdp="full_shard")
     assert sharding_arguments(TrainConfig(gradient_checkpointing=True), False) == {
         "activation_checkpointing": True
     }
