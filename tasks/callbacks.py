@@ -147,13 +147,18 @@ class BudgetGuard(TrainerCallback):
 class CheckpointMarker(TrainerCallback):
     """Mark a checkpoint complete once the Trainer has written all of it (trainer state last).
 
-    The marker is written atomically (a temporary file, then a rename); resume only ever uses a
-    checkpoint that has it, so one cut short by a kill is never loaded.
+    The marker is written atomically (a temporary file, then a rename), by the main process once
+    every rank has saved its part; resume only ever uses a checkpoint that has it, so one cut
+    short by a kill is never loaded.
     """
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (its RNG state, its shard)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             tmp = folder / f".{COMPLETE}.tmp"
             tmp.write_text(str(state.global_step))
             os.replace(tmp, folder / COMPLETE)

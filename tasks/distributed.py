@@ -89,6 +89,35 @@ def loopback_stores() -> None:
     static_tcp_rendezvous.TCPStore = store  # type: ignore[misc,assignment]
 
 
+def exit_with_launcher(poll_s: float = 0.5) -> None:
+    """End this rank when the process that launched it is gone.
+
+    torchrun starts each rank in a session of its own, so a kill -9 of a run (its process group)
+    would leave the ranks training on as orphans, holding memory and writing checkpoints beside
+    the run that resumes. On Linux the kernel kills the rank with its parent (``PR_SET_PDEATHSIG``);
+    elsewhere a daemon thread watches the parent and exits hard when it changes.
+    """
+    import ctypes
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.error("the launcher (pid %d) is gone: this rank stops", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def launch(job: TrainJob, num_processes: int) -> TrainResult:
     """Run the job in ``num_processes`` processes; rank 0's result.
 

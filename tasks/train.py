@@ -82,11 +82,22 @@ def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
     return data
 
 
-def sharding_arguments(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
+def shard_units(model: torch.nn.Module) -> list[str]:
+    """The block classes FSDP shards one by one: the model's ``_no_split_modules`` except any
+    that holds the input embeddings (BERT's ``BertEmbeddings``), which accelerate shards as a unit
+    of their own; a module sharded twice fails."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holders = {
+        type(m).__name__ for m in model.modules() if any(s is embeddings for s in m.modules())
+    }
+    return sorted(set(getattr(model, "_no_split_modules", None) or []) - holders)
+
+
+def sharding_arguments(cfg: TrainConfig, on_gpu: bool, units: Sequence[str] = ()) -> dict[str, Any]:
     """The ``TrainingArguments`` for ``train.fsdp``, ``train.optim`` and checkpointing.
 
-    FSDP2 through accelerate, every transformer block a shard unit (the model's
-    ``_no_split_modules``), resharded after each forward (full sharding), on GPUs (NCCL) and CPU
+    FSDP2 through accelerate, every transformer block a shard unit (``units``, see
+    :func:`shard_units`), resharded after each forward (full sharding), on GPUs (NCCL) and CPU
     processes (gloo) alike (:class:`FinetuneTrainer` enables it on CPU, where accelerate would
     not). The saved model and checkpoints hold full weights, so any rank count resumes them.
     """
@@ -99,6 +110,7 @@ def sharding_arguments(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
         "fsdp_config": {
             "version": 2,
             "reshard_after_forward": True,
+            **({"transformer_layer_cls_to_wrap": list(units)} if units else {}),
             "cpu_offload": cfg.fsdp_cpu_offload and on_gpu,  # CPU ranks hold them in host memory
             # Under FSDP, checkpointing is FSDP's own (the Trainer refuses both at once).
             "activation_checkpointing": cfg.gradient_checkpointing,
@@ -114,8 +126,9 @@ def setup_args(
     learning_rate: float,
     kind: Kind,
     eval_batch_size: int,
+    units: Sequence[str] = (),
 ) -> TrainingArguments:
-    """Map our recipe onto ``TrainingArguments``."""
+    """Map our recipe onto ``TrainingArguments`` (``units``: the classes FSDP shards)."""
     eval_steps = cfg.eval_steps or cfg.checkpoint_steps
     interval = "steps" if eval_steps else "epoch"
     # Resumable checkpoints carry the optimizer, scheduler and RNG; selection-only ones need not.
@@ -167,7 +180,7 @@ def setup_args(
         torch_compile=cfg.compile and on_gpu,
         # Under torchrun (train.num_processes > 1): DDP over NCCL on GPUs, gloo on CPUs.
         ddp_backend=("nccl" if on_gpu else "gloo") if distributed else None,
-        **sharding_arguments(cfg, on_gpu),
+        **sharding_arguments(cfg, on_gpu, units),
     )
 
 
@@ -234,7 +247,15 @@ def setup_trainer(
     output_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else Path(job.workdir) / "trainer"
     trainer = FinetuneTrainer(
         model=model,
-        args=setup_args(cfg, output_dir, run.epochs, run.learning_rate, kind, job.eval_batch_size),
+        args=setup_args(
+            cfg,
+            output_dir,
+            run.epochs,
+            run.learning_rate,
+            kind,
+            job.eval_batch_size,
+            shard_units(model) if cfg.fsdp != "none" else (),
+        ),
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
@@ -434,8 +455,10 @@ def training_history(
 
 def main(job_path: str) -> None:
     """One torchrun rank: run the recipe; every rank writes its result (its weights' digest)."""
+    from tasks.distributed import exit_with_launcher
     from tasks.kinds import get_kind
 
+    exit_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")
     job = TrainJob.model_validate_json(Path(job_path).read_text())
     # The tracking store comes from MLFLOW_TRACKING_URI, set by the launcher.
