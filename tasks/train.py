@@ -82,11 +82,11 @@ def setup_data(tokenized: TokenizedData, cfg: TrainConfig) -> DatasetDict:
     return data
 
 
-def shard_units(model: torch.nn.Module) -> list[str]:
+def shard_units(model: PreTrainedModel) -> list[str]:
     """The block classes FSDP shards one by one: the model's ``_no_split_modules`` except any
     that holds the input embeddings (BERT's ``BertEmbeddings``), which accelerate shards as a unit
     of their own; a module sharded twice fails."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embeddings = model.get_input_embeddings()
     holders = {
         type(m).__name__ for m in model.modules() if any(s is embeddings for s in m.modules())
     }

@@ -16,7 +16,8 @@ CORE |= {"tasks.resolve"}  # what the data says about the run: the settings size
 CORE |= {"tasks.environment"}  # environment variables set for a while and put back
 # The recipe's parts: its Trainer and samplers, callbacks, the memory fit and step probe, and the
 # proof that every weight was updated.
-RECIPE = {"tasks.trainer", "tasks.callbacks", "tasks.fit", "tasks.weights"}
+# The recipe's parts; tasks.distributed: the launcher, whose ranks run tasks.train.main.
+RECIPE = {"tasks.trainer", "tasks.callbacks", "tasks.fit", "tasks.weights", "tasks.distributed"}
 
 
 def module_name(path: Path) -> str:
