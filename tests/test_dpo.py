@@ -141,6 +141,23 @@ def test_the_dpo_loss_is_trls_on_the_same_batch(tiny_llama_dir: Path, tmp_path: 
         assert abs(float(ours) - 0.6931) > 1e-3 or loss_type == "hinge"
 
 
+def encoded_pairs(tokenizer, questions: list[tuple[str, str, str]], limit: int) -> list[dict]:
+    """(prompt, chosen, rejected) questions encoded as the DPO kind's pair rows."""
+    from tasks.kinds.sft import encode_conversation
+
+    features = []
+    for prompt, right, wrong in questions:
+        turns = [{"role": "user", "content": prompt}]
+        a, b = (
+            encode_conversation(
+                tokenizer, [*turns, {"role": "assistant", "content": x}], limit, False
+            )
+            for x in (right, wrong)
+        )
+        features.append(a | {"rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"]})
+    return features
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_pairs_prompt_computed_once_scores_as_two_rows(tiny_llama_dir: Path, attention: str):
     """One row per pair (the prompt once, the rejected answer blind to the chosen) gives each
@@ -150,7 +167,6 @@ def test_a_pairs_prompt_computed_once_scores_as_two_rows(tiny_llama_dir: Path, a
 
     from tasks.config import ModelConfig
     from tasks.kinds.dpo import PairBatches, pair_batch_logps, sequence_logps, unshared
-    from tasks.kinds.sft import encode_conversation
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attention)
@@ -165,16 +181,7 @@ def test_a_pairs_prompt_computed_once_scores_as_two_rows(tiny_llama_dir: Path, a
         ("and blood?", "red, deep red", "blue"),
     ]
     limit = ModelConfig(name_or_path=str(tiny_llama_dir), max_length=64).tokens()
-    features = []
-    for prompt, right, wrong in questions:
-        turns = [{"role": "user", "content": prompt}]
-        a, b = (
-            encode_conversation(
-                tokenizer, [*turns, {"role": "assistant", "content": x}], limit, False
-            )
-            for x in (right, wrong)
-        )
-        features.append(a | {"rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"]})
+    features = encoded_pairs(tokenizer, questions, limit)
     batch = PairBatches(int(tokenizer.pad_token_id or 0))(features)
     rows = sum(len(f["input_ids"]) + len(f["rejected_input_ids"]) for f in features)
     assert int((batch["branches"] >= 0).sum()) < rows  # the prompts are not computed twice
@@ -205,7 +212,7 @@ def test_held_out_pairs_of_closed_set_answers_reuse_the_judgings_scores(tiny_lla
 
     from tasks.config import ModelConfig
     from tasks.kinds.dpo import judged_pairs, pair_logps
-    from tasks.kinds.sft import HeldOut, Questions, encode_conversation
+    from tasks.kinds.sft import HeldOut, Questions
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -219,17 +226,11 @@ def test_held_out_pairs_of_closed_set_answers_reuse_the_judgings_scores(tiny_lla
         ("what colour is grass, in one word?", "green", "red"),
         ("and blood?", "red", "a deep maroon"),
     ]
-    features, asked = [], []
-    for prompt, right, wrong in questions:
-        turns = [{"role": "user", "content": prompt}]
-        a, b = (
-            encode_conversation(
-                tokenizer, [*turns, {"role": "assistant", "content": x}], limit, False
-            )
-            for x in (right, wrong)
-        )
-        features.append(a | {"rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"]})
-        asked.append([*turns, {"role": "assistant", "content": right}])
+    features = encoded_pairs(tokenizer, questions, limit)
+    asked = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": right}]
+        for q, right, _ in questions
+    ]
     question = Questions.of(tokenizer, asked, np.arange(0), ["red", "green", "blue"], limit)
     judged = question.judge(model, None, None, 2, 0)
     test = Dataset.from_list(features)
