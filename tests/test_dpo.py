@@ -239,6 +239,11 @@ def test_held_out_pairs_of_closed_set_answers_reuse_the_judgings_scores(tiny_lla
     own = pair_logps(model, test, int(tokenizer.pad_token_id or 0), 2)
     assert np.allclose(policy[known], own[known], atol=1e-4), (policy, own)
     assert np.array_equal(policy, reference)
+    # A pair whose answers max_length cut off entirely scores 0, alone in its batch too.
+    cut = [dict(f, labels=[-100] * len(f["labels"])) for f in features[:1]]
+    cut[0]["rejected_labels"] = [-100] * len(cut[0]["rejected_labels"])
+    pad = int(tokenizer.pad_token_id or 0)
+    assert pair_logps(model, Dataset.from_list(cut), pad, 2).tolist() == [[0.0, 0.0]]
 
 
 @pytest.fixture(scope="module")

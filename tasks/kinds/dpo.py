@@ -102,6 +102,8 @@ def sequence_logps(
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
     ).logits
+    if not bool(scored.any()):  # every answer in the batch cut off by max_length: nothing to score
+        return logits.sum() * 0 + torch.zeros(len(labels), device=logits.device)
     per_token = selective_log_softmax(logits.float(), targets[scored])
     rows = scored.nonzero()[:, 0]
     return torch.zeros(len(labels), dtype=per_token.dtype, device=per_token.device).index_add(
@@ -260,6 +262,9 @@ def pair_batch_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     ids, targets = batch["input_ids"], batch["targets"]
     mask = tree_mask(batch["branches"], None if implementation == "sdpa" else inner.dtype)
     row, at, token, sequence = targets.unbind(1)
+    if not len(token):  # every answer in the batch cut off by max_length: nothing to score
+        size = len(batch["answer_tokens"])
+        return torch.zeros(size, device=ids.device, requires_grad=torch.is_grad_enabled())
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": batch["position_ids"]}
     if _keeps_logits(model):
         keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
