@@ -97,15 +97,16 @@ class StepTimer(TrainerCallback):
 
 
 class StateBytes(TrainerCallback):
-    """What this process holds of the training state, measured before each optimizer step (the
-    gradients are there, and the optimizer's moments after the first step): the bytes of its
-    parameters, gradients and optimizer state, a shard's under FSDP."""
+    """What this process holds of the training state, measured before an optimizer step (the
+    gradients are there) once the optimizer holds its moments (from the second step on; the
+    sizes do not change after): the bytes of its parameters, gradients and optimizer state, a
+    shard's under FSDP."""
 
     def __init__(self) -> None:
         self.bytes: dict[str, int] = {}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or optimizer is None:
+        if model is None or optimizer is None or self.bytes.get("optimizer"):
             return
         params = list(model.parameters())
         moments = [t for s in optimizer.state.values() for t in s.values() if hasattr(t, "numel")]
