@@ -64,6 +64,9 @@ def serve(
             prefect_serve(*deployments(config, concurrency, timezone))
     except KeyboardInterrupt:  # a stop that arrived before (or after) prefect's serve took it
         pass
+    except SystemExit as exit_:  # prefect's runner exits 0 on a SIGTERM before it has started
+        if exit_.code:
+            raise
     typer.echo("stopped serving")
 
 
