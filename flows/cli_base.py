@@ -264,9 +264,18 @@ def run_flow(cfg: RunConfig, extra_tags: dict[str, str] | None = None) -> None:
     start_early(cfg.home_dir())  # a new home's Prefect server boots while the pipeline imports
     # torch, transformers' models, datasets, sklearn and GE load in the stages that need them,
     # inside the flow: its first stage starts without them, and its clock counts them.
-    from flows.finetune import finetune
+    from flows.finetune import finetune, finetune_node
     from tasks import tracking
 
+    if cfg.train.node_rank > 0:  # one more machine of node 0's run: it trains, node 0 registers
+        with orchestrated(cfg, "run") as stored:
+            node = finetune_node(config=stored)
+        typer.echo(
+            f"\nNode {node.node_rank} of {node.nnodes}: trained {node.global_step} steps in step "
+            f"with node 0 (weights {node.weights_digest[:12]}); node 0 evaluates and registers"
+        )
+        typer.echo(f"MLflow run id:    {node.mlflow_run_id}\nWorking folder:   {node.workdir}")
+        return
     with orchestrated(cfg, "run") as stored:
         summary = finetune(config=stored, extra_tags=extra_tags or {})
         times = tracking.log_process_times(summary.mlflow_run_id)

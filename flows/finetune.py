@@ -55,7 +55,7 @@ from tasks.register import (
     lineage_tags,
 )
 from tasks.results import Decision, EvalResult, RegisteredModel
-from tasks.sources import REGISTRY_SCHEME, registered_source
+from tasks.sources import REGISTRY_SCHEME, RegisteredSource, registered_source
 
 
 class RunSummary(BaseModel):
@@ -108,6 +108,92 @@ def claim_run(
     return run_id, root / run_id, lock_folder(root / run_id)
 
 
+def new_workdir(cfg: RunConfig) -> Path:
+    """This flow run's working folder in the home: its splits, reports and training output."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run.get_id() or 'local')[:8]}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def flow_tags(cfg: RunConfig) -> dict[str, str]:
+    """The MLflow run's links to its flow run, its task and its config."""
+    return {
+        "prefect.flow_run_id": str(flow_run.get_id()),
+        "prefect.flow_run_name": str(flow_run.get_name()),
+        "fulltune.task": cfg.task,
+        "fulltune.config_hash": cfg.digest(),  # of the config as given (the one logged)
+    }
+
+
+def pin_parent(cfg: RunConfig, run_id: str) -> tuple[RunConfig, RegisteredSource | None]:
+    """A run from a registered version: the version it resolves to now (trained from even if the
+    alias moves meanwhile), recorded as the run's parent."""
+    if not cfg.model.name_or_path.startswith(REGISTRY_SCHEME):
+        return cfg, None
+    parent = registered_source(cfg.model.name_or_path)
+    tracking.set_tags(run_id, parent.lineage_tags())
+    model = cfg.model.model_copy(update={"name_or_path": parent.pinned})
+    return cfg.model_copy(update={"model": model}), parent
+
+
+class NodeSummary(BaseModel):
+    """What a node other than node 0 of a multi-machine run did: its ranks trained."""
+
+    mlflow_run_id: str
+    flow_run_id: str | None
+    node_rank: int
+    nnodes: int
+    global_step: int
+    weights_digest: str
+    workdir: str
+
+
+@flow(name="finetune-node", on_failure=[notify.on_failure])
+def finetune_node(config: RunConfig = RunConfig()) -> NodeSummary:
+    """Node ``train.node_rank`` of a run over ``train.nnodes`` machines (not node 0).
+
+    The same data is validated, sized and tokenized here as on node 0 (the same content gives
+    the same token ids), then this machine's ranks train beside node 0's, in step with them.
+    Node 0's ``finetune`` flow evaluates, registers and gates; this node's MLflow run keeps its
+    data report, its ranks' log and its machine's system metrics.
+    """
+    cfg = config
+    if cfg.model.name_or_path.startswith(REGISTRY_SCHEME):
+        tracking.configure(cfg)
+    limit = max_positions(preflight(cfg))
+    workdir = new_workdir(cfg)
+    kind = get_kind(cfg.task)
+    node = f"node {cfg.train.node_rank} of {cfg.train.nnodes}"
+    run_id = tracking.start_run(
+        cfg,
+        tags=flow_tags(cfg) | {"fulltune.node_rank": str(cfg.train.node_rank)},
+        run_name=f"{flow_run.get_name()}-node{cfg.train.node_rank}",
+        headline=(kind.headline, kind.headline_higher),
+    )
+    get_run_logger().info(
+        "MLflow run %s: %s, rendezvous at %s", run_id, node, cfg.train.rdzv_endpoint
+    )
+    with tracking.failing_run(run_id):
+        cfg, _ = pin_parent(cfg, run_id)
+        prepared, tokenizer = prepare_data(cfg, kind, workdir, run_id, limit)
+        job = train_job(prepared, prepared.cfg.train, workdir, None, run_id)
+        trained = train_stage(job, kind, tokenizer, run_id)
+    decision = f"{node}: trained; node 0 evaluates and registers"
+    tracking.set_tags(run_id, {"fulltune.decision": decision, "fulltune.alias": "none"})
+    tracking.end_run(run_id, "FINISHED")
+    shutil.rmtree(trained.model_dir, ignore_errors=True)
+    return NodeSummary(
+        mlflow_run_id=run_id,
+        flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
+        node_rank=cfg.train.node_rank,
+        nnodes=cfg.train.nnodes,
+        global_step=trained.global_step,
+        weights_digest=trained.weights_digest,
+        workdir=str(workdir),
+    )
+
+
 def run_description(
     card: CardFacts, metric: str, evaluation: EvalResult, decision: Decision | None
 ) -> str:
@@ -151,16 +237,9 @@ def finetune(
     # Settings that cannot work fail here, naming the setting: before a run, a model or data.
     limit = max_positions(preflight(cfg))
     flow_run_id = flow_run.get_id()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    workdir = cfg.home_dir() / "work" / f"{stamp}-{(flow_run_id or 'local')[:8]}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = new_workdir(cfg)
     config_hash = cfg.digest()  # of the config as given (the one logged with the run)
-    tags = {
-        "prefect.flow_run_id": str(flow_run_id),
-        "prefect.flow_run_name": str(flow_run.get_name()),
-        "fulltune.task": cfg.task,
-        "fulltune.config_hash": config_hash,
-    } | (extra_tags or {})
+    tags = flow_tags(cfg) | (extra_tags or {})
     kind = get_kind(cfg.task)
     run_id, checkpoint_dir, lock = claim_run(cfg, kind, tags, str(flow_run.get_name()))
     get_run_logger().info("MLflow run %s (tracking URI %s)", run_id, redact_uri(cfg.tracking_uri()))
@@ -172,15 +251,10 @@ def finetune(
         tracking.set_tags(run_id, {"prefect.flow_run_url": flow_run_url})
     tracking.link_in_prefect("mlflow-run", run_url, f"MLflow run {run_id}", cfg.tracking_uri())
     # A run that starts from a registered version records it as its parent (run and version).
-    parent = registered_source(base_model) if base_model.startswith(REGISTRY_SCHEME) else None
+    cfg, parent = pin_parent(cfg, run_id)
     if parent is not None:
-        tracking.set_tags(run_id, parent.lineage_tags())
         base_model = (
             parent.pinned if parent.uri == parent.pinned else f"{parent.pinned} ({parent.uri})"
-        )
-        # The version resolved here is the one trained from, even if the alias moves meanwhile.
-        cfg = cfg.model_copy(
-            update={"model": cfg.model.model_copy(update={"name_or_path": parent.pinned})}
         )
     with tracking.failing_run(run_id):
         # The model materialised, the data validated, sized, split and tokenized: from here on
@@ -196,7 +270,6 @@ def finetune(
             train_job(prepared, cfg.train, workdir, checkpoint_dir, run_id),
             kind,
             tokenizer,
-            cfg.train.num_processes,
             run_id,
         )
         evaluation = evaluate_stage(trained.model_dir, prepared, kind, workdir, run_id)

@@ -217,7 +217,6 @@ def train_stage(
     job: TrainJob,
     kind: Kind,
     tokenizer: TokenizerSource,
-    num_processes: int,
     run_id: str,
 ) -> TrainResult:
     """Full-parameter fine-tuning; loss and learning rate stream to MLflow per logging step.
@@ -241,8 +240,8 @@ def train_stage(
     monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resuming)
     monitor.start()
     try:
-        if num_processes > 1:  # the same recipe in N data-parallel processes (torchrun)
-            result = distributed.launch(job, num_processes)
+        if job.cfg.world_size > 1:  # the same recipe in N data-parallel processes (torchrun)
+            result = distributed.launch(job)
         else:
             callbacks = [MlflowMetricsCallback(run_id, job.after_step)]
             result = train(job, kind, callbacks, tokenizer.get())

@@ -388,8 +388,25 @@ class TrainConfig(_Section):
     num_processes: int = Field(
         1,
         ge=1,
-        description="Data-parallel training processes (DDP under torchrun: gloo on CPU, NCCL on "
-        "GPU, one GPU per process). The batch size is per process; only rank 0 logs.",
+        description="Data-parallel training processes on each machine (DDP under torchrun: gloo "
+        "on CPU, NCCL on GPU, one GPU per process). The batch size is per process; only rank 0 "
+        "logs.",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="Machines the run spans, `num_processes` ranks on each. Every machine runs "
+        "the same command with its own `node_rank`; node 0 tracks, evaluates, registers and "
+        "gates, the others validate and tokenize the same data and train beside it.",
+    )
+    node_rank: int = Field(
+        0, ge=0, description="This machine's place among the `nnodes` (0: the one that registers)."
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="With `nnodes` above 1: `HOST:PORT` of node 0, where its rendezvous store "
+        "listens (every interface: keep it on the cluster's private network) and the other nodes "
+        "connect.",
     )
     beta: float = Field(
         0.1,
@@ -478,17 +495,40 @@ class TrainConfig(_Section):
             raise ValueError(f"must be at most {MAX_TIME_BUDGET_S // 3600}h, got {value!r}")
         return value
 
+    @property
+    def world_size(self) -> int:
+        """Training processes over all machines."""
+        return self.nnodes * self.num_processes
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.time_budget is not None and self.num_processes > 1:
+        if self.time_budget is not None and self.world_size > 1:
             raise ValueError(
-                "train.time_budget plans one process's steps: use it with num_processes: 1"
+                "train.time_budget plans one process's steps: use it with num_processes: 1 "
+                "and nnodes: 1"
             )
-        if self.fsdp == "full_shard" and self.num_processes < 2:
+        if self.fsdp == "full_shard" and self.world_size < 2:
             raise ValueError(
-                "train.fsdp full_shard shards over the ranks: set train.num_processes to 2 or "
-                f"more (got {self.num_processes})"
+                "train.fsdp full_shard shards over the ranks: set train.num_processes (or "
+                f"train.nnodes) so there are 2 or more (got {self.world_size})"
             )
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"train.node_rank must be below train.nnodes ({self.nnodes}), got {self.node_rank}"
+            )
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"train.nnodes {self.nnodes} needs train.rdzv_endpoint: HOST:PORT of node 0 "
+                    f"(for example 10.0.0.4:29500), got {self.rdzv_endpoint!r}"
+                )
+            if self.checkpoint_steps:
+                raise ValueError(
+                    "train.checkpoint_steps: a run over several machines does not resume yet "
+                    "(each node would need its own ranks' checkpoint); leave it unset with "
+                    "nnodes above 1"
+                )
         if isinstance(self.class_weights, list) and min(self.class_weights) <= 0:
             raise ValueError("train.class_weights must all be > 0")
         if self.checkpoint_steps and self.eval_steps and self.checkpoint_steps % self.eval_steps:

@@ -1,9 +1,10 @@
 """Data-parallel training in several processes: the same recipe, launched under ``torchrun``.
 
 ``train.num_processes: N`` runs :func:`tasks.train.train` in N processes with DDP (gloo on CPU,
-NCCL on GPU): the HF ``Trainer`` reads torchrun's environment, shards every batch across the
-ranks and all-reduces the gradients, so each rank takes the same optimizer step. Only rank 0
-logs to MLflow; every rank writes its result; registration happens afterwards, once, in the flow.
+NCCL on GPU) on each of ``train.nnodes`` machines: the HF ``Trainer`` reads torchrun's
+environment, shards every batch across the ranks and all-reduces the gradients, so each rank
+takes the same optimizer step. Only rank 0 logs to MLflow; every rank writes its result;
+registration happens afterwards, once, in node 0's flow.
 
 Usage (what :func:`launch` runs; each rank runs :func:`tasks.train.main`)::
 
@@ -118,30 +119,47 @@ def exit_with_launcher(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
-def launch(job: TrainJob, num_processes: int) -> TrainResult:
-    """Run the job in ``num_processes`` processes; rank 0's result.
+def launch(job: TrainJob) -> TrainResult:
+    """Run the job in ``train.num_processes`` processes on this machine, as node
+    ``train.node_rank`` of ``train.nnodes``; the result of this machine's first rank.
+
+    On one machine the rendezvous is a free loopback port. Over several, it is torchrun's static
+    rendezvous at ``train.rdzv_endpoint`` (node 0's store): it keeps each machine's ``node_rank``,
+    so the process that tracks and registers (global rank 0) is on node 0.
 
     Raises:
         DistributedError: a rank failed (the message has the end of its output), or the ranks'
             final weights differ (the gradients were not synchronised).
     """
+    cfg = job.cfg
     workdir = Path(job.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     job_path = workdir / "train-job.json"
     job_path.write_text(job.model_dump_json())
-    for rank in range(num_processes):
+    ranks = range(cfg.node_rank * cfg.num_processes, (cfg.node_rank + 1) * cfg.num_processes)
+    for rank in ranks:
         job.result_path(rank).unlink(missing_ok=True)
+    if cfg.nnodes == 1:  # torchrun, its stores on loopback
+        launcher = ["tasks.distributed", *rendezvous_args()]
+    else:
+        launcher = [
+            "torch.distributed.run",
+            "--rdzv-backend=static",
+            f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+            f"--nnodes={cfg.nnodes}",
+            f"--node-rank={cfg.node_rank}",
+        ]
     command = [
         sys.executable,
         "-m",
-        "tasks.distributed",  # torchrun, its stores on loopback
-        *rendezvous_args(),
-        f"--nproc_per_node={num_processes}",
+        *launcher,
+        f"--nproc-per-node={cfg.num_processes}",
         "-m",
         "tasks.train",
         str(job_path),
     ]
-    log.info("launching %d training processes: %s", num_processes, " ".join(command))
+    where = f" as node {cfg.node_rank} of {cfg.nnodes}" if cfg.nnodes > 1 else ""
+    log.info("launching %d training processes%s: %s", len(ranks), where, " ".join(command))
     # The store's URI reaches the ranks in their environment, never in the job file: it may hold
     # credentials.
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
@@ -150,18 +168,35 @@ def launch(job: TrainJob, num_processes: int) -> TrainResult:
     if done.returncode != 0:
         output = done.stdout + done.stderr
         raise DistributedError(
-            f"torchrun with {num_processes} processes exited with {done.returncode}; "
+            f"torchrun with {cfg.world_size} processes{where} exited with {done.returncode}; "
             f"last output:\n{output[-4000:]}",
             signalled=done.returncode < 0 or "Signal " in output or "SIGKILL" in output,
         )
-    results = [
-        TrainResult.model_validate_json(job.result_path(rank).read_text())
-        for rank in range(num_processes)
-    ]
+    # Every rank compared its weights with all the others' before it exited (tasks.train.main).
+    results = [TrainResult.model_validate_json(job.result_path(r).read_text()) for r in ranks]
     digests = {r.weights_digest for r in results}
     if len(digests) != 1:
         raise DistributedError(f"the ranks ended with different weights: {sorted(digests)}")
     return results[0]
+
+
+def agree_on_weights(digest: str) -> None:
+    """Compare this rank's final weights with every other rank's, on all machines, then leave
+    the process group (a rank that exits without leaving can abort the others' teardown).
+
+    Raises:
+        DistributedError: some rank ended with different weights.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    dist.barrier()
+    dist.destroy_process_group()
+    if len(set(digests)) != 1:
+        raise DistributedError(f"the ranks ended with different weights: {digests}")
 
 
 if __name__ == "__main__":  # torchrun for one machine: python -m tasks.distributed ARGS

@@ -455,7 +455,7 @@ def training_history(
 
 def main(job_path: str) -> None:
     """One torchrun rank: run the recipe; every rank writes its result (its weights' digest)."""
-    from tasks.distributed import exit_with_launcher
+    from tasks.distributed import agree_on_weights, exit_with_launcher
     from tasks.kinds import get_kind
 
     exit_with_launcher()
@@ -465,6 +465,7 @@ def main(job_path: str) -> None:
     # The callback logs on the main process only (Trainer's is_world_process_zero).
     callbacks = [MlflowMetricsCallback(job.run_id, job.after_step)] if job.run_id else []
     result = train(job, get_kind(job.task), callbacks)
+    agree_on_weights(result.weights_digest)
     job.result_path(int(os.environ.get("RANK", "0"))).write_text(result.model_dump_json())
 
 

@@ -16,15 +16,28 @@ def full(param: torch.Tensor) -> torch.Tensor:
     return (gather() if gather is not None else value).cpu()
 
 
+def master_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every FSDP2 unit back on its fp32 shards. After a forward pass the root
+    unit (embeddings and head) keeps its parameters gathered, in the compute dtype under bf16:
+    the update check and the digest must read the master weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every parameter, to prove afterwards that each one was updated."""
+    model = master_weights(model)
     return {name: full(p).clone() for name, p in model.named_parameters()}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
     """A hash of every parameter's bytes: two models with the same digest have the same weights."""
     h = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, param in master_weights(model).named_parameters():
         h.update(name.encode())
         h.update(full(param).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -35,7 +48,7 @@ def count_updated(
 ) -> tuple[int, int, int, int]:
     """(params_total, params_updated, tensors_total, tensors_updated) against a snapshot."""
     params_total = params_updated = tensors_updated = 0
-    for name, param in model.named_parameters():
+    for name, param in master_weights(model).named_parameters():
         changed = full(param) != before[name]
         params_total += param.numel()
         params_updated += int(changed.sum())
