@@ -20,6 +20,7 @@ from flows.cli_base import (
     logged_run,
     orchestrated,
     run_flow,
+    setup_logging,
     validated,
 )
 
@@ -123,6 +124,42 @@ def reproduce(
             fail(message + " (use --force to run anyway)")
         typer.echo(f"warning: {message}; running anyway (--force)", err=True)
     run_flow(cfg, {"fulltune.reproduces": run_id})
+
+
+@app.command()
+def node(
+    flow_run: Annotated[
+        str, typer.Argument(help="Node 0's flow run (its job has it as PREFECT__FLOW_RUN_ID).")
+    ],
+    node_rank: Annotated[
+        int, typer.Option(min=1, envvar="FULLTUNE_NODE_RANK", help="This machine's node rank.")
+    ],
+    overrides: OverridesOption = None,
+) -> None:
+    """Join node 0's flow run as one more machine: its config, read from the Prefect API, with
+    this machine's node rank (and `--set` for what differs here, such as `home`). It validates
+    and tokenizes the same data and trains beside node 0, which evaluates and registers. What a
+    cluster job runs on every node but the first."""
+    import tempfile
+    from uuid import UUID
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    setup_logging()
+    try:
+        with get_client(sync_client=True) as client:
+            parameters = client.read_flow_run(UUID(flow_run)).parameters
+    except (ValueError, ObjectNotFound) as err:
+        fail(f"flow run {flow_run!r}: not found on the Prefect API ({err})")
+    with tempfile.TemporaryDirectory(prefix="fulltune-node-") as folder:
+        config = Path(folder) / f"flow-run-{flow_run}.yaml"  # named in any error about it
+        config.write_text(yaml.safe_dump(parameters.get("config") or {}))
+        cfg = load(config, [*(overrides or []), f"train.node_rank={node_rank}"])
+    if cfg.train.nnodes < 2:
+        fail(f"flow run {flow_run} trains on one machine (train.nnodes {cfg.train.nnodes})")
+    run_flow(cfg)
 
 
 # The other groups' commands join the app after the pipeline's (the order `--help` lists them in).

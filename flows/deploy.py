@@ -36,7 +36,10 @@ def deployments(
     cfg = load_config(config or DEMO_CONFIG)
     # A relative home would mean wherever each run's process happens to start: resolve it now.
     cfg = cfg.model_copy(update={"home": str(cfg.home_dir())})
-    parameters = {"config": cfg.redacted().model_dump(mode="json")}
+    # Where a run's process runs (its machine's place in a multi-node run) is the environment's
+    # to say, on the machine that runs it: the deployment leaves those settings out.
+    place = {"train": {"nnodes", "node_rank", "rdzv_endpoint"}}
+    parameters = {"config": cfg.redacted().model_dump(mode="json", exclude=place)}
     nightly = finetune.to_deployment(
         name="nightly",
         schedules=[Cron(NIGHTLY_CRON, timezone=timezone)],

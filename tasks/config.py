@@ -282,6 +282,13 @@ class ModelConfig(_Section):
     )
 
 
+NNODES_ENV, NODE_RANK_ENV, RDZV_ENDPOINT_ENV = (
+    "FULLTUNE_NNODES",
+    "FULLTUNE_NODE_RANK",
+    "FULLTUNE_RDZV_ENDPOINT",
+)
+
+
 class TrainConfig(_Section):
     """The full-parameter fine-tuning recipe."""
 
@@ -392,21 +399,27 @@ class TrainConfig(_Section):
         "on CPU, NCCL on GPU, one GPU per process). The batch size is per process; only rank 0 "
         "logs.",
     )
+    # Where a process runs, not what it trains: a cluster's job sets these per machine in the
+    # environment (as torchrun's PET_* variables), the command line or the config may too.
     nnodes: int = Field(
-        1,
+        default_factory=lambda: int(os.environ.get(NNODES_ENV, "1")),
         ge=1,
-        description="Machines the run spans, `num_processes` ranks on each. Every machine runs "
-        "the same command with its own `node_rank`; node 0 tracks, evaluates, registers and "
-        "gates, the others validate and tokenize the same data and train beside it.",
+        description="Machines the run spans, `num_processes` ranks on each (default: "
+        "$FULLTUNE_NNODES, else 1). Every machine runs the same config with its own `node_rank`; "
+        "node 0 tracks, evaluates, registers and gates, the others validate and tokenize the same "
+        "data and train beside it (`fulltune node`, docs/training.md).",
     )
     node_rank: int = Field(
-        0, ge=0, description="This machine's place among the `nnodes` (0: the one that registers)."
+        default_factory=lambda: int(os.environ.get(NODE_RANK_ENV, "0")),
+        ge=0,
+        description="This machine's place among the `nnodes`, 0 for the one that registers "
+        "(default: $FULLTUNE_NODE_RANK, else 0).",
     )
     rdzv_endpoint: str | None = Field(
-        None,
+        default_factory=lambda: os.environ.get(RDZV_ENDPOINT_ENV),
         description="With `nnodes` above 1: `HOST:PORT` of node 0, where its rendezvous store "
         "listens (every interface: keep it on the cluster's private network) and the other nodes "
-        "connect.",
+        "connect (default: $FULLTUNE_RDZV_ENDPOINT).",
     )
     beta: float = Field(
         0.1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,8 @@ def test_two_processes_and_two_nodes_train_in_step_and_register_once(
     tiny_model_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:
     """Two ranks on one machine (DDP over gloo), then the same two ranks as two "machines" on
-    localhost: each node its own home and store, one `fulltune run` each, node 1 joining node 0's
-    rendezvous. Both take the same steps to the same weights; node 0 alone registers."""
+    localhost, each with its own home and store, node 1 joining node 0's flow run. Both take the
+    same steps as on one machine, to the same weights; node 0 alone registers."""
     import subprocess
     import sys
 
@@ -67,24 +68,41 @@ def test_two_processes_and_two_nodes_train_in_step_and_register_once(
     versions = client.search_model_versions("name='tiny-sentiment'")
     assert [str(v.version) for v in versions] == ["1"]  # registered once, by the flow
 
-    nodes = ["train.nnodes=2", f"train.rdzv_endpoint=127.0.0.1:{free_port()}"]
-    joined = [f"--set={s}" for s in settings("node1", *nodes, "train.node_rank=1")]
-    node1 = subprocess.Popen(  # the second machine: the same command, its own home and store
-        [str(Path(sys.executable).parent / "fulltune"), "run", *joined],
-        env=os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    # Two "machines": each its own home and store; node 0 a `fulltune run` that finds nnodes and
+    # the rendezvous in its environment (as a cluster's job sets them), node 1 `fulltune node`
+    # given node 0's flow run, whose config it reads from the Prefect API.
+    fulltune = str(Path(sys.executable).parent / "fulltune")
+    env = os.environ | {
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "FULLTUNE_NNODES": "2",
+        "FULLTUNE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+    }
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    node0 = subprocess.Popen(
+        [fulltune, "run", *(f"--set={s}" for s in settings("node0"))], env=env, **pipe
     )
+    node1 = None
     try:
-        node0 = finetune(config=load_config(None, settings("node0", *nodes)))
-        output = node1.communicate(timeout=600)[0]
+        flow_run = flow_run_of(tmp_path / "node0", node0)
+        node1 = subprocess.Popen(
+            [fulltune, "node", flow_run, f"--set=home={tmp_path / 'node1'}"],
+            env=env | {"FULLTUNE_NODE_RANK": "1"},
+            **pipe,
+        )
+        output0 = node0.communicate(timeout=600)[0]
+        output1 = node1.communicate(timeout=600)[0]
     finally:
-        node1.kill()
-    assert node1.returncode == 0, output
-    assert "Node 1 of 2: trained 20 steps" in output, output
+        for process in (node0, node1):
+            if process is not None:
+                process.kill()
+    assert node0.returncode == 0, output0
+    assert node1.returncode == 0, output1
+    assert "Node 1 of 2: trained 20 steps" in output1, output1
+    run_id = re.search(r"MLflow run id:\s+(\w+)", output0)
+    assert run_id, output0
+    [node0_work] = (tmp_path / "node0" / "work").iterdir()
     [node1_work] = (tmp_path / "node1" / "work").iterdir()
-    first = json.loads((Path(node0.workdir) / "train-result-rank0.json").read_text())
+    first = json.loads((node0_work / "train-result-rank0.json").read_text())
     second = json.loads((node1_work / "train-result-rank1.json").read_text())
     assert first["weights_digest"] == second["weights_digest"] != ""  # the nodes agree
     assert [first["global_step"], second["global_step"]] == [20, 20]
@@ -93,9 +111,7 @@ def test_two_processes_and_two_nodes_train_in_step_and_register_once(
     for home in ("node0", "node1"):
         uri = f"sqlite:///{tmp_path / home / 'mlflow.db'}"
         stores[home] = MlflowClient(uri, registry_uri=uri)
-    spanned = sorted(
-        stores["node0"].get_metric_history(node0.mlflow_run_id, "train/loss"), key=step
-    )
+    spanned = sorted(stores["node0"].get_metric_history(run_id.group(1), "train/loss"), key=step)
     # The same batches, steps and losses as on one machine (gloo sums in another order: the
     # last bits differ, so the weights' digest does too).
     assert [m.step for m in spanned] == [m.step for m in history]
@@ -112,6 +128,23 @@ def test_two_processes_and_two_nodes_train_in_step_and_register_once(
 
 def step(metric):
     return metric.step
+
+
+def flow_run_of(home: Path, process, timeout_s: float = 300) -> str:
+    """The id of the flow run the `fulltune run` in ``process`` started for ``home``."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s  # a bound on a hung start, not a speed assertion
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs():
+                if (run.parameters.get("config") or {}).get("home") == str(home):
+                    return str(run.id)
+        time.sleep(1)
+    raise AssertionError(f"no flow run for {home} after {timeout_s} s")
 
 
 def test_fsdp_shards_a_tiny_llama_over_two_cpu_processes(

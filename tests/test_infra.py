@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,14 +101,104 @@ def test_worker_image_installs_what_make_setup_installs() -> None:
     )
 
 
-def test_kubernetes_template_declares_every_variable_it_uses() -> None:
+def rendered_job(**values: object) -> dict:
+    """The work pool's Job as Prefect's worker renders it: the variables' defaults, then
+    ``values``."""
+    from prefect.utilities.templating import apply_values
+
     template = yaml.safe_load((INFRA / "k8s-work-pool.yaml").read_text())
-    declared = set(template["variables"]["properties"])
+    variables = template["variables"]["properties"]
+    defaults = {name: spec.get("default") for name, spec in variables.items()}
     used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", yaml.safe_dump(template["job_configuration"])))
-    assert used <= declared, used - declared
-    manifest = template["job_configuration"]["job_manifest"]
-    assert manifest["kind"] == "Job"
-    assert manifest["spec"]["template"]["spec"]["containers"][0]["image"] == "{{ image }}"
+    assert used <= set(variables), used - set(variables)  # every variable used is declared
+    base = {"name": "finetune-abc", "labels": {"prefect.io/flow-run-id": "1234"}, "env": {}}
+    return apply_values(template["job_configuration"], defaults | base | values)["job_manifest"]
+
+
+def test_kubernetes_manifests_pass_the_api_schemas() -> None:
+    """The Job (one node and two) and the nodes' Service against Kubernetes' own schemas, strict:
+    a misspelt or mistyped field fails here as `kubectl apply` would."""
+    import kubernetes_validate
+
+    service = yaml.safe_load((INFRA / "k8s-nodes-service.yaml").read_text())
+    for manifest in (rendered_job(nodes=1), rendered_job(nodes=3), service):
+        kubernetes_validate.validate(manifest, "1.30", strict=True)
+    broken = rendered_job(nodes=2)
+    broken["spec"]["completionMod"] = broken["spec"].pop("completionMode")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30", strict=True)
+
+
+def test_a_two_node_job_starts_node_0s_flow_run_and_a_node_beside_it(tmp_path: Path) -> None:
+    """The Job's pods as torchrun needs them: every pod of the run, pod 0 reachable by name on the
+    rendezvous port, pod 0 running the flow run, the others `fulltune node` on it, each with the
+    environment the run's settings come from."""
+    from tasks.config import NNODES_ENV, NODE_RANK_ENV, RDZV_ENDPOINT_ENV
+
+    job = rendered_job(nodes=2)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    pod = spec["template"]
+    service = yaml.safe_load((INFRA / "k8s-nodes-service.yaml").read_text())
+    assert service["spec"]["clusterIP"] == "None"  # headless: each pod its own DNS name
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    [container] = pod["spec"]["containers"]
+    [rdzv_port] = service["spec"]["ports"]
+    assert {"name": rdzv_port["targetPort"], "containerPort": rdzv_port["port"]} in container[
+        "ports"
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    index = env[NODE_RANK_ENV]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    endpoint = env[RDZV_ENDPOINT_ENV]["value"]
+    assert endpoint == f"$(JOB_NAME)-0.{service['metadata']['name']}:{rdzv_port['port']}"
+    # The pod's command under a real shell, with `prefect` and `fulltune` recording their calls.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("prefect", "fulltune"):
+        script = bin_dir / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $* nnodes=${NNODES_ENV}"\n')
+        script.chmod(0o755)
+    calls = {}
+    for rank in ("0", "1"):
+        pod_env = {
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            NODE_RANK_ENV: rank,
+            "PREFECT__FLOW_RUN_ID": "1234",
+        }
+        done = subprocess.run(
+            [*container["command"], *container["args"]],
+            env=pod_env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        calls[rank] = done.stdout.strip()
+    assert calls == {
+        "0": "prefect flow-run execute nnodes=2",
+        "1": "fulltune node 1234 nnodes=2",
+    }
+    # What the pod's fulltune reads its place in the run from, with the names Kubernetes gives.
+    pod_env = {
+        NNODES_ENV: "2",
+        NODE_RANK_ENV: "1",
+        RDZV_ENDPOINT_ENV: endpoint.replace("$(JOB_NAME)", "finetune-abc-x7k2q"),
+    }
+    code = (
+        "from tasks.config import TrainConfig; t = TrainConfig(); "
+        "print(t.nnodes, t.node_rank, t.rdzv_endpoint)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=os.environ | pod_env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.stdout.split() == ["2", "1", "finetune-abc-x7k2q-0.fulltune-nodes:29500"], (
+        done.stderr
+    )
 
 
 def test_prefect_deployments_point_at_the_flow() -> None:
