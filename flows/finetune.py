@@ -232,6 +232,7 @@ def finetune(
     cfg = config
     base_model = cfg.model.name_or_path  # as the user named it (a GGUF file becomes a folder)
     started = time.perf_counter()
+    clock = time.time()  # a time budget is this flow run's: from here to its end
     if cfg.model.name_or_path.startswith(REGISTRY_SCHEME):  # the preflight resolves it there
         tracking.configure(cfg)
     # Settings that cannot work fail here, naming the setting: before a run, a model or data.
@@ -267,7 +268,7 @@ def finetune(
             retry_delay_seconds=exponential_backoff(backoff_factor=10),
             timeout_seconds=cfg.train.timeout_hours * 3600 if cfg.train.timeout_hours else None,
         )(
-            train_job(prepared, cfg.train, workdir, checkpoint_dir, run_id),
+            train_job(prepared, cfg.train, workdir, checkpoint_dir, run_id, clock),
             kind,
             tokenizer,
             run_id,
@@ -350,6 +351,16 @@ def finetune(
     # Everything else (Prefect, validation of the data, MLflow, loading, saving, registering,
     # the classical yardstick) is overhead.
     work = trained.step_time_s + trained.validation_s + evaluation.scoring_s
+    if trained.plan:  # the budget against the whole run's clock, and what followed training
+        ended = time.time()
+        tracking.log_metrics(
+            run_id,
+            {
+                "plan/run_s": ended - clock,
+                "plan/run_over_budget": (ended - clock) / trained.plan["plan/budget_s"],
+                "plan/after_training_s": ended - trained.plan["training_ended"],
+            },
+        )
     tracking.log_metrics(
         run_id,
         {

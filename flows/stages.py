@@ -413,8 +413,10 @@ def train_job(
     workdir: Path,
     checkpoint_dir: Path | None = None,
     run_id: str | None = None,
+    clock_started: float | None = None,
 ) -> TrainJob:
-    """The train stage's input for this run (``train_cfg``: the run's, or a sweep trial's)."""
+    """The train stage's input for this run (``train_cfg``: the run's, or a sweep trial's;
+    ``clock_started``: when the run's time budget began)."""
     cfg = prepared.cfg
     return TrainJob(
         tokenized=prepared.tokenized,
@@ -426,4 +428,5 @@ def train_job(
         workdir=str(workdir),
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         run_id=run_id,
+        clock_started=clock_started,
     )

@@ -126,23 +126,106 @@ def local_bytes(tensors: list) -> int:
     return total
 
 
-class BudgetGuard(TrainerCallback):
-    """Stop training once ``seconds`` have passed since it began: the planned step count is an
-    estimate, this is the bound (the best checkpoint so far is still the one kept)."""
+class BudgetPlanner(TrainerCallback):
+    """Hold training to its share of the run's clock, revising the plan as it goes.
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._began = time.perf_counter()
+    Training must end by ``deadline`` (epoch seconds: the budget's end less what follows
+    training). The probe's plan of ``steps`` is revised from what the steps really cost: after
+    the first ``first_revision`` steps, after every validation (its measured cost replaces the
+    probe's), and whenever the step time drifts by more than a tenth from the one the plan used.
+    The step count and the learning-rate schedule's length both follow; the Trainer's loop was
+    sized to ``cap`` steps, so a plan may grow as well as shrink. At the end the model is
+    validated (and checkpointed, for selection) as at the end of an epoch.
+    """
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._began = time.perf_counter()
+    def __init__(
+        self,
+        deadline: float,
+        steps: int,
+        cap: int,
+        validation_s: float,
+        validate_every: float,
+        first_revision: int = 3,
+    ) -> None:
+        self.deadline, self.steps, self.cap = deadline, steps, cap
+        self.validation_s, self.validate_every = validation_s, validate_every
+        self.first_revision = first_revision
+        self.revisions: list[int] = []
+        self.step_s = 0.0  # measured seconds per optimizer step (validations apart)
+        self._train_s, self._timed = 0.0, 0
+        self._began = self._ended = 0.0
+        self._evaluated = self._validated_since = False
+        self._planned_step_s: float | None = None
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if (
-            time.perf_counter() - self._began >= self.seconds
-            and state.global_step < state.max_steps
-        ):
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        state.max_steps = self.steps
+        stretch_schedule(lr_scheduler, self.steps)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._evaluated = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        now = time.time()
+        if self._evaluated and self._ended:  # the gap held a validation (and its checkpoint)
+            self.validation_s = now - self._ended
+            self._validated_since = True
+        self._evaluated = False
+        self._began = now
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        now = self._ended = time.time()
+        self._train_s += now - self._began
+        self._timed += 1
+        self.step_s = self._train_s / self._timed
+        drifted = self._planned_step_s is not None and (
+            abs(self.step_s / self._planned_step_s - 1) > 0.1
+        )
+        due = state.global_step == self.first_revision or self._validated_since or drifted
+        if due and state.global_step < self.steps:
+            self.revise(state, now, lr_scheduler)
+        if state.global_step >= self.steps or now >= self.deadline:
             control.should_training_stop = True
+            if args.eval_strategy != "no" and not control.should_evaluate:
+                control.should_evaluate = True  # the last model is validated like the others
+                control.should_save = args.save_strategy != "no"
+
+    def revise(self, state, now: float, lr_scheduler) -> None:
+        from tasks.sizing import revise_budget
+
+        steps = revise_budget(
+            self.deadline - now,
+            self.step_s,
+            self.validation_s,
+            self.validate_every,
+            state.global_step,
+            self.cap,
+        )
+        self._planned_step_s, self._validated_since = self.step_s, False
+        if steps == self.steps:
+            return
+        log.info(
+            "time budget: %d steps instead of %d (%.2f s a step, %.1f s a validation, %.0f s left)",
+            steps,
+            self.steps,
+            self.step_s,
+            self.validation_s,
+            self.deadline - now,
+        )
+        self.steps = state.max_steps = steps
+        self.revisions.append(steps)
+        stretch_schedule(lr_scheduler, steps)
+
+
+def stretch_schedule(scheduler, steps: int) -> None:
+    """Make a transformers learning-rate schedule (a ``LambdaLR`` over ``num_training_steps``:
+    linear, cosine, …) end at ``steps``; the steps already taken keep their rates."""
+    import functools
+
+    lambdas = getattr(scheduler, "lr_lambdas", None) or []
+    for i, schedule in enumerate(lambdas):
+        if isinstance(schedule, functools.partial) and "num_training_steps" in schedule.keywords:
+            keywords = schedule.keywords | {"num_training_steps": steps}
+            lambdas[i] = functools.partial(schedule.func, *schedule.args, **keywords)
 
 
 class CheckpointMarker(TrainerCallback):

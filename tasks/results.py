@@ -175,7 +175,7 @@ class TrainResult(BaseModel):
             | {f"efficiency/rank_{k}_bytes": float(v) for k, v in self.state_bytes.items()}
             | {f"val_selected/{k}": v for k, v in self.validation.items()}
             | {f"val_selected/{k}": v for k, v in self.reference.items()}
-            | self.plan
+            | {k: v for k, v in self.plan.items() if k.startswith("plan/")}
         )
 
 
@@ -206,6 +206,8 @@ class TrainJob(BaseModel):
     checkpoint_dir: str | None = None  # resumable checkpoints go here (``train.checkpoint_steps``)
     run_id: str | None = None  # MLflow run that rank 0 streams the training metrics to
     after_step: int = -1
+    # When the run's clock started (epoch seconds): a time budget ends that long after it.
+    clock_started: float | None = None
 
     def result_path(self, rank: int) -> Path:
         """Where rank ``rank`` writes its :class:`TrainResult`."""

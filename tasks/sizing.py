@@ -24,6 +24,10 @@ MAX_BUDGET_EPOCHS = 20  # a time budget on tiny data stops here (early stopping 
 # the probe times only the passes (the measurement behind 1.25 is in docs/benchmarks.md). The
 # budget guard stops training at the budget whatever the estimate.
 STEP_OVERHEAD = 1.25
+# What a time budget keeps back for registration: the model written, copied into the artifact
+# store and read back (three passes over its bytes at DISK_BYTES_PER_S), and SAVE_S for the rest.
+SAVE_S = 5.0
+DISK_BYTES_PER_S = 200e6
 
 
 def size_max_length(lengths: np.ndarray, limit: int, task: str) -> tuple[int, str]:
@@ -106,6 +110,16 @@ def plan_budget(
         steps = cap
         reason += f"; capped at {MAX_BUDGET_EPOCHS} epochs ({cap} steps)"
     return steps, reason
+
+
+def revise_budget(
+    left_s: float, step_s: float, validation_s: float, validate_every: float, done: int, cap: int
+) -> int:
+    """The step count that fills what is left of a budget, from measured costs: ``done`` steps
+    taken, ``left_s`` seconds left for training, each further step ``step_s`` and a validation
+    (``validation_s``) every ``validate_every`` steps. At least one more step, at most ``cap``."""
+    per_step = step_s + validation_s / max(validate_every, 1.0)
+    return min(cap, done + max(1, int(max(left_s, 0.0) / per_step)))
 
 
 SHIFT_KS = 0.2  # a length distribution this far from training's (Kolmogorov-Smirnov) is a shift

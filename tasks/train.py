@@ -35,7 +35,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from tasks.callbacks import (
-    BudgetGuard,
+    BudgetPlanner,
     CheckpointMarker,
     MlflowMetricsCallback,
     ProgressLog,
@@ -53,7 +53,16 @@ from tasks.efficiency import (
 )
 from tasks.fit import fit_memory, measure_step_seconds, world_size
 from tasks.results import TokenizedData, TrainJob, TrainResult
-from tasks.sizing import auto_schedule, auto_warmup, global_batch, plan_budget, steps_per_epoch
+from tasks.sizing import (
+    DISK_BYTES_PER_S,
+    MAX_BUDGET_EPOCHS,
+    SAVE_S,
+    auto_schedule,
+    auto_warmup,
+    global_batch,
+    plan_budget,
+    steps_per_epoch,
+)
 from tasks.sources import load_tokenizer
 from tasks.trainer import FinetuneTrainer
 from tasks.weights import count_updated, full, snapshot, weights_digest
@@ -278,9 +287,18 @@ def setup_trainer(
     return trainer
 
 
-def plan_steps(trainer: FinetuneTrainer, run: Setup, notes: dict[str, str]) -> dict[str, float]:
+def plan_steps(
+    trainer: FinetuneTrainer, run: Setup, notes: dict[str, str], job: TrainJob, kind: Kind
+) -> tuple[dict[str, float], BudgetPlanner | None]:
     """Turn a time budget into a step count (probed on the run's own batches) and resolve the
-    warm-up from the total steps; returns the ``plan/*`` figures (empty without a budget)."""
+    warm-up from the total steps; returns the ``plan/*`` figures (empty without a budget) and the
+    callback that revises the plan as training goes.
+
+    The budget is the run's clock from ``job.clock_started`` (the flow's start: validation,
+    tokenization and the probe count), and keeps back what follows training: the test split
+    scored ``kind.evaluation_passes`` times at the probe's validation speed, and the model saved
+    and registered.
+    """
     cfg = run.cfg
     assert trainer.train_dataset is not None
     per_epoch = steps_per_epoch(cfg, len(trainer.train_dataset), world_size())  # type: ignore[arg-type]
@@ -288,14 +306,31 @@ def plan_steps(trainer: FinetuneTrainer, run: Setup, notes: dict[str, str]) -> d
     assert isinstance(model, PreTrainedModel)
     n_params = model.num_parameters()
     plan: dict[str, float] = {}
+    planner = None
+    total_steps = math.ceil(run.epochs * per_epoch) if trainer.args.max_steps <= 0 else 0
     if cfg.time_budget is not None:
         budget = parse_duration(cfg.time_budget)
+        clock = job.clock_started or time.time()
         step_s, eval_s = measure_step_seconds(trainer, cfg.gradient_accumulation_steps)
         set_seed(cfg.seed)  # the probe drew random numbers: training starts as it would have
+        tokens = job.tokenized.tokens
+        scoring_s = eval_s * tokens.get("test", 0) / max(tokens.get("validation", 1), 1)
+        saving_s = SAVE_S + 3 * sum(p.numel() * p.element_size() for p in model.parameters()) / (
+            DISK_BYTES_PER_S
+        )
+        reserve = scoring_s * kind.evaluation_passes + saving_s
+        deadline = clock + budget - reserve
         evals_per_epoch = per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
-        planned, why = plan_budget(budget, step_s, eval_s, per_epoch, evals_per_epoch)
-        trainer.args.max_steps = planned
-        trainer.add_callback(BudgetGuard(budget))
+        left = deadline - time.time()
+        planned, why = plan_budget(left, step_s, eval_s, per_epoch, evals_per_epoch)
+        why = (
+            f"{budget:.0f} s budget - {time.time() - clock:.0f} s spent - {reserve:.0f} s kept "
+            f"for the test scoring and registration: {why}"
+        )
+        cap = min(MAX_BUDGET_EPOCHS * per_epoch, 3 * planned + 10)  # room for the plan to grow
+        trainer.args.max_steps = cap
+        planner = BudgetPlanner(deadline, planned, cap, eval_s, per_epoch / evals_per_epoch)
+        trainer.add_callback(planner)
         log.info("time budget %s: %s", cfg.time_budget, why)
         notes["plan.time_budget"] = why
         plan = {
@@ -303,16 +338,18 @@ def plan_steps(trainer: FinetuneTrainer, run: Setup, notes: dict[str, str]) -> d
             "plan/steps": float(planned),
             "plan/step_s": step_s,
             "plan/validation_s": eval_s,
+            "plan/reserve_s": reserve,
+            "plan/spent_before_training_s": time.time() - clock,
+            "clock_started": clock,  # epoch seconds, not a metric
         }
-    total_steps = (
-        trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(run.epochs * per_epoch)
-    )
+        total_steps = planned
+    total_steps = total_steps or trainer.args.max_steps
     warmup, why = auto_warmup(cfg.warmup_fraction, total_steps, n_params)
     trainer.args.warmup_steps = warmup
     if cfg.warmup_fraction == "auto":
         log.info("auto train.warmup_fraction = %.2f: %s", warmup, why)
         notes["sizing.train.warmup_fraction"] = f"{warmup} ({why})"
-    return plan
+    return plan, planner
 
 
 def train(
@@ -342,7 +379,7 @@ def train(
     data = run.data
     trainer = setup_trainer(job, kind, run, model, tokenizer, callbacks)
     notes = dict(run.notes)
-    plan = plan_steps(trainer, run, notes)
+    plan, planner = plan_steps(trainer, run, notes, job, kind)
     checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
@@ -350,12 +387,19 @@ def train(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - started
-    if plan:
-        plan |= {"plan/actual_s": runtime, "plan/actual_steps": float(output.global_step)}
+    if planner is not None:
+        plan |= {
+            "plan/actual_s": runtime,
+            "plan/actual_steps": float(output.global_step),
+            "plan/revised_steps": float(planner.steps),
+            "plan/revisions": float(len(planner.revisions)),
+            "plan/measured_step_s": planner.step_s,
+            "training_ended": time.time(),  # epoch seconds, not a metric
+        }
         log.info(
-            "time budget: planned %d steps in %.0f s; ran %d steps in %.0f s",
+            "time budget: planned %d steps, revised to %d; ran %d steps in %.0f s",
             plan["plan/steps"],
-            plan["plan/budget_s"],
+            planner.steps,
             output.global_step,
             runtime,
         )

@@ -59,6 +59,35 @@ def test_a_time_budget_buys_steps_net_of_validation():
     assert capped == sizing.MAX_BUDGET_EPOCHS * 2 and "capped" in why
 
 
+def test_a_revised_budget_fills_what_is_left_within_the_cap():
+    # 60 s left, 0.5 s a step and a 10 s validation every 100 steps: 0.6 s a step in all.
+    assert sizing.revise_budget(60, 0.5, 10, 100, done=20, cap=1000) == 120
+    assert sizing.revise_budget(600, 0.5, 10, 100, done=20, cap=500) == 500
+    assert sizing.revise_budget(-5, 0.5, 10, 100, done=20, cap=500) == 21  # over: one more step
+
+
+def test_a_stretched_schedule_ends_at_the_revised_step():
+    """The linear schedule the Trainer built for the loop's cap ends at the plan's last step
+    instead, and keeps the rates of the steps already taken."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from tasks.callbacks import stretch_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=90)
+    rates = []
+    for step in range(30):
+        if step == 10:
+            stretch_schedule(schedule, 30)
+        optimizer.step()
+        schedule.step()
+        rates.append(schedule.get_last_lr()[0])
+    assert rates[8] == pytest.approx((90 - 9) / 88)  # before the revision: the old schedule's
+    assert rates[-1] == 0.0  # step 30 is the end
+    assert rates[20] == pytest.approx((30 - 21) / 28)
+
+
 @pytest.mark.flow
 def test_a_run_on_built_in_defaults_sizes_itself_and_keeps_head_and_tail(
     prefect_harness, tiny_model_dir: Path, tmp_path: Path
@@ -91,7 +120,10 @@ def test_a_run_on_built_in_defaults_sizes_itself_and_keeps_head_and_tail(
     assert tags["sizing.train.warmup_fraction"].startswith("0.1 (")
     # The plan and what happened are both on the run.
     assert metrics["plan/budget_s"] == 20 and metrics["plan/steps"] >= 1
-    assert metrics["plan/actual_steps"] <= metrics["plan/steps"]
+    # The plan may be revised once steps are measured; training never runs past the last plan.
+    assert metrics["plan/actual_steps"] <= metrics["plan/revised_steps"]
+    assert metrics["plan/reserve_s"] > 0 and metrics["plan/spent_before_training_s"] > 0
+    assert metrics["plan/run_s"] > metrics["plan/actual_s"] + metrics["plan/after_training_s"]
     assert "plan.time_budget" in tags
     # Long texts were cut to the sized length, keeping the words at their end.
     [folder] = (tmp_path / "home" / "cache" / "tokenize").glob("*/tokenized")

@@ -45,6 +45,10 @@ class Kind(Protocol):
     selection_metric: str  # Trainer's metric_for_best_model (without the eval_ prefix)
     greater_is_better: bool
     has_labels: bool  # whether rows carry a class label
+    # What scoring the test split costs after training, in validation passes over as many tokens
+    # (the fine-tuned model, its yardsticks, the champion or parent, generations): the time budget
+    # keeps this much of the clock for it.
+    evaluation_passes: float
 
     def signature(self) -> ModelSignature | None:
         """The MLflow signature of the registered model (None: MLflow's own for the task)."""

@@ -270,6 +270,7 @@ class CausalLM:
     gate_metrics: tuple[str, ...] = ("perplexity",)
     selection_metric = "loss"
     greater_is_better = False
+    evaluation_passes = 2.0  # the model and the untrained base
     has_labels = False
 
     def signature(self) -> ModelSignature:

@@ -243,6 +243,7 @@ class Classification:
     gate_metrics: tuple[str, ...] = ("macro_f1", "accuracy")
     selection_metric = "macro_f1"
     greater_is_better = True
+    evaluation_passes = 2.0  # the model, and the champion rescored on the same rows
     has_labels = True
 
     def signature(self) -> ModelSignature:

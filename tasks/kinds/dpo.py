@@ -391,6 +391,7 @@ class DPO(SFT):
 
     task = "dpo"
     yardstick = "its parent (the starting model)"
+    evaluation_passes = 6.0  # SFT's, and the policy and its parent on the held-out pairs
 
     # -- data --
 

@@ -491,6 +491,7 @@ class SFT:
     )
     selection_metric = "loss"  # answer-only validation loss
     greater_is_better = False
+    evaluation_passes = 4.0  # the model and its base by likelihood, and the generations
     has_labels = False
     yardstick = "zero-shot model"  # the untouched starting model, as the gate's reason names it
 
