@@ -296,8 +296,12 @@ def run_settings(rows: pd.DataFrame, steps: int, repeats: int) -> list[dict[str,
     return out
 
 
-def run_trainer(rows: pd.DataFrame, steps: int, workdir: Path, max_length_padding: bool) -> dict:
-    """(b) or (c): a plain ``Trainer`` script, as a user would write it."""
+def run_trainer(
+    rows: pd.DataFrame, steps: int, workdir: Path, max_length_padding: bool, tuned: bool = False
+) -> dict:
+    """(b) or (c): a plain ``Trainer`` script, as a user would write it; ``tuned``: (b') the
+    same script given what any Trainer user can set: bf16 where the CPU multiplies it natively,
+    length-grouped batches."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -323,8 +327,15 @@ def run_trainer(rows: pd.DataFrame, steps: int, workdir: Path, max_length_paddin
         return out
 
     ds = Dataset.from_pandas(rows).map(encode_batch, batched=True, remove_columns=["text", "label"])
+    from tasks.efficiency import resolve_precision
+
+    speed: dict[str, Any] = {
+        "bf16": resolve_precision("auto", on_gpu=False)[0] == "bf16",
+        "train_sampling_strategy": "group_by_length",
+    }
     args = TrainingArguments(
         output_dir=str(workdir / ("seed" if max_length_padding else "bare")),
+        **(speed if tuned else {}),
         max_steps=steps,
         per_device_train_batch_size=HPARAMS["batch_size"],
         learning_rate=HPARAMS["learning_rate"],
@@ -479,8 +490,9 @@ TRL_ARGS: dict[str, Any] = {
 
 
 def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
-    """(e) a bare TRL ``SFTTrainer`` script: prompt/completion data, completion-only loss, padded
-    batches, its default sampler: what a user writes from TRL's quick start."""
+    """(e) a bare TRL ``SFTTrainer`` script configured as TRL's docs recommend for speed:
+    prompt/completion data, completion-only loss, packed padding-free batches (``packing`` with
+    its ``bfd`` strategy, ``padding_free``), bf16 where the CPU multiplies it natively."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -496,6 +508,7 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
         {"prompt": [m[:-1] for m in conversations], "completion": [m[-1:] for m in conversations]}
     )
     from tasks.callbacks import StepTimer
+    from tasks.efficiency import resolve_precision
 
     clock = StepTimer()
     args = SFTConfig(
@@ -505,9 +518,10 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
         learning_rate=float(cfg.train.learning_rate),
         weight_decay=cfg.train.weight_decay,
         max_length=cfg.model.tokens(),
-        packing=False,
-        padding_free=False,
+        packing=True,
+        padding_free=True,
         completion_only_loss=True,
+        bf16=resolve_precision("auto", on_gpu=False)[0] == "bf16",
         **TRL_ARGS,
     )
     trainer = SFTTrainer(
@@ -529,28 +543,45 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def sft_benchmark(steps: int) -> dict[str, Any]:
-    """The SFT section: SmolLM2 on the same tweets and steps, three ways."""
+def sft_benchmark(steps: int, repeats: int = 1) -> dict[str, Any]:
+    """The SFT section: SmolLM2 on the same tweets and steps. fulltune packed and the tuned bare
+    TRL script alternate ``repeats`` times (medians, min and max; each ratio within one
+    repetition); fulltune with padded batches runs once."""
+    from tasks.efficiency import resolve_precision
+
     rows = sft_rows(steps * load_config(SFT_CONFIG).train.batch_size)
+    packed, trl = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        packed = run_sft_arm(rows, steps, work, packing=True)
+        for rep in range(repeats):
+            packed.append(run_sft_arm(rows, steps, work / f"p{rep}", packing=True))
+            trl.append(run_sft_trl(rows, steps, work / f"t{rep}"))
         padded = run_sft_arm(rows, steps, work, packing=False)
-        trl = run_sft_trl(rows, steps, work)
+    rate = [r["tokens_per_s"] for r in packed]
+    ratios = [a / b["tokens_per_s"] for a, b in zip(rate, trl, strict=True)]
+    precision = resolve_precision("auto", on_gpu=False)[0]
     return {
-        "sft_model": "SmolLM2-135M-Instruct (from the Q4_1 GGUF, fp32)",
+        "sft_model": f"SmolLM2-135M-Instruct (from the Q4_1 GGUF, fp32 weights, {precision})",
         "sft_steps": steps,
-        "sft_pipeline_tokens_per_s": packed["tokens_per_s"],
-        "sft_pipeline_mfu": packed["mfu"],
-        "sft_pipeline_answer_loss": packed["answer_loss"],
+        "sft_repeats": repeats,
+        "sft_precision": precision,
+        "sft_pipeline_tokens_per_s": statistics.median(rate),
+        "sft_pipeline_mfu": statistics.median(r["mfu"] for r in packed),
+        "sft_pipeline_answer_loss": packed[0]["answer_loss"],
         "sft_no_packing_tokens_per_s": padded["tokens_per_s"],
         "sft_no_packing_answer_loss": padded["answer_loss"],
-        "sft_trl_tokens_per_s": trl["tokens_per_s"],
-        "sft_trl_answer_loss": trl["answer_loss"],
-        "sft_pipeline_vs_trl": packed["tokens_per_s"] / trl["tokens_per_s"],
-        "sft_pipeline_vs_no_packing": packed["tokens_per_s"] / padded["tokens_per_s"],
-        "sft_peak_rss_bytes": packed["peak_rss_bytes"],
-        "sft_preflight_estimate_bytes": packed["preflight_estimate_bytes"],
+        "sft_trl_tokens_per_s": statistics.median(r["tokens_per_s"] for r in trl),
+        "sft_trl_answer_loss": trl[0]["answer_loss"],
+        "sft_pipeline_vs_trl": statistics.median(ratios),
+        "sft_pipeline_vs_no_packing": statistics.median(rate) / padded["tokens_per_s"],
+        "sft_spread": {
+            "pipeline_tokens_per_s": spread(rate),
+            "pipeline_mfu": spread([r["mfu"] for r in packed]),
+            "trl_tokens_per_s": spread([r["tokens_per_s"] for r in trl]),
+            "pipeline_vs_trl": spread(ratios),
+        },
+        "sft_peak_rss_bytes": packed[0]["peak_rss_bytes"],
+        "sft_preflight_estimate_bytes": packed[0]["preflight_estimate_bytes"],
     }
 
 
@@ -700,12 +731,13 @@ def benchmark(
     """
     rows = bench_rows(steps * BATCH)
     fp32_peak = matmul_peak_flops()
-    arms: dict[str, list[dict[str, Any]]] = {"pipeline": [], "bare": [], "seed": []}
+    arms: dict[str, list[dict[str, Any]]] = {"pipeline": [], "bare": [], "tuned": [], "seed": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for rep in range(repeats):
             arms["pipeline"].append(run_pipeline(rows, steps, work / f"a{rep}"))
             arms["bare"].append(run_trainer(rows, steps, work / f"b{rep}", False))
+            arms["tuned"].append(run_trainer(rows, steps, work / f"t{rep}", False, tuned=True))
             seed_rows = rows.head(seed_steps * BATCH)
             arms["seed"].append(run_trainer(seed_rows, seed_steps, work / f"c{rep}", True))
         rate = {arm: [r["samples_per_s"] for r in runs] for arm, runs in arms.items()}
@@ -715,6 +747,7 @@ def benchmark(
         if overhead:
             spent = run_overhead(steps * BATCH, work / "home", statistics.median(rate["pipeline"]))
     vs_bare = [a / b for a, b in zip(rate["pipeline"], rate["bare"], strict=True)]
+    vs_tuned = [a / b for a, b in zip(rate["pipeline"], rate["tuned"], strict=True)]
     vs_seed = [a / c for a, c in zip(rate["pipeline"], rate["seed"], strict=True)]
     first = arms["pipeline"][0]  # peak RSS: the first arm of the process, before the others
     result: dict[str, Any] = {
@@ -726,14 +759,18 @@ def benchmark(
         **{f"hp_{k}": v for k, v in HPARAMS.items()},
         "pipeline_samples_per_s": statistics.median(rate["pipeline"]),
         "bare_trainer_samples_per_s": statistics.median(rate["bare"]),
+        "tuned_trainer_samples_per_s": statistics.median(rate["tuned"]),
         "seed_recipe_samples_per_s": statistics.median(rate["seed"]),
         "pipeline_vs_bare_trainer": statistics.median(vs_bare),
+        "pipeline_vs_tuned_trainer": statistics.median(vs_tuned),
         "pipeline_vs_seed_recipe": statistics.median(vs_seed),
         "spread": {
             "pipeline_samples_per_s": spread(rate["pipeline"]),
             "bare_trainer_samples_per_s": spread(rate["bare"]),
+            "tuned_trainer_samples_per_s": spread(rate["tuned"]),
             "seed_recipe_samples_per_s": spread(rate["seed"]),
             "pipeline_vs_bare_trainer": spread(vs_bare),
+            "pipeline_vs_tuned_trainer": spread(vs_tuned),
             "pipeline_vs_seed_recipe": spread(vs_seed),
         },
         "pipeline_tokens_per_s": statistics.median(r["tokens_per_s"] for r in arms["pipeline"]),
@@ -750,7 +787,7 @@ def benchmark(
         "settings": settings,
     }
     if sft_steps:
-        result |= sft_benchmark(sft_steps)
+        result |= sft_benchmark(sft_steps, repeats)
     if dpo_steps:
         result |= dpo_benchmark(dpo_steps, repeats)
     if spent is not None:
@@ -762,9 +799,15 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("(a) fulltune train task", result["pipeline_samples_per_s"]),
         ("(b) bare Trainer, dynamic padding, random sampler", result["bare_trainer_samples_per_s"]),
+        ("(b') the same, bf16 and length-grouped", result["tuned_trainer_samples_per_s"]),
         ("(c) textbook: padding=max_length (512)", result["seed_recipe_samples_per_s"]),
     ]
-    keys = ["pipeline_samples_per_s", "bare_trainer_samples_per_s", "seed_recipe_samples_per_s"]
+    keys = [
+        "pipeline_samples_per_s",
+        "bare_trainer_samples_per_s",
+        "tuned_trainer_samples_per_s",
+        "seed_recipe_samples_per_s",
+    ]
     spreads = result["spread"]
     lines = [
         f"{'run (median of ' + str(result['repeats']) + ', [min, max])':<52} {'samples/s':>10}"
@@ -775,6 +818,7 @@ def table(result: dict[str, Any]) -> str:
     ]
     for key, label, digits in (
         ("pipeline_vs_bare_trainer", "pipeline / bare Trainer", 2),
+        ("pipeline_vs_tuned_trainer", "pipeline / bf16, grouped Trainer", 2),
         ("pipeline_vs_seed_recipe", "pipeline / textbook", 1),
     ):
         lines.append(
@@ -815,15 +859,17 @@ def table(result: dict[str, Any]) -> str:
         for arm, label in (
             ("pipeline", "fulltune, packed (padding-free)"),
             ("no_packing", "fulltune, padded batches"),
-            ("trl", "bare TRL SFTTrainer, padded"),
+            ("trl", "bare TRL SFTTrainer, packed padding-free"),
         ):
             lines.append(
                 f"  {label:<34} {result[f'sft_{arm}_tokens_per_s']:>8.1f} tok/s   "
                 f"loss {result[f'sft_{arm}_answer_loss']:.3f}"
             )
+        ratio, mfu = result["sft_spread"]["pipeline_vs_trl"], result["sft_spread"]["pipeline_mfu"]
         lines.append(
-            f"  pipeline / TRL {result['sft_pipeline_vs_trl']:.2f}x, MFU "
-            f"{result['sft_pipeline_mfu']:.3f}"
+            f"  pipeline / TRL {ratio['median']:.2f}x [{ratio['min']:.2f}, {ratio['max']:.2f}], "
+            f"MFU {mfu['median']:.3f} [{mfu['min']:.3f}, {mfu['max']:.3f}] of the "
+            f"{result['sft_precision']} matmul peak (median of {result['sft_repeats']})"
         )
     if "dpo_pipeline_pairs_per_s" in result:
         lines.append(

@@ -268,7 +268,15 @@ def finetune(
             retry_delay_seconds=exponential_backoff(backoff_factor=10),
             timeout_seconds=cfg.train.timeout_hours * 3600 if cfg.train.timeout_hours else None,
         )(
-            train_job(prepared, cfg.train, workdir, checkpoint_dir, run_id, clock),
+            train_job(
+                prepared,
+                cfg.train,
+                workdir,
+                checkpoint_dir,
+                run_id,
+                clock,
+                kind.evaluation_tokens(prepared),
+            ),
             kind,
             tokenizer,
             run_id,

@@ -414,6 +414,7 @@ def train_job(
     checkpoint_dir: Path | None = None,
     run_id: str | None = None,
     clock_started: float | None = None,
+    evaluation_tokens: float = 0.0,
 ) -> TrainJob:
     """The train stage's input for this run (``train_cfg``: the run's, or a sweep trial's;
     ``clock_started``: when the run's time budget began)."""
@@ -429,4 +430,5 @@ def train_job(
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         run_id=run_id,
         clock_started=clock_started,
+        evaluation_tokens=evaluation_tokens,
     )

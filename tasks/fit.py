@@ -112,6 +112,8 @@ def measure_step_seconds(trainer: Trainer, accumulation: int) -> tuple[float, fl
 
     train_set = trainer.train_dataset
     assert train_set is not None
+    # The Trainer sets this per step inside its loop; a loss not normalised by the model reads it.
+    trainer.current_gradient_accumulation_steps = accumulation
     model.train()
     train_rate = per_token(
         trainer.get_train_dataloader(), lambda b: trainer.training_step(model, b), 2, True

@@ -192,6 +192,20 @@ class Prepared(BaseModel):
     splits: Splits
     tokenized: TokenizedData
 
+    def scored_test_rows(self) -> int:
+        """The test rows the evaluation scores (at most ``eval.max_test_samples``)."""
+        rows, cap = self.tokenized.rows.get("test", 0), self.cfg.eval.max_test_samples
+        return min(rows, cap) if cap else rows
+
+    def scored_test_tokens(self) -> float:
+        """Tokens of the test rows the evaluation scores."""
+        return self.scored_test_rows() * self.tokenized.mean_tokens.get("test", 0.0)
+
+    def general_text_tokens(self) -> float:
+        """Tokens of ``eval.general_text`` scored before and after (by the base and the model)."""
+        cfg = self.cfg
+        return 2.0 * cfg.eval.general_blocks * cfg.model.tokens() if cfg.eval.general_text else 0.0
+
 
 class TrainJob(BaseModel):
     """Everything one training process needs (the train stage's input, also as JSON for ranks)."""
@@ -206,8 +220,10 @@ class TrainJob(BaseModel):
     checkpoint_dir: str | None = None  # resumable checkpoints go here (``train.checkpoint_steps``)
     run_id: str | None = None  # MLflow run that rank 0 streams the training metrics to
     after_step: int = -1
-    # When the run's clock started (epoch seconds): a time budget ends that long after it.
+    # When the run's clock started (epoch seconds): a time budget ends that long after it, less
+    # the time the test evaluation's tokens take (Kind.evaluation_tokens).
     clock_started: float | None = None
+    evaluation_tokens: float = 0.0
 
     def result_path(self, rank: int) -> Path:
         """Where rank ``rank`` writes its :class:`TrainResult`."""

@@ -288,16 +288,16 @@ def setup_trainer(
 
 
 def plan_steps(
-    trainer: FinetuneTrainer, run: Setup, notes: dict[str, str], job: TrainJob, kind: Kind
+    trainer: FinetuneTrainer, run: Setup, notes: dict[str, str], job: TrainJob
 ) -> tuple[dict[str, float], BudgetPlanner | None]:
     """Turn a time budget into a step count (probed on the run's own batches) and resolve the
     warm-up from the total steps; returns the ``plan/*`` figures (empty without a budget) and the
     callback that revises the plan as training goes.
 
     The budget is the run's clock from ``job.clock_started`` (the flow's start: validation,
-    tokenization and the probe count), and keeps back what follows training: the test split
-    scored ``kind.evaluation_passes`` times at the probe's validation speed, and the model saved
-    and registered.
+    tokenization and the probe count), and keeps back what follows training: the
+    ``job.evaluation_tokens`` the test evaluation scores, at the probe's validation speed, and
+    the model saved and registered.
     """
     cfg = run.cfg
     assert trainer.train_dataset is not None
@@ -313,12 +313,12 @@ def plan_steps(
         clock = job.clock_started or time.time()
         step_s, eval_s = measure_step_seconds(trainer, cfg.gradient_accumulation_steps)
         set_seed(cfg.seed)  # the probe drew random numbers: training starts as it would have
-        tokens = job.tokenized.tokens
-        scoring_s = eval_s * tokens.get("test", 0) / max(tokens.get("validation", 1), 1)
+        validation_tokens = float(np.sum(np.asarray(run.data["validation"]["length"])))
+        scoring_s = eval_s * job.evaluation_tokens / max(validation_tokens, 1.0)
         saving_s = SAVE_S + 3 * sum(p.numel() * p.element_size() for p in model.parameters()) / (
             DISK_BYTES_PER_S
         )
-        reserve = scoring_s * kind.evaluation_passes + saving_s
+        reserve = scoring_s + saving_s
         deadline = clock + budget - reserve
         evals_per_epoch = per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
         left = deadline - time.time()
@@ -379,7 +379,7 @@ def train(
     data = run.data
     trainer = setup_trainer(job, kind, run, model, tokenizer, callbacks)
     notes = dict(run.notes)
-    plan, planner = plan_steps(trainer, run, notes, job, kind)
+    plan, planner = plan_steps(trainer, run, notes, job)
     checkpoint_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:

@@ -240,7 +240,10 @@ def test_the_map_names_every_module():
 # Where a setting may be derived (a config copied with a change), and why there: each is where
 # the value is first known. Everywhere else, stages and the recipe read the settings they get.
 RESOLVED_AT = {
-    ("flows/finetune.py", "pin_parent"): "the registered parent, pinned to its version at the start",
+    (
+        "flows/finetune.py",
+        "pin_parent",
+    ): "the registered parent, pinned to its version at the start",
     ("flows/stages.py", "prepare_data"): "the model materialised, the data contract's settings, "
     "max length and truncation sized to the data: Prepared.cfg",
     ("flows/sweep.py", "trial_stage"): "a trial's candidate recipe",

@@ -45,10 +45,6 @@ class Kind(Protocol):
     selection_metric: str  # Trainer's metric_for_best_model (without the eval_ prefix)
     greater_is_better: bool
     has_labels: bool  # whether rows carry a class label
-    # What scoring the test split costs after training, in validation passes over as many tokens
-    # (the fine-tuned model, its yardsticks, the champion or parent, generations): the time budget
-    # keeps this much of the clock for it.
-    evaluation_passes: float
 
     def signature(self) -> ModelSignature | None:
         """The MLflow signature of the registered model (None: MLflow's own for the task)."""
@@ -113,6 +109,12 @@ class Kind(Protocol):
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> EvalResult:
         """Score the model and the task's two yardsticks on the test split."""
+        ...
+
+    def evaluation_tokens(self, prepared: Prepared) -> float:
+        """What :meth:`evaluate` will score, in tokens of forward passes (the fine-tuned model,
+        its yardsticks, the champion or parent, generations): a time budget keeps the time
+        those take at the probed validation speed."""
         ...
 
     def evidence(self, evaluation: EvalResult, metric: str) -> Evidence:

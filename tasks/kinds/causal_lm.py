@@ -270,7 +270,6 @@ class CausalLM:
     gate_metrics: tuple[str, ...] = ("perplexity",)
     selection_metric = "loss"
     greater_is_better = False
-    evaluation_passes = 2.0  # the model and the untrained base
     has_labels = False
 
     def signature(self) -> ModelSignature:
@@ -347,6 +346,10 @@ class CausalLM:
     ) -> Checked:
         """Validation loss and perplexity of the selected model, over tokens."""
         return validation_perplexity(trainer, validation)
+
+    def evaluation_tokens(self, prepared: Prepared) -> float:
+        """The model and the untrained base over the test blocks, and the general text."""
+        return 2.0 * prepared.scored_test_tokens() + prepared.general_text_tokens()
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> LMEvalResult:
         """Perplexity on the test split (fine-tuned, untrained, unigram) and sample generations."""

@@ -243,7 +243,6 @@ class Classification:
     gate_metrics: tuple[str, ...] = ("macro_f1", "accuracy")
     selection_metric = "macro_f1"
     greater_is_better = True
-    evaluation_passes = 2.0  # the model, and the champion rescored on the same rows
     has_labels = True
 
     def signature(self) -> ModelSignature:
@@ -354,6 +353,10 @@ class Classification:
             reference={"majority_macro_f1": majority_f1},
             collapse=collapse,
         )
+
+    def evaluation_tokens(self, prepared: Prepared) -> float:
+        """The model and the champion (rescored) over the test rows."""
+        return 2.0 * prepared.scored_test_tokens()
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> ClassificationEval:
         """Accuracy, macro P/R/F1, per-class P/R/F1 and a confusion matrix on the test split.

@@ -391,7 +391,6 @@ class DPO(SFT):
 
     task = "dpo"
     yardstick = "its parent (the starting model)"
-    evaluation_passes = 6.0  # SFT's, and the policy and its parent on the held-out pairs
 
     # -- data --
 
@@ -545,6 +544,10 @@ class DPO(SFT):
         return Checked(validation=preference_metrics(policy, reference))
 
     # -- evaluation --
+
+    def evaluation_tokens(self, prepared: Prepared) -> float:
+        """SFT's, and the policy and its parent on both answers of the held-out pairs."""
+        return super().evaluation_tokens(prepared) + 4.0 * prepared.scored_test_tokens()
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
         """SFT's judgment on the held-out prompts (the chosen answers as references, the

@@ -491,7 +491,6 @@ class SFT:
     )
     selection_metric = "loss"  # answer-only validation loss
     greater_is_better = False
-    evaluation_passes = 4.0  # the model and its base by likelihood, and the generations
     has_labels = False
     yardstick = "zero-shot model"  # the untouched starting model, as the gate's reason names it
 
@@ -648,6 +647,15 @@ class SFT:
         return validation_perplexity(trainer, validation)
 
     # -- evaluation --
+
+    def evaluation_tokens(self, prepared: Prepared) -> float:
+        """The model and its base over every candidate answer of a closed set (one pass each
+        otherwise), the generations (a prompt pass, then one token at a time), the general text."""
+        new = prepared.cfg.eval.max_new_tokens
+        generated = prepared.scored_test_rows() * (new if isinstance(new, int) else 16)
+        candidates = max(1, len(prepared.data.labels))
+        scored = prepared.scored_test_tokens() * (2 * candidates + 1)
+        return scored + generated + prepared.general_text_tokens()
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
         """Judge the fine-tuned and the zero-shot model on the same held-out rows."""
