@@ -135,7 +135,8 @@ class BudgetPlanner(TrainerCallback):
     probe's), and whenever the step time drifts by more than a tenth from the one the plan used.
     The step count and the learning-rate schedule's length both follow; the Trainer's loop was
     sized to ``cap`` steps, so a plan may grow as well as shrink. At the end the model is
-    validated (and checkpointed, for selection) as at the end of an epoch.
+    validated (and checkpointed, for selection) as at the end of an epoch; the plan keeps the
+    time of that last validation.
     """
 
     def __init__(
@@ -183,7 +184,8 @@ class BudgetPlanner(TrainerCallback):
         due = state.global_step == self.first_revision or self._validated_since or drifted
         if due and state.global_step < self.steps:
             self.revise(state, now, lr_scheduler)
-        if state.global_step >= self.steps or now >= self.deadline:
+        # The last model is validated too: stop while there is time for it.
+        if state.global_step >= self.steps or now + self.validation_s >= self.deadline:
             control.should_training_stop = True
             if args.eval_strategy != "no" and not control.should_evaluate:
                 control.should_evaluate = True  # the last model is validated like the others
@@ -193,7 +195,7 @@ class BudgetPlanner(TrainerCallback):
         from tasks.sizing import revise_budget
 
         steps = revise_budget(
-            self.deadline - now,
+            self.deadline - now - self.validation_s,  # the last validation's time kept
             self.step_s,
             self.validation_s,
             self.validate_every,

@@ -321,7 +321,7 @@ def plan_steps(
         reserve = scoring_s + saving_s
         deadline = clock + budget - reserve
         evals_per_epoch = per_epoch / cfg.eval_steps if cfg.eval_steps else 1.0
-        left = deadline - time.time()
+        left = deadline - time.time() - eval_s  # the last validation, at the end, kept
         planned, why = plan_budget(left, step_s, eval_s, per_epoch, evals_per_epoch)
         why = (
             f"{budget:.0f} s budget - {time.time() - clock:.0f} s spent - {reserve:.0f} s kept "
@@ -345,7 +345,10 @@ def plan_steps(
         total_steps = planned
     total_steps = total_steps or trainer.args.max_steps
     warmup, why = auto_warmup(cfg.warmup_fraction, total_steps, n_params)
-    trainer.args.warmup_steps = warmup
+    # A budget's loop runs to its cap: a warm-up share counts from the planned steps instead.
+    trainer.args.warmup_steps = (
+        math.ceil(warmup * total_steps) if planner and warmup < 1 else warmup
+    )
     if cfg.warmup_fraction == "auto":
         log.info("auto train.warmup_fraction = %.2f: %s", warmup, why)
         notes["sizing.train.warmup_fraction"] = f"{warmup} ({why})"

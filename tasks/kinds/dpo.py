@@ -546,8 +546,8 @@ class DPO(SFT):
     # -- evaluation --
 
     def evaluation_tokens(self, prepared: Prepared) -> float:
-        """SFT's, and the policy and its parent on both answers of the held-out pairs."""
-        return super().evaluation_tokens(prepared) + 4.0 * prepared.scored_test_tokens()
+        """SFT's, and the policy and its parent on the held-out pairs."""
+        return super().evaluation_tokens(prepared) + 2.0 * prepared.scored_test_tokens()
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
         """SFT's judgment on the held-out prompts (the chosen answers as references, the

@@ -649,13 +649,11 @@ class SFT:
     # -- evaluation --
 
     def evaluation_tokens(self, prepared: Prepared) -> float:
-        """The model and its base over every candidate answer of a closed set (one pass each
-        otherwise), the generations (a prompt pass, then one token at a time), the general text."""
+        """The model and its base over the test rows (a closed set's candidates share their
+        prompt's pass), the generated tokens, and the general text."""
         new = prepared.cfg.eval.max_new_tokens
         generated = prepared.scored_test_rows() * (new if isinstance(new, int) else 16)
-        candidates = max(1, len(prepared.data.labels))
-        scored = prepared.scored_test_tokens() * (2 * candidates + 1)
-        return scored + generated + prepared.general_text_tokens()
+        return 2.0 * prepared.scored_test_tokens() + generated + prepared.general_text_tokens()
 
     def evaluate(self, model_dir: str, prepared: Prepared, workdir: Path) -> SFTEval:
         """Judge the fine-tuned and the zero-shot model on the same held-out rows."""
