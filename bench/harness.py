@@ -332,6 +332,7 @@ def run_trainer(
     speed: dict[str, Any] = {
         "bf16": resolve_precision("auto", on_gpu=False)[0] == "bf16",
         "train_sampling_strategy": "group_by_length",
+        "use_cpu": True,  # bf16 on a CPU: the Trainer asks for it
     }
     args = TrainingArguments(
         output_dir=str(workdir / ("seed" if max_length_padding else "bare")),
