@@ -533,7 +533,8 @@ def run_sft_trl(rows: Dataset, steps: int, workdir: Path) -> dict[str, Any]:
 
     def counting(features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate(features)
-        tokens[0] += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")  # padding-free batches have none: every token counts
+        tokens[0] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
 
     trainer.data_collator = counting
