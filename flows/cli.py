@@ -143,9 +143,11 @@ def node(
     import tempfile
     from uuid import UUID
 
+    import httpx
     import yaml
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
     setup_logging()
     try:
@@ -153,6 +155,8 @@ def node(
             parameters = client.read_flow_run(UUID(flow_run)).parameters
     except (ValueError, ObjectNotFound) as err:
         fail(f"flow run {flow_run!r}: not found on the Prefect API ({err})")
+    except httpx.HTTPError as err:
+        fail(f"the Prefect API at {PREFECT_API_URL.value()} did not answer: {err}")
     with tempfile.TemporaryDirectory(prefix="fulltune-node-") as folder:
         config = Path(folder) / f"flow-run-{flow_run}.yaml"  # named in any error about it
         config.write_text(yaml.safe_dump(parameters.get("config") or {}))

@@ -402,7 +402,8 @@ class TrainConfig(_Section):
     # Where a process runs, not what it trains: a cluster's job sets these per machine in the
     # environment (as torchrun's PET_* variables), the command line or the config may too.
     nnodes: int = Field(
-        default_factory=lambda: int(os.environ.get(NNODES_ENV, "1")),
+        default_factory=lambda: os.environ.get(NNODES_ENV, 1),
+        validate_default=True,  # a variable's text is checked as the setting would be
         ge=1,
         description="Machines the run spans, `num_processes` ranks on each (default: "
         "$FULLTUNE_NNODES, else 1). Every machine runs the same config with its own `node_rank`; "
@@ -410,7 +411,8 @@ class TrainConfig(_Section):
         "data and train beside it (`fulltune node`, docs/training.md).",
     )
     node_rank: int = Field(
-        default_factory=lambda: int(os.environ.get(NODE_RANK_ENV, "0")),
+        default_factory=lambda: os.environ.get(NODE_RANK_ENV, 0),
+        validate_default=True,
         ge=0,
         description="This machine's place among the `nnodes`, 0 for the one that registers "
         "(default: $FULLTUNE_NODE_RANK, else 0).",
@@ -472,6 +474,14 @@ class TrainConfig(_Section):
     def _numbers_as_floats(cls, value: Any) -> Any:
         # YAML reads `epochs: 1` as an int; keep numbers floats so the union stays unambiguous.
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("nnodes", "node_rank", mode="before")
+    @classmethod
+    def _place(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and not value.strip().isdigit():
+            env = NNODES_ENV if info.field_name == "nnodes" else NODE_RANK_ENV
+            raise ValueError(f"must be a whole number (from the config or ${env}), got {value!r}")
+        return value
 
     @field_validator("max_steps")
     @classmethod
