@@ -107,7 +107,7 @@ def main() -> None:
         select_best=False,
         early_stopping_patience=None,
         logging_steps=50,
-        check_memory=False,
+        memory="off",
     )
     job = TrainJob(
         tokenized=tokenized,

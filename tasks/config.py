@@ -371,13 +371,14 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` trains on CUDA when present, else on the CPU."
     )
-    check_memory: bool = Field(
-        True, description="Estimate training memory first; fail clearly if it cannot fit."
-    )
-    auto_batch: bool = Field(
-        True,
-        description="If the batch does not fit, halve it (raising gradient accumulation to keep "
-        "the effective batch) until it does.",
+    memory: Literal["auto", "batch", "check", "off"] = Field(
+        "auto",
+        description="The memory preflight, before training starts. `check`: estimate the "
+        "step's memory and fail with the numbers if it cannot fit. `batch`: also halve the batch "
+        "(doubling gradient accumulation: the same effective batch) until it fits. `auto`: "
+        "also, when the batch would drop below 4, turn on the options that save memory, in "
+        "order of what they cost in speed (gradient checkpointing, then an 8-bit AdamW where "
+        "one runs on the device), each logged with the bytes it saves. `off`: no preflight.",
     )
     checkpoint_steps: int | None = Field(
         None,
@@ -451,11 +452,11 @@ class TrainConfig(_Section):
         "stay fp32) or `fp32`. `auto`: bf16 on GPUs that support it and on CPUs with native bf16 "
         "matmul (AVX-512 BF16 or AMX), fp32 elsewhere. Test scoring follows `eval.precision`.",
     )
-    optim: Literal["adamw_torch", "adamw_bnb_8bit"] = Field(
+    optim: Literal["adamw_torch", "adamw_torch_8bit", "adamw_bnb_8bit"] = Field(
         "adamw_torch",
-        description="The optimizer: AdamW (fused: one kernel per step on CPU and CUDA), or "
-        "bitsandbytes' 8-bit AdamW (CUDA only; its two moments take 2 bytes per parameter "
-        "instead of 8).",
+        description="The optimizer: AdamW (fused: one kernel per step on CPU and CUDA), "
+        "torchao's 8-bit AdamW (CPU and CUDA; needs `pip install torchao`) or bitsandbytes' "
+        "(CUDA only). The 8-bit ones keep the two moments in 2 bytes per parameter instead of 8.",
     )
     fsdp: Literal["none", "full_shard"] = Field(
         "none",

@@ -1,9 +1,10 @@
-"""Will the run fit, and how fast is a step: the memory preflight of the loaded model (with
-``auto_batch`` it halves the batch until the estimate fits) and the step-time probe a time budget
-plans from."""
+"""Will the run fit, and how fast is a step: the memory plan of the loaded model (``train.memory``:
+it halves the batch and turns on memory-saving options until the estimate fits) and the step-time
+probe a time budget plans from."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -34,56 +35,135 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+BATCH_FLOOR = 4  # below this micro-batch, `memory: auto` turns on an option before halving again
+
+
+def low_memory_optim(on_gpu: bool) -> str | None:
+    """The 8-bit AdamW that runs on this device, if one is installed: torchao's (CPU and CUDA),
+    else bitsandbytes' (CUDA only)."""
+    if importlib.util.find_spec("torchao") is not None:
+        return "adamw_torch_8bit"
+    if on_gpu and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_bnb_8bit"
+    return None
+
+
 def fit_memory(
-    model: PreTrainedModel, cfg: TrainConfig, seq_len: int
-) -> tuple[TrainConfig, MemoryEstimate]:
-    """Check that training fits before it starts; with ``auto_batch``, shrink the batch to fit.
+    model: PreTrainedModel, cfg: TrainConfig, seq_len: int, on_gpu: bool = False
+) -> tuple[TrainConfig, MemoryEstimate, list[str]]:
+    """Check that training fits before it starts and, as ``train.memory`` allows, change the
+    settings until it does: (settings, their estimate, what was changed and what it saves).
+
+    ``batch`` halves the micro-batch (doubling accumulation) down to 1. ``auto`` halves it down
+    to :data:`BATCH_FLOOR`, then turns on, one at a time and in order of what they cost in
+    speed, gradient checkpointing (about a third more compute) and an 8-bit AdamW
+    (:func:`low_memory_optim`; rounding in the moments), trying the configured batch again after
+    each; with all of them on, the batch may then halve down to 1.
 
     Raises:
-        MemoryPreflightError: the estimate exceeds the available memory (numbers and remedies).
+        MemoryPreflightError: nothing allowed fits (numbers and remedies).
     """
     baseline = current_rss_bytes()
     free = available_bytes()
     n_params = model.num_parameters()
 
-    def need(batch: int) -> MemoryEstimate:
+    def need(c: TrainConfig) -> MemoryEstimate:
         return estimate_training_memory(
             model.config,
             n_params,
-            batch,
+            c.batch_size,
             seq_len,
             baseline=baseline,
-            shards=world_size() if cfg.fsdp == "full_shard" else 1,
-            checkpointing=cfg.gradient_checkpointing,
-            optimizer_bytes=2 if cfg.optim == "adamw_bnb_8bit" else 8,
+            shards=world_size() if c.fsdp == "full_shard" else 1,
+            checkpointing=c.gradient_checkpointing,
+            optimizer_bytes=8 if c.optim == "adamw_torch" else 2,
         )
 
-    estimate = need(cfg.batch_size)
-    if not cfg.check_memory or estimate.total - baseline <= free:
-        return cfg, estimate
-    if cfg.auto_batch:
-        batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
-        while batch > 1 and need(batch).total - baseline > free:
-            batch, accumulation = batch // 2, accumulation * 2
-        if need(batch).total - baseline <= free:
-            log.warning(
-                "auto_batch: batch %d -> %d, accumulation %d -> %d (same effective batch)",
-                cfg.batch_size,
-                batch,
-                cfg.gradient_accumulation_steps,
-                accumulation,
+    def fits(c: TrainConfig) -> bool:
+        return need(c).total - baseline <= free
+
+    def halved_to_fit(c: TrainConfig, floor: int) -> TrainConfig | None:
+        while not fits(c) and c.batch_size // 2 >= floor:
+            c = c.model_copy(
+                update={
+                    "batch_size": c.batch_size // 2,
+                    "gradient_accumulation_steps": c.gradient_accumulation_steps * 2,
+                }
             )
-            fitted = cfg.model_copy(
-                update={"batch_size": batch, "gradient_accumulation_steps": accumulation}
-            )
-            return fitted, need(batch)
+        return c if fits(c) else None
+
+    estimate = need(cfg)
+    if cfg.memory == "off" or fits(cfg):
+        return cfg, estimate, []
+    options: list[dict[str, Any]] = []
+    if cfg.memory == "auto":
+        if not cfg.gradient_checkpointing:
+            options.append({"gradient_checkpointing": True})
+        eight_bit = low_memory_optim(on_gpu)
+        if cfg.optim == "adamw_torch" and eight_bit is not None:
+            options.append({"optim": eight_bit})
+    tries: list[tuple[TrainConfig, int]] = []
+    if cfg.memory in ("batch", "auto"):
+        floor = min(cfg.batch_size, BATCH_FLOOR) if cfg.memory == "auto" else 1
+        candidate = cfg
+        tries.append((candidate, floor))
+        for option in options:
+            candidate = candidate.model_copy(update=option)
+            tries.append((candidate, floor))
+        if floor > 1:
+            tries.append((candidate, 1))
+    for candidate, floor in tries:
+        fitted = halved_to_fit(candidate, floor)
+        if fitted is not None:
+            return fitted, need(fitted), _choices(cfg, fitted, options, need)
+    tried = ""
+    if tries:
+        smallest = tries[-1][0].model_copy(update={"batch_size": 1})
+        tried = (
+            f" With every option `train.memory: {cfg.memory}` may take (batch 1"
+            + "".join(f", {k} {v}" for option in options for k, v in option.items())
+            + f") it would still need {need(smallest).describe()}."
+        )
+    torchao = (
+        " `pip install torchao` gives an 8-bit AdamW (2 bytes of optimizer state per parameter "
+        "instead of 8)."
+        if low_memory_optim(on_gpu) is None and cfg.optim == "adamw_torch"
+        else ""
+    )
     raise MemoryPreflightError(
         f"training needs about {estimate.describe()} at batch {cfg.batch_size} and sequence "
-        f"length {seq_len}, but only {free / GIB:.2f} GiB is available. Lower train.batch_size "
-        f"(raising train.gradient_accumulation_steps keeps the effective batch), set "
-        f"train.auto_batch: true, set train.gradient_checkpointing: true, or lower "
-        f"model.max_length."
+        f"length {seq_len}, but only {free / GIB:.2f} GiB is available.{tried} Lower "
+        f"model.max_length, shard over more processes (train.fsdp: full_shard with "
+        f"train.num_processes 2 or more), or choose a smaller model"
+        f"{'' if cfg.memory == 'auto' else ', or set train.memory: auto'}.{torchao}"
     )
+
+
+def _choices(
+    cfg: TrainConfig, fitted: TrainConfig, options: list[dict[str, Any]], need: Any
+) -> list[str]:
+    """What the plan changed from ``cfg`` to ``fitted``, each with the bytes it saves."""
+    choices = []
+    step = cfg.model_copy(update={"batch_size": fitted.batch_size})
+    for option in options:
+        if all(getattr(fitted, k) == v for k, v in option.items()):
+            after = step.model_copy(update=option)
+            saved = need(step).total - need(after).total
+            name = ", ".join(f"{k} {v}" for k, v in option.items())
+            choices.append(f"{name} (saves {saved / GIB:.2f} GiB)")
+            step = after
+    if fitted.batch_size != cfg.batch_size:
+        at_start = cfg.model_copy(
+            update={k: getattr(fitted, k) for option in options for k in option}
+        )
+        saved = need(at_start).total - need(fitted).total
+        choices.insert(
+            0,
+            f"batch {cfg.batch_size} -> {fitted.batch_size}, accumulation "
+            f"{cfg.gradient_accumulation_steps} -> {fitted.gradient_accumulation_steps} "
+            f"(same effective batch; saves {saved / GIB:.2f} GiB)",
+        )
+    return choices
 
 
 def measure_step_seconds(trainer: Trainer, accumulation: int) -> tuple[float, float]:

@@ -12,6 +12,7 @@ and every torchrun rank.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -112,6 +113,10 @@ def sharding_arguments(cfg: TrainConfig, on_gpu: bool, units: Sequence[str] = ()
     """
     if cfg.optim == "adamw_bnb_8bit" and not on_gpu:
         raise ValueError("train.optim adamw_bnb_8bit needs CUDA (bitsandbytes); use adamw_torch")
+    if cfg.optim == "adamw_torch_8bit" and importlib.util.find_spec("torchao") is None:
+        raise ValueError(
+            "train.optim adamw_torch_8bit needs torchao (`pip install torchao`); use adamw_torch"
+        )
     if cfg.fsdp == "none":
         return {"activation_checkpointing": cfg.gradient_checkpointing}
     return {
@@ -195,8 +200,9 @@ def setup_args(
 
 @dataclass(frozen=True)
 class Setup:
-    """The recipe as it will run: the training settings after the memory fit (``auto_batch``), the
-    resolved schedule and arithmetic, and the notes the run is tagged with."""
+    """The recipe as it will run: the training settings after the memory plan
+    (``train.memory``), the resolved schedule and arithmetic, and the notes the run is tagged
+    with."""
 
     cfg: TrainConfig
     epochs: float
@@ -219,7 +225,9 @@ def setup(
     precision, why = resolve_precision(job.cfg.precision, on_gpu)
     attention = use_attention(model, precision, on_gpu)
     lengths = np.asarray(data["train"]["length"])
-    cfg, estimate = fit_memory(model, job.cfg, int(lengths.max()))
+    cfg, estimate, choices = fit_memory(model, job.cfg, int(lengths.max()), on_gpu)
+    for choice in choices:
+        log.warning("memory plan (train.memory: %s): %s", cfg.memory, choice)
     log.info("memory preflight: %s", estimate.describe())
     epochs, learning_rate = auto_schedule(
         cfg, len(data["train"]), model.num_parameters(), world_size()
@@ -233,6 +241,8 @@ def setup(
     log.info("schedule: %s at lr %.2e; %s", length, learning_rate, extras.notes)
     log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
     notes = extras.notes | {"train.precision": f"{precision} ({why})"}
+    if choices:
+        notes["train.memory"] = "; ".join(choices)
     return Setup(
         cfg, epochs, learning_rate, precision, estimate, notes, data, lengths, extras, collator
     )

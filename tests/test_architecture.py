@@ -252,7 +252,8 @@ RESOLVED_AT = {
     ("tasks/resolve.py", "contract_settings"): "the contract's truncation bound",
     ("tasks/resolve.py", "size_to_data"): "max length and truncation from the token lengths",
     ("tasks/sources.py", "materialize_model"): "the model as a local folder",
-    ("tasks/fit.py", "fit_memory"): "train.auto_batch: the batch the loaded model fits",
+    ("tasks/fit.py", "fit_memory"): "train.memory: the batch and options the loaded model fits",
+    ("tasks/fit.py", "_choices"): "train.memory: the bytes each chosen option saves",
     ("tasks/kinds/dpo.py", "derive"): "a pair's prompt read by sft's chat reader (a view)",
 }
 

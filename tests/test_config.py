@@ -33,7 +33,7 @@ def test_built_in_defaults_are_not_the_demo_and_size_themselves():
     assert built_in.data.train is None  # no data is assumed: the preflight asks for it
     assert (built_in.train.epochs, built_in.train.learning_rate) == ("auto", "auto")
     assert (built_in.model.max_length, built_in.model.truncation) == ("auto", "auto")
-    assert built_in.train.warmup_fraction == "auto" and built_in.train.auto_batch
+    assert built_in.train.warmup_fraction == "auto" and built_in.train.memory == "auto"
     # The demo keeps its explicit, tuned values.
     assert demo.model.max_length == 64 and demo.train.epochs != "auto"
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 import tasks.fit
 from tasks.config import TrainConfig
 from tasks.efficiency import (
+    GIB,
     embedding_params,
     estimate_training_memory,
     non_embedding_params,
@@ -48,21 +49,80 @@ def test_memory_estimate_by_hand(tiny):
 def test_preflight_fails_with_numbers_and_remedies(tiny, monkeypatch):
     monkeypatch.setattr(tasks.fit, "available_bytes", lambda: 1000)
     with pytest.raises(MemoryPreflightError) as err:
-        fit_memory(tiny, TrainConfig(batch_size=32), seq_len=128)
+        fit_memory(tiny, TrainConfig(batch_size=32, memory="check"), seq_len=128)
     message = str(err.value)
     assert "at batch 32 and sequence length 128" in message
-    assert "GiB is available" in message and "train.auto_batch" in message
+    assert "GiB is available" in message and "train.memory: auto" in message
+    with pytest.raises(MemoryPreflightError) as err:
+        fit_memory(tiny, TrainConfig(batch_size=32), seq_len=128)
+    message = str(err.value)  # what every option at batch 1 would still need
+    assert "(batch 1, gradient_checkpointing True" in message and "would still need" in message
+    assert "train.fsdp: full_shard" in message
 
 
-def test_auto_batch_halves_until_it_fits(tiny, monkeypatch):
-    need = {b: estimate_training_memory(tiny.config, tiny.num_parameters(), b, 128) for b in (8, 4)}
-    # Room for batch 4 but not 8, on top of what the process holds.
-    room = (need[8].total + need[4].total) // 2
-    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: room)
-    monkeypatch.setattr(tasks.fit, "current_rss_bytes", lambda: 0)
-    cfg, est = fit_memory(tiny, TrainConfig(batch_size=32, auto_batch=True), seq_len=128)
+def need(tiny, batch, **options):
+    return estimate_training_memory(tiny.config, tiny.num_parameters(), batch, 128, **options)
+
+
+@pytest.fixture
+def room(monkeypatch):
+    def set_room(free: int) -> None:
+        monkeypatch.setattr(tasks.fit, "available_bytes", lambda: free)
+        monkeypatch.setattr(tasks.fit, "current_rss_bytes", lambda: 0)
+
+    return set_room
+
+
+def test_memory_batch_halves_until_it_fits(tiny, room):
+    room((need(tiny, 8).total + need(tiny, 4).total) // 2)  # batch 4 fits, 8 does not
+    cfg, est, choices = fit_memory(tiny, TrainConfig(batch_size=32, memory="batch"), seq_len=128)
     assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (4, 8)
-    assert est.total <= room
+    assert not cfg.gradient_checkpointing and est == need(tiny, 4)
+    assert choices == [
+        "batch 32 -> 4, accumulation 1 -> 8 (same effective batch; saves "
+        f"{(need(tiny, 32).total - need(tiny, 4).total) / GIB:.2f} GiB)"
+    ]
+
+
+def test_memory_auto_prefers_checkpointing_to_a_batch_below_four(tiny, room):
+    # Batch 2 fits without checkpointing, batch 4 does not; batch 4 fits with it.
+    checkpointed = need(tiny, 4, checkpointing=True)
+    assert need(tiny, 2).total < checkpointed.total < need(tiny, 4).total
+    room(checkpointed.total)
+    cfg, est, choices = fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing) == (
+        4,
+        1,
+        True,
+    )
+    saved = need(tiny, 4).total - checkpointed.total
+    assert est == checkpointed
+    assert choices == [f"gradient_checkpointing True (saves {saved / GIB:.2f} GiB)"]
+    # `batch` never turns an option on: it goes below four.
+    cfg, _, _ = fit_memory(tiny, TrainConfig(batch_size=4, memory="batch"), seq_len=128)
+    assert (cfg.batch_size, cfg.gradient_checkpointing) == (2, False)
+
+
+def test_memory_auto_takes_an_8bit_adamw_when_one_runs_here(tiny, room, monkeypatch):
+    both = need(tiny, 4, checkpointing=True, optimizer_bytes=2)
+    room(both.total)
+    monkeypatch.setattr(tasks.fit, "low_memory_optim", lambda on_gpu: None)  # none installed
+    with pytest.raises(MemoryPreflightError, match="pip install torchao"):
+        fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128)
+    monkeypatch.setattr(tasks.fit, "low_memory_optim", lambda on_gpu: "adamw_torch_8bit")
+    cfg, est, choices = fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128)
+    assert (cfg.batch_size, cfg.gradient_checkpointing, cfg.optim) == (
+        4,
+        True,
+        "adamw_torch_8bit",
+    )
+    assert est == both and [c.split(" (")[0] for c in choices] == [
+        "gradient_checkpointing True",
+        "optim adamw_torch_8bit",
+    ]
+    # A run that already fits is left as it is.
+    room(need(tiny, 32).total)
+    assert fit_memory(tiny, TrainConfig(batch_size=32), seq_len=128)[2] == []
 
 
 def test_memory_options_shrink_the_estimate_as_they_should(tiny):
