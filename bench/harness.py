@@ -723,9 +723,11 @@ def benchmark(
     dpo_steps: int = 0,
     scoring_rows: int = 2000,
     settings_steps: int = 10,
+    memory: bool = False,
 ) -> dict[str, Any]:
     """Run (a), (b), (c) ``repeats`` times, interleaved, then the overhead measurement and, with
-    ``sft_steps`` and ``dpo_steps``, the SFT and DPO sections.
+    ``sft_steps`` and ``dpo_steps``, the SFT and DPO sections, and with ``memory`` the memory
+    rows (:mod:`bench.memory`).
 
     The arms alternate within each repetition (a, b, c, a, b, c, ...), so a busy spell on a shared
     machine slows all of them rather than one; each ratio is taken within a repetition and
@@ -792,6 +794,10 @@ def benchmark(
         result |= sft_benchmark(sft_steps, repeats)
     if dpo_steps:
         result |= dpo_benchmark(dpo_steps, repeats)
+    if memory:
+        from bench.memory import memory_rows
+
+        result |= memory_rows()
     if spent is not None:
         result |= spent
     return result
@@ -888,6 +894,10 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"  pipeline / TRL {ratio['median']:.2f}x  [{ratio['min']:.2f}, {ratio['max']:.2f}]"
         )
+    if "memory_rows" in result:
+        from bench.memory import memory_table
+
+        lines += memory_table(result)
     if "overhead_s" in result:
         lines.append(
             f"cold start (command to first stage) {result['cold_start_s']:.1f} s; with the "

@@ -146,6 +146,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*clean_up_tokenization_spaces.*")
     if "transformers" in sys.modules:  # imported already (a test, a notebook): it read the env
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    # transformers imports torchao when it is installed: its GPU kernels that do not load on
+    # this machine, and torch's notes on its enums, are not the user's concern.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _log_file(home: Path, command: str) -> Path:

@@ -167,6 +167,13 @@ def bench(
             "torch.compile, threads, batch order); 0 skips.",
         ),
     ] = 10,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            help="Also the memory rows: each option of the memory plan on a 360M Llama, and the "
+            "largest Llama whose step fits here (minutes; most of the free memory)."
+        ),
+    ] = False,
 ) -> None:
     """Measure training throughput, MFU, memory and overhead against bare HF Trainer recipes."""
     import json
@@ -182,6 +189,7 @@ def bench(
         repeats,
         dpo_steps=dpo_steps,
         settings_steps=settings_steps,
+        memory=memory,
     )
     if not as_json:
         typer.echo(table(result))

@@ -377,8 +377,9 @@ class TrainConfig(_Section):
         "step's memory and fail with the numbers if it cannot fit. `batch`: also halve the batch "
         "(doubling gradient accumulation: the same effective batch) until it fits. `auto`: "
         "also, when the batch would drop below 4, turn on the options that save memory, in "
-        "order of what they cost in speed (gradient checkpointing, then an 8-bit AdamW where "
-        "one runs on the device), each logged with the bytes it saves. `off`: no preflight.",
+        "order of what they cost in speed (gradient checkpointing; an 8-bit AdamW where one runs "
+        "on the device; then bf16 weights where the device computes in bf16), each logged with "
+        "the bytes it saves. `off`: no preflight.",
     )
     checkpoint_steps: int | None = Field(
         None,
@@ -458,6 +459,20 @@ class TrainConfig(_Section):
         "torchao's 8-bit AdamW (CPU and CUDA; needs `pip install torchao`) or bitsandbytes' "
         "(CUDA only). The 8-bit ones keep the two moments in 2 bytes per parameter instead of 8.",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch's CPU threads. Unset: as many as the cores other processes leave free "
+        "(at least 1), read before training and every 15 s as it goes; `OMP_NUM_THREADS` is "
+        "honoured when set.",
+    )
+    bf16_weights: bool = Field(
+        False,
+        description="Keep the weights and gradients in bf16 (2 bytes each instead of 4), with "
+        "torchao's 8-bit AdamW rounding each update stochastically so that updates smaller than "
+        "bf16's precision still count in expectation. Needs `optim: adamw_torch_8bit` and "
+        "`precision` resolving to bf16; the model is saved in bf16.",
+    )
     fsdp: Literal["none", "full_shard"] = Field(
         "none",
         description="`full_shard`: shard weights, gradients and optimizer state over the "
@@ -535,6 +550,17 @@ class TrainConfig(_Section):
             raise ValueError(
                 "train.fsdp full_shard shards over the ranks: set train.num_processes (or "
                 f"train.nnodes) so there are 2 or more (got {self.world_size})"
+            )
+        if self.bf16_weights and self.optim != "adamw_torch_8bit":
+            raise ValueError(
+                "train.bf16_weights needs train.optim: adamw_torch_8bit (torchao's stochastic "
+                "rounding: with round-to-nearest, updates below half a bf16 step are lost), got "
+                f"{self.optim}"
+            )
+        if self.bf16_weights and (self.precision == "fp32" or self.fsdp != "none"):
+            raise ValueError(
+                "train.bf16_weights trains in bf16: use it with precision auto or bf16, and "
+                "without fsdp (FSDP keeps its own fp32 shards)"
             )
         if self.node_rank >= self.nnodes:
             raise ValueError(

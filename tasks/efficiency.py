@@ -154,15 +154,23 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     baseline: int
+    copies: int = 0  # of the weights: the update check's fingerprint, bf16 autocast's cache
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.baseline
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.copies
+            + self.baseline
+        )
 
     def describe(self) -> str:
         parts = ", ".join(
             f"{name} {getattr(self, name) / GIB:.2f} GiB"
-            for name in ("baseline", "weights", "gradients", "optimizer", "activations")
+            for name in ("baseline", "weights", "gradients", "optimizer", "activations", "copies")
         )
         return f"{self.total / GIB:.2f} GiB ({parts})"
 
@@ -177,16 +185,23 @@ def estimate_training_memory(
     shards: int = 1,
     checkpointing: bool = False,
     optimizer_bytes: int = 8,
+    weight_bytes: int = 4,
+    head_outputs: int = 0,
+    copy_bytes: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of one training step of a transformer on one process, from its config.
 
     Weights, gradients and AdamW's two moments take 4 values per parameter (the moments 2 bytes
-    each with an 8-bit optimizer: ``optimizer_bytes``); FSDP's full sharding divides all three by
+    each with an 8-bit optimizer: ``optimizer_bytes``; weights and gradients 2 bytes each in
+    bf16: ``weight_bytes``); FSDP's full sharding divides all three by
     the number of ranks (``shards``). Activations kept for the backward pass follow Korthikanti
     et al. (2022) for a transformer layer, in values: ``s*b*h*(17 + 2.5*a*s/h)`` per layer (34 +
     5as/h bytes at 16 bits), plus the embeddings' output and the head's; with activation
-    checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-    ``baseline`` is what the process holds already (libraries, data).
+    checkpointing only each layer's input is kept, and one layer is recomputed at a time. A
+    language model's head adds its logits over ``head_outputs`` (the vocabulary) at every
+    position, three fp32 values each: the logits, their log-softmax and its gradient.
+    ``copy_bytes`` per parameter are the copies of the weights a step keeps beside them, whole
+    on every rank. ``baseline`` is what the process holds besides the model (libraries, data).
     """
     layers = config.num_hidden_layers
     hidden = config.hidden_size
@@ -195,13 +210,15 @@ def estimate_training_memory(
     kept = (
         layers * seq_len * batch_size * hidden + per_layer if checkpointing else layers * per_layer
     )
-    activations = (kept + 2 * seq_len * batch_size * hidden) * bytes_per_value
+    logits = 3 * seq_len * batch_size * head_outputs
+    activations = (kept + 2 * seq_len * batch_size * hidden + logits) * bytes_per_value
     return MemoryEstimate(
-        weights=n_params * bytes_per_value // shards,
-        gradients=n_params * bytes_per_value // shards,
+        weights=n_params * weight_bytes // shards,
+        gradients=n_params * weight_bytes // shards,
         optimizer=n_params * optimizer_bytes // shards,
         activations=int(activations),
         baseline=baseline,
+        copies=n_params * copy_bytes,
     )
 
 
@@ -225,3 +242,57 @@ def throughput(
     )
     peak = matmul_peak_flops(dtype="bfloat16" if precision == "bf16" else "float32")
     return tokens / seconds, flops / seconds / peak, peak
+
+
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+class CoreWatch:
+    """How many of this process's cores other processes leave free, from the CPU time the cores
+    spent busy less this process's own, since the previous reading.
+
+    Torch's threads meet at every parallel region, so one thread on a core another job holds
+    makes the others wait: with one of two cores busy, a step took 5x as long on two threads
+    (docs/benchmarks.md, "Time budget"), against the 2x that one thread costs.
+    """
+
+    def __init__(self) -> None:
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        per_cpu = psutil.cpu_times(percpu=True)
+        busy = sum(
+            t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+            for i, t in enumerate(per_cpu)
+            if i in self.cpus
+        )
+        own = psutil.Process().cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def free_cores(self, wait_s: float = 0.0) -> int:
+        """Cores free of other work since the last call (after ``wait_s`` when given), at least
+        one."""
+        if wait_s:
+            self._last = self._sample()
+            time.sleep(wait_s)
+        now = self._sample()
+        seconds = max(now[0] - self._last[0], 1e-3)
+        others = max((now[1] - self._last[1]) - (now[2] - self._last[2]), 0.0) / seconds
+        self._last = now
+        return max(1, min(len(self.cpus), round(len(self.cpus) - others)))
+
+
+def fit_threads(watch: CoreWatch, setting: int | None, wait_s: float = 0.0) -> int | None:
+    """Set torch's thread count: ``setting`` (``train.threads``) when given; else, unless
+    ``OMP_NUM_THREADS`` says or this is one of several ranks, the cores other processes leave
+    free. Returns the new count when it changed."""
+    if setting is None and (
+        os.environ.get(THREADS_ENV) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
+        return None
+    threads = setting or watch.free_cores(wait_s)
+    if threads == torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    return threads

@@ -4,6 +4,7 @@ probe a time budget plans from."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -48,24 +49,43 @@ def low_memory_optim(on_gpu: bool) -> str | None:
     return None
 
 
+def host_share_bytes(on_gpu: bool) -> int:
+    """Memory this rank may take: free GPU memory (a device per rank), or on the CPU the free
+    host RAM divided among the ranks on this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    free = available_bytes()
+    return free if on_gpu else free // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def fit_memory(
-    model: PreTrainedModel, cfg: TrainConfig, seq_len: int, on_gpu: bool = False
+    model: PreTrainedModel,
+    cfg: TrainConfig,
+    seq_len: int,
+    on_gpu: bool = False,
+    precision: str = "fp32",
+    baseline: int | None = None,
 ) -> tuple[TrainConfig, MemoryEstimate, list[str]]:
     """Check that training fits before it starts and, as ``train.memory`` allows, change the
     settings until it does: (settings, their estimate, what was changed and what it saves).
 
     ``batch`` halves the micro-batch (doubling accumulation) down to 1. ``auto`` halves it down
     to :data:`BATCH_FLOOR`, then turns on, one at a time and in order of what they cost in
-    speed, gradient checkpointing (about a third more compute) and an 8-bit AdamW
-    (:func:`low_memory_optim`; rounding in the moments), trying the configured batch again after
-    each; with all of them on, the batch may then halve down to 1.
+    speed, gradient checkpointing (about a third more compute), an 8-bit AdamW
+    (:func:`low_memory_optim`; rounding in the moments) and, where the run computes in bf16
+    (``precision``) and the 8-bit AdamW is torchao's (its stochastic rounding), bf16 weights and
+    gradients, trying the configured batch again after each; with all of them on, the batch may
+    then halve down to 1. Every rank of a run decides the same (:func:`agree`). ``baseline``:
+    what the process held before the model was loaded (the resident memory now when not given;
+    loaded weights may be mapped from their file, and only partly resident yet).
 
     Raises:
         MemoryPreflightError: nothing allowed fits (numbers and remedies).
     """
-    baseline = current_rss_bytes()
-    free = available_bytes()
+    rss = current_rss_bytes()
+    held = rss if baseline is None else baseline  # besides the model, counted in `weights`
+    free = host_share_bytes(on_gpu)
     n_params = model.num_parameters()
+    head = model.get_output_embeddings()
+    head_outputs = int(head.weight.shape[0]) if isinstance(head, torch.nn.Linear) else 0
 
     def need(c: TrainConfig) -> MemoryEstimate:
         return estimate_training_memory(
@@ -73,14 +93,19 @@ def fit_memory(
             n_params,
             c.batch_size,
             seq_len,
-            baseline=baseline,
+            baseline=held,
             shards=world_size() if c.fsdp == "full_shard" else 1,
             checkpointing=c.gradient_checkpointing,
             optimizer_bytes=8 if c.optim == "adamw_torch" else 2,
+            weight_bytes=2 if c.bf16_weights else 4,
+            head_outputs=head_outputs,
+            # The fingerprint that proves every weight moved (tasks.weights), and the bf16 copy
+            # of fp32 weights that autocast caches for the step.
+            copy_bytes=2 + (2 if precision == "bf16" and not c.bf16_weights else 0),
         )
 
     def fits(c: TrainConfig) -> bool:
-        return need(c).total - baseline <= free
+        return need(c).total - rss <= free
 
     def halved_to_fit(c: TrainConfig, floor: int) -> TrainConfig | None:
         while not fits(c) and c.batch_size // 2 >= floor:
@@ -102,6 +127,11 @@ def fit_memory(
         eight_bit = low_memory_optim(on_gpu)
         if cfg.optim == "adamw_torch" and eight_bit is not None:
             options.append({"optim": eight_bit})
+        torchao = cfg.optim == "adamw_torch_8bit" or (
+            cfg.optim == "adamw_torch" and eight_bit == "adamw_torch_8bit"
+        )
+        if precision == "bf16" and torchao and cfg.fsdp == "none" and not cfg.bf16_weights:
+            options.append({"bf16_weights": True})
     tries: list[tuple[TrainConfig, int]] = []
     if cfg.memory in ("batch", "auto"):
         floor = min(cfg.batch_size, BATCH_FLOOR) if cfg.memory == "auto" else 1
@@ -124,7 +154,7 @@ def fit_memory(
             + "".join(f", {k} {v}" for option in options for k, v in option.items())
             + f") it would still need {need(smallest).describe()}."
         )
-    torchao = (
+    hint = (
         " `pip install torchao` gives an 8-bit AdamW (2 bytes of optimizer state per parameter "
         "instead of 8)."
         if low_memory_optim(on_gpu) is None and cfg.optim == "adamw_torch"
@@ -135,8 +165,48 @@ def fit_memory(
         f"length {seq_len}, but only {free / GIB:.2f} GiB is available.{tried} Lower "
         f"model.max_length, shard over more processes (train.fsdp: full_shard with "
         f"train.num_processes 2 or more), or choose a smaller model"
-        f"{'' if cfg.memory == 'auto' else ', or set train.memory: auto'}.{torchao}"
+        f"{'' if cfg.memory == 'auto' else ', or set train.memory: auto'}.{hint}"
     )
+
+
+def agree(
+    plan: tuple[TrainConfig, MemoryEstimate, list[str]] | MemoryPreflightError, on_gpu: bool
+) -> tuple[TrainConfig, MemoryEstimate, list[str]]:
+    """One memory plan for every rank of the run: each rank plans from the memory it sees
+    (which moves as the others load their models), so they may differ; all then take the plan
+    that needs the least, and all stop when any rank found none.
+
+    The process group is started here, before the Trainer's (which then uses it): gloo on CPU,
+    NCCL on GPU, with each rank on its own device.
+
+    Raises:
+        MemoryPreflightError: this rank's plan failed, or another rank's (its message).
+    """
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        if isinstance(plan, MemoryPreflightError):
+            raise plan
+        return plan
+    if not dist.is_initialized():
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    mine = (
+        str(plan)
+        if isinstance(plan, MemoryPreflightError)
+        else (plan[0].model_dump(), dataclasses.asdict(plan[1]), plan[2])
+    )
+    plans: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(plans, mine)
+    failed = [(rank, p) for rank, p in enumerate(plans) if isinstance(p, str)]
+    if failed:
+        rank, message = failed[0]
+        raise MemoryPreflightError(f"rank {rank}: {message}")
+    settings, estimate, choices = min(plans, key=lambda p: MemoryEstimate(**p[1]).total)
+    if settings != mine[0]:
+        log.warning("memory plan: this rank takes the leanest rank's (%s)", "; ".join(choices))
+    return TrainConfig.model_validate(settings), MemoryEstimate(**estimate), choices
 
 
 def _choices(

@@ -6,6 +6,7 @@ names the setting at fault and what was found; all problems are reported at once
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         problems += check_columns(cfg)
     problems += check_registry(cfg)
     problems += check_gate_metric(cfg)
+    problems += check_training(cfg)
     if not any(p.startswith("eval.") for p in refused):  # never read a file outside the list
         problems += check_evaluation(cfg)
     model_config, model_problems = check_model(cfg)
@@ -185,6 +187,16 @@ def check_evaluation(cfg: RunConfig) -> list[str]:
     if include and not Path(include).expanduser().is_dir():
         problems.append(f"eval.lm_eval.include_path: {include} is not a folder of task YAMLs")
     return problems
+
+
+def check_training(cfg: RunConfig) -> list[str]:
+    """Training settings that need a package this environment lacks."""
+    if cfg.train.optim == "adamw_torch_8bit" and importlib.util.find_spec("torchao") is None:
+        return [
+            "train.optim: adamw_torch_8bit needs torchao, which is not installed "
+            "(`pip install torchao`, or `pip install 'fulltune[lowmem]'`); or use adamw_torch"
+        ]
+    return []
 
 
 def _is_saved_dataset(path: Path) -> bool:

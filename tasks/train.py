@@ -12,7 +12,6 @@ and every torchrun rank.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -42,17 +41,27 @@ from tasks.callbacks import (
     ProgressLog,
     StateBytes,
     StepTimer,
+    ThreadFit,
 )
 from tasks.checkpoints import latest_checkpoint
 from tasks.config import TrainConfig, parse_duration
 from tasks.efficiency import (
+    CoreWatch,
     MemoryEstimate,
+    current_rss_bytes,
+    fit_threads,
     peak_rss_bytes,
     resolve_precision,
     throughput,
     use_attention,
 )
-from tasks.fit import fit_memory, measure_step_seconds, world_size
+from tasks.fit import (
+    MemoryPreflightError,
+    agree,
+    fit_memory,
+    measure_step_seconds,
+    world_size,
+)
 from tasks.results import TokenizedData, TrainJob, TrainResult
 from tasks.sizing import (
     DISK_BYTES_PER_S,
@@ -113,9 +122,10 @@ def sharding_arguments(cfg: TrainConfig, on_gpu: bool, units: Sequence[str] = ()
     """
     if cfg.optim == "adamw_bnb_8bit" and not on_gpu:
         raise ValueError("train.optim adamw_bnb_8bit needs CUDA (bitsandbytes); use adamw_torch")
-    if cfg.optim == "adamw_torch_8bit" and importlib.util.find_spec("torchao") is None:
+    if cfg.bf16_weights and resolve_precision(cfg.precision, on_gpu)[0] != "bf16":
         raise ValueError(
-            "train.optim adamw_torch_8bit needs torchao (`pip install torchao`); use adamw_torch"
+            "train.bf16_weights needs bf16 arithmetic, and this device has no native bf16 "
+            "(train.precision resolved to fp32): leave it false"
         )
     if cfg.fsdp == "none":
         return {"activation_checkpointing": cfg.gradient_checkpointing}
@@ -166,6 +176,8 @@ def setup_args(
         # Fused AdamW: one kernel over all parameters (CPU and CUDA), faster than the per-tensor
         # (foreach) update (docs/benchmarks.md).
         optim=cfg.optim if cfg.optim != "adamw_torch" else "adamw_torch_fused",
+        # bf16 weights: torchao rounds each update stochastically (train.bf16_weights).
+        optim_args="bf16_stochastic_round=True" if cfg.bf16_weights else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -214,18 +226,38 @@ class Setup:
     lengths: np.ndarray  # tokens per training row
     extras: TrainExtras  # the kind's loss, sampler labels or batch loss
     collator: Any
+    cores: CoreWatch  # the cores other processes leave free, read again as training goes
 
 
 def setup(
-    job: TrainJob, kind: Kind, model: PreTrainedModel, data: DatasetDict, collator: Any
+    job: TrainJob,
+    kind: Kind,
+    model: PreTrainedModel,
+    data: DatasetDict,
+    collator: Any,
+    held: int | None = None,
 ) -> Setup:
     """Fit the batch to memory, resolve the schedule and precision, and let the kind add its
-    loss, sampler or reference columns."""
+    loss, sampler or reference columns. ``held``: the process's memory before the model was
+    loaded."""
     on_gpu = job.cfg.device != "cpu" and torch.cuda.is_available()
+    cores = CoreWatch()
+    threads = fit_threads(cores, job.cfg.threads, wait_s=0.5)
+    if threads is not None:
+        log.info(
+            "torch threads: %d (train.threads, or the cores other processes leave free)", threads
+        )
     precision, why = resolve_precision(job.cfg.precision, on_gpu)
     attention = use_attention(model, precision, on_gpu)
     lengths = np.asarray(data["train"]["length"])
-    cfg, estimate, choices = fit_memory(model, job.cfg, int(lengths.max()), on_gpu)
+    plan: tuple[TrainConfig, MemoryEstimate, list[str]] | MemoryPreflightError
+    try:
+        plan = fit_memory(model, job.cfg, int(lengths.max()), on_gpu, precision, held)
+    except MemoryPreflightError as error:  # every rank hears of it, so none waits for the others
+        plan = error
+    cfg, estimate, choices = agree(plan, on_gpu)
+    if cfg.bf16_weights:
+        model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers wraps `to`
     for choice in choices:
         log.warning("memory plan (train.memory: %s): %s", cfg.memory, choice)
     log.info("memory preflight: %s", estimate.describe())
@@ -240,11 +272,24 @@ def setup(
     )
     log.info("schedule: %s at lr %.2e; %s", length, learning_rate, extras.notes)
     log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
-    notes = extras.notes | {"train.precision": f"{precision} ({why})"}
+    notes = extras.notes | {
+        "train.precision": f"{precision} ({why})",
+        "train.threads": f"{torch.get_num_threads()} of {len(cores.cpus)} cores at the start",
+    }
     if choices:
         notes["train.memory"] = "; ".join(choices)
     return Setup(
-        cfg, epochs, learning_rate, precision, estimate, notes, data, lengths, extras, collator
+        cfg,
+        epochs,
+        learning_rate,
+        precision,
+        estimate,
+        notes,
+        data,
+        lengths,
+        extras,
+        collator,
+        cores,
     )
 
 
@@ -286,6 +331,7 @@ def setup_trainer(
             *callbacks,
             *early_stopping,
             StepTimer(),
+            ThreadFit(run.cores, cfg.threads),
             StateBytes(),
             CheckpointMarker(),
             ProgressLog(),
@@ -386,9 +432,10 @@ def train(
         tokenizer = load_tokenizer(job.model_cfg.name_or_path, job.model_cfg.revision)
     # May give the tokenizer a pad token, which must happen before it is saved with the model.
     collator = kind.collator(tokenizer, job.model_cfg, training=True)
+    held = current_rss_bytes()  # what the memory plan counts besides the model
     model = kind.setup_model(job.model_cfg, job.labels)
-    before = snapshot(model)
-    run = setup(job, kind, model, data, collator)
+    run = setup(job, kind, model, data, collator, held)
+    before = snapshot(model)  # after the plan may have cast it to bf16
     data = run.data
     trainer = setup_trainer(job, kind, run, model, tokenizer, callbacks)
     notes = dict(run.notes)

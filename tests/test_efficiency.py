@@ -44,6 +44,13 @@ def test_memory_estimate_by_hand(tiny):
     per_layer = 16 * 4 * 32 * (17 + 2.5 * 2 * 16 / 32)
     assert est.activations == int((2 * per_layer + 2 * 16 * 4 * 32) * 4)
     assert est.total == 16 * p + est.activations + 1000
+    # A language model's logits (3 fp32 values per position and vocabulary entry), and the
+    # copies of the weights a step keeps (the update check's fingerprint, autocast's bf16 cache).
+    lm = estimate_training_memory(
+        tiny.config, p, batch_size=4, seq_len=16, head_outputs=100, copy_bytes=4, weight_bytes=2
+    )
+    assert lm.activations - est.activations == 3 * 16 * 4 * 100 * 4
+    assert (lm.weights, lm.gradients, lm.copies) == (2 * p, 2 * p, 4 * p)
 
 
 def test_preflight_fails_with_numbers_and_remedies(tiny, monkeypatch):
@@ -61,6 +68,8 @@ def test_preflight_fails_with_numbers_and_remedies(tiny, monkeypatch):
 
 
 def need(tiny, batch, **options):
+    """What the plan reckons in fp32 arithmetic: the update check's 2-byte fingerprint beside."""
+    options.setdefault("copy_bytes", 2)
     return estimate_training_memory(tiny.config, tiny.num_parameters(), batch, 128, **options)
 
 
@@ -123,6 +132,81 @@ def test_memory_auto_takes_an_8bit_adamw_when_one_runs_here(tiny, room, monkeypa
     # A run that already fits is left as it is.
     room(need(tiny, 32).total)
     assert fit_memory(tiny, TrainConfig(batch_size=32), seq_len=128)[2] == []
+
+
+def test_memory_auto_takes_bf16_weights_last_where_the_run_computes_in_bf16(
+    tiny, room, monkeypatch
+):
+    lean = need(tiny, 4, checkpointing=True, optimizer_bytes=2, weight_bytes=2)
+    room(lean.total)
+    monkeypatch.setattr(tasks.fit, "low_memory_optim", lambda on_gpu: "adamw_torch_8bit")
+    cfg, est, choices = fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128, precision="bf16")
+    assert (cfg.gradient_checkpointing, cfg.optim, cfg.bf16_weights) == (
+        True,
+        "adamw_torch_8bit",
+        True,
+    )
+    assert est == lean and choices[-1].startswith("bf16_weights True (saves ")
+    # Not in fp32 arithmetic, nor beside an 8-bit AdamW without stochastic rounding.
+    with pytest.raises(MemoryPreflightError):
+        fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128, precision="fp32")
+    monkeypatch.setattr(tasks.fit, "low_memory_optim", lambda on_gpu: "adamw_bnb_8bit")
+    with pytest.raises(MemoryPreflightError):
+        fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128, precision="bf16")
+    with pytest.raises(ValidationError, match=r"bf16_weights needs train\.optim: adamw_torch_8bit"):
+        TrainConfig(bf16_weights=True)
+
+
+def test_ranks_on_one_machine_share_its_free_memory(monkeypatch):
+    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: 1000)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert tasks.fit.host_share_bytes(on_gpu=False) == 250
+    assert tasks.fit.host_share_bytes(on_gpu=True) == 1000  # a device per rank
+
+
+def _plan_on_rank(rank: int, port: int, results) -> None:
+    """Two plans on each of two gloo ranks: first both find one (rank 0's needs less), then rank
+    1 finds none."""
+    import os
+
+    os.environ |= {
+        "RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    est = estimate_training_memory(_Config(), 1000 * (rank + 1), 4, 16)
+    mine = (TrainConfig(batch_size=8 // (rank + 1)), est, [f"rank {rank}'s choice"])
+    cfg, agreed, choices = tasks.fit.agree(mine, on_gpu=False)
+    results[rank] = (cfg.batch_size, agreed.total, choices)
+    try:
+        tasks.fit.agree(mine if rank == 0 else MemoryPreflightError("too big"), on_gpu=False)
+    except MemoryPreflightError as error:
+        results[f"{rank} failed"] = str(error)
+
+
+class _Config:
+    num_hidden_layers, hidden_size, num_attention_heads = 2, 32, 2
+
+
+@pytest.mark.integration
+def test_ranks_agree_on_the_leanest_plan_or_all_stop():
+    """Each rank plans from the memory it sees; all take the plan that needs least, and a rank
+    that found none stops them all (none is left waiting in a collective)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_plan_on_rank, args=(port, results), nprocs=2, start_method="spawn")
+        got = dict(results)
+    lean = estimate_training_memory(_Config(), 1000, 4, 16).total
+    assert got[0] == got[1] == (8, lean, ["rank 0's choice"])
+    assert got["0 failed"] == got["1 failed"] == "rank 1: too big"
 
 
 def test_memory_options_shrink_the_estimate_as_they_should(tiny):
@@ -245,3 +329,36 @@ def test_a_command_logs_its_start_whole_time_and_overhead(tmp_path, monkeypatch)
     )
     logged = client.get_run(run.info.run_id).data.metrics
     assert {k: logged[k] for k in times} == pytest.approx(times)
+
+
+def test_torch_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
+    import subprocess
+    import sys
+
+    import torch
+
+    from tasks.efficiency import CoreWatch, fit_threads
+
+    watch = CoreWatch()
+    if len(watch.cpus) < 2:
+        pytest.skip("needs 2 cores")
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert watch.free_cores(wait_s=1.0) <= len(watch.cpus) - 1  # one core is taken
+        assert fit_threads(watch, setting=None, wait_s=1.0) in (None, *range(1, len(watch.cpus)))
+        assert torch.get_num_threads() <= len(watch.cpus) - 1
+    finally:
+        spinner.kill()
+        spinner.wait()
+        torch.set_num_threads(threads)
+    try:
+        assert fit_threads(watch, setting=1) in (None, 1) and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's word
+        torch.set_num_threads(1)
+        assert fit_threads(watch, setting=None, wait_s=0.1) is None
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

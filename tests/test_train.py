@@ -210,3 +210,50 @@ def test_both_precisions_train_every_weight(tokenized, tiny_model_dir, tmp_path,
     assert result.tensors_updated == result.tensors_total
     assert result.notes["train.precision"].startswith(precision)
     assert result.mfu > 0 and result.matmul_peak_flops > 0
+
+
+@pytest.mark.flow
+def test_a_short_memory_plan_trains_in_bf16_with_8bit_adamw(
+    tokenized, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Memory for nothing but every option: the plan turns on gradient checkpointing, torchao's
+    8-bit AdamW and bf16 weights, and training still moves every tensor (stochastic rounding
+    keeps updates below bf16's step) and saves a bf16 model that loads back."""
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForSequenceClassification
+
+    import tasks.fit
+    import tasks.train
+    from tasks.efficiency import estimate_training_memory
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
+    lean = estimate_training_memory(
+        model.config,
+        model.num_parameters(),
+        8,
+        32,
+        checkpointing=True,
+        optimizer_bytes=2,
+        weight_bytes=2,
+        copy_bytes=2,
+    )
+    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: lean.total)
+    for module in (tasks.fit, tasks.train):
+        monkeypatch.setattr(module, "current_rss_bytes", lambda: 0)
+    result = run(
+        tokenized,
+        tiny_model_dir,
+        tmp_path,
+        precision="bf16",
+        max_steps=4,
+        learning_rate=1e-3,
+        select_best=False,
+    )
+    plan = result.notes["train.memory"]
+    for choice in ("gradient_checkpointing True", "optim adamw_torch_8bit", "bf16_weights True"):
+        assert choice in plan
+    assert result.tensors_updated == result.tensors_total
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert saved.dtype == torch.bfloat16
