@@ -283,11 +283,9 @@ def evaluate_stage(
     Classification: the majority class and TF-IDF + logistic regression. Causal LM: the
     untrained model and a unigram model, plus generations from the configured prompts.
     """
-    from tasks.efficiency import CoreWatch, fit_threads
+    from tasks.efficiency import THREADS
 
-    threads = fit_threads(CoreWatch(), prepared.cfg.train.threads, wait_s=0.5)
-    if threads is not None:
-        get_run_logger().info("torch threads -> %d (the cores other processes leave free)", threads)
+    THREADS.start(prepared.cfg.train.threads)
     result = kind.evaluate(model_dir, prepared, workdir)
     tracking.log_metrics(
         run_id,

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.checkpoints import COMPLETE
-from tasks.efficiency import CoreWatch, fit_threads
+from tasks.efficiency import THREADS
 
 # The recipe's progress lines go out under its logger (the terminal, the run's log file, Prefect).
 log = logging.getLogger("tasks.train")
@@ -98,21 +98,12 @@ class StepTimer(TrainerCallback):
 
 
 class ThreadFit(TrainerCallback):
-    """Every ``every_s`` of training, match torch's threads to the cores other processes leave
-    free (:func:`tasks.efficiency.fit_threads`): another job that starts or ends on the machine
-    changes the count, each change logged."""
-
-    def __init__(self, watch: CoreWatch, setting: int | None, every_s: float = 15.0) -> None:
-        self.watch, self.setting, self.every_s = watch, setting, every_s
-        self._next = time.monotonic() + every_s
+    """As training goes, match torch's threads to the cores other processes leave free
+    (:data:`tasks.efficiency.THREADS`): another job that starts or ends on the machine changes
+    the count, each change logged."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() < self._next:
-            return
-        self._next = time.monotonic() + self.every_s
-        threads = fit_threads(self.watch, self.setting)
-        if threads is not None:
-            log.info("torch threads -> %d (the cores other processes leave free)", threads)
+        THREADS.refit()
 
 
 class StateBytes(TrainerCallback):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import resource
 import time
@@ -283,16 +284,43 @@ class CoreWatch:
         return max(1, min(len(self.cpus), round(len(self.cpus) - others)))
 
 
-def fit_threads(watch: CoreWatch, setting: int | None, wait_s: float = 0.0) -> int | None:
-    """Set torch's thread count: ``setting`` (``train.threads``) when given; else, unless
-    ``OMP_NUM_THREADS`` says or this is one of several ranks, the cores other processes leave
-    free. Returns the new count when it changed."""
-    if setting is None and (
-        os.environ.get(THREADS_ENV) or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    ):
-        return None
-    threads = setting or watch.free_cores(wait_s)
-    if threads == torch.get_num_threads():
-        return None
-    torch.set_num_threads(threads)
-    return threads
+class ThreadFitter:
+    """Torch's thread count, matched to the cores other processes leave free (a
+    :class:`CoreWatch`) or set by ``train.threads``; ``OMP_NUM_THREADS`` and torchrun's ranks are
+    left alone. A stage calls :meth:`start`; its long loops call :meth:`refit`, which reads the
+    cores again at most every ``every_s``. The count applies to the calling thread (OpenMP's),
+    the one that runs the stage's torch work."""
+
+    def __init__(self, every_s: float = 15.0) -> None:
+        self.every_s = every_s
+        self.watch: CoreWatch | None = None
+        self.setting: int | None = None
+        self._next = 0.0
+
+    def start(self, setting: int | None, wait_s: float = 0.5) -> int | None:
+        """Fit now (from ``wait_s`` of reading); returns the new count when it changed."""
+        self.watch, self.setting = CoreWatch(), setting
+        return self._fit(wait_s)
+
+    def refit(self) -> int | None:
+        """Fit again when ``every_s`` has passed since the last time."""
+        if self.watch is None or time.monotonic() < self._next:
+            return None
+        return self._fit(0.0)
+
+    def _fit(self, wait_s: float) -> int | None:
+        assert self.watch is not None
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.setting is None and (os.environ.get(THREADS_ENV) or ranks > 1):
+            return None
+        threads = self.setting or self.watch.free_cores(wait_s)
+        self._next = time.monotonic() + self.every_s  # a reading spans every_s at least
+        if threads == torch.get_num_threads():
+            return None
+        torch.set_num_threads(threads)
+        why = "train.threads" if self.setting else "the cores other processes leave free"
+        logging.getLogger("tasks.train").info("torch threads -> %d (%s)", threads, why)
+        return threads
+
+
+THREADS = ThreadFitter()  # the process's: stages start it, loops refit it

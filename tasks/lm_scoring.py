@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.efficiency import THREADS
 from tasks.metrics import gate_statistic, paired_interval
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def generate_answers(
     answers: list[str] = [""] * len(prompts)
     capped = np.zeros(len(prompts), dtype=bool)
     for start in range(0, len(order), batch_size):
+        THREADS.refit()  # another job may have started or ended
         rows = order[start : start + batch_size]
         padded = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
         batch = {k: v.to(model.device) for k, v in padded.items()}
@@ -212,6 +214,7 @@ def score_prompts(
     keep_last = forward_takes(model, "logits_to_keep")
     order = np.argsort([len(p) for p in prompts], kind="stable")  # batches of similar length
     for start in range(0, len(prompts), batch_size):
+        THREADS.refit()  # another job may have started or ended
         rows = order[start : start + batch_size].tolist()
         own = [prompts[r][n_shared:] for r in rows]
         width = max(len(o) for o in own)

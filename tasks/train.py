@@ -46,10 +46,9 @@ from tasks.callbacks import (
 from tasks.checkpoints import latest_checkpoint
 from tasks.config import TrainConfig, parse_duration
 from tasks.efficiency import (
-    CoreWatch,
+    THREADS,
     MemoryEstimate,
     current_rss_bytes,
-    fit_threads,
     peak_rss_bytes,
     resolve_precision,
     throughput,
@@ -226,7 +225,6 @@ class Setup:
     lengths: np.ndarray  # tokens per training row
     extras: TrainExtras  # the kind's loss, sampler labels or batch loss
     collator: Any
-    cores: CoreWatch  # the cores other processes leave free, read again as training goes
 
 
 def setup(
@@ -241,12 +239,7 @@ def setup(
     loss, sampler or reference columns. ``held``: the process's memory before the model was
     loaded."""
     on_gpu = job.cfg.device != "cpu" and torch.cuda.is_available()
-    cores = CoreWatch()
-    threads = fit_threads(cores, job.cfg.threads, wait_s=0.5)
-    if threads is not None:
-        log.info(
-            "torch threads: %d (train.threads, or the cores other processes leave free)", threads
-        )
+    THREADS.start(job.cfg.threads)
     precision, why = resolve_precision(job.cfg.precision, on_gpu)
     attention = use_attention(model, precision, on_gpu)
     lengths = np.asarray(data["train"]["length"])
@@ -274,7 +267,7 @@ def setup(
     log.info("precision %s (%s)%s", precision, why, f", {attention} attention" if attention else "")
     notes = extras.notes | {
         "train.precision": f"{precision} ({why})",
-        "train.threads": f"{torch.get_num_threads()} of {len(cores.cpus)} cores at the start",
+        "train.threads": f"{torch.get_num_threads()} of {len(os.sched_getaffinity(0))} cores",
     }
     if choices:
         notes["train.memory"] = "; ".join(choices)
@@ -289,7 +282,6 @@ def setup(
         lengths,
         extras,
         collator,
-        cores,
     )
 
 
@@ -331,7 +323,7 @@ def setup_trainer(
             *callbacks,
             *early_stopping,
             StepTimer(),
-            ThreadFit(run.cores, cfg.threads),
+            ThreadFit(),
             StateBytes(),
             CheckpointMarker(),
             ProgressLog(),
@@ -432,9 +424,9 @@ def train(
         tokenizer = load_tokenizer(job.model_cfg.name_or_path, job.model_cfg.revision)
     # May give the tokenizer a pad token, which must happen before it is saved with the model.
     collator = kind.collator(tokenizer, job.model_cfg, training=True)
-    held = current_rss_bytes()  # what the memory plan counts besides the model
+    before_model = current_rss_bytes()  # what the memory plan counts besides the model
     model = kind.setup_model(job.model_cfg, job.labels)
-    run = setup(job, kind, model, data, collator, held)
+    run = setup(job, kind, model, data, collator, before_model)
     before = snapshot(model)  # after the plan may have cast it to bf16
     data = run.data
     trainer = setup_trainer(job, kind, run, model, tokenizer, callbacks)

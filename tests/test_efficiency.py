@@ -337,28 +337,45 @@ def test_torch_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
 
     import torch
 
-    from tasks.efficiency import CoreWatch, fit_threads
+    from tasks.efficiency import CoreWatch, ThreadFitter
 
-    watch = CoreWatch()
-    if len(watch.cpus) < 2:
+    cores = len(CoreWatch().cpus)
+    if cores < 2:
         pytest.skip("needs 2 cores")
     threads = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fitter = ThreadFitter(every_s=0.5)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        assert watch.free_cores(wait_s=1.0) <= len(watch.cpus) - 1  # one core is taken
-        assert fit_threads(watch, setting=None, wait_s=1.0) in (None, *range(1, len(watch.cpus)))
-        assert torch.get_num_threads() <= len(watch.cpus) - 1
+        fitter.start(setting=None, wait_s=1.0)
+        assert torch.get_num_threads() <= cores - 1  # one core is taken
+        assert fitter.refit() is None  # read again only once every_s has passed
     finally:
         spinner.kill()
         spinner.wait()
         torch.set_num_threads(threads)
     try:
-        assert fit_threads(watch, setting=1) in (None, 1) and torch.get_num_threads() == 1
+        assert fitter.start(setting=1) in (None, 1) and torch.get_num_threads() == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's word
-        torch.set_num_threads(1)
-        assert fit_threads(watch, setting=None, wait_s=0.1) is None
+        assert fitter.start(setting=None, wait_s=0.1) is None
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_8bit_adamw_without_torchao_is_refused_before_the_run_starts(monkeypatch):
+    import importlib.util
+
+    from tasks.config import RunConfig
+    from tasks.preflight import check_training
+
+    cfg = RunConfig.model_validate({"train": {"optim": "adamw_torch_8bit"}})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
+    )
+    [problem] = check_training(cfg)
+    assert problem.startswith("train.optim: adamw_torch_8bit needs torchao")
+    assert "pip install 'fulltune[lowmem]'" in problem
+    assert check_training(RunConfig()) == []

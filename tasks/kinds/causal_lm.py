@@ -27,6 +27,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.efficiency import THREADS
 from tasks.lm_scoring import (
     forward_takes,
     general_blocks,
@@ -121,6 +122,7 @@ def block_losses(
     order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     sums, counts = [], []
     for start in range(0, len(dataset), batch_size):
+        THREADS.refit()  # another job may have started or ended
         rows = dataset.select(order[start : start + batch_size].tolist())
         batch = collate([{k: row[k] for k in columns} for row in rows])
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -23,6 +23,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import cache_root
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.efficiency import THREADS
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
@@ -222,6 +223,7 @@ def predict_ids(
     predicted = np.empty(len(dataset), dtype=np.int64)
     with torch.inference_mode(), arithmetic:
         for start in range(0, len(order), batch_size):
+            THREADS.refit()  # another job may have started or ended
             index = order[start : start + batch_size]
             rows = {name: [values[i] for i in index] for name, values in features.items()}
             batch = tokenizer.pad(rows, return_tensors="pt")
@@ -496,6 +498,7 @@ class Classification:
         predicted = []
         with torch.inference_mode(), arithmetic:
             for start in range(0, len(texts), batch_size):
+                THREADS.refit()  # another job may have started or ended
                 batch = tokenizer(
                     texts[start : start + batch_size],
                     truncation=True,

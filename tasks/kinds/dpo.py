@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from tasks.efficiency import THREADS
 from tasks.kinds.causal_lm import IGNORE
 from tasks.kinds.sft import (
     SFT,
@@ -318,6 +319,7 @@ def pair_logps(model: Any, dataset: Dataset, pad_token_id: int, batch_size: int)
     try:
         with torch.inference_mode():
             for start in range(0, len(pairs), batch_size):
+                THREADS.refit()  # another job may have started or ended
                 rows = pairs[start : start + batch_size]
                 features = [
                     dict(zip(rows, values, strict=True))
