@@ -283,7 +283,7 @@ def evaluate_stage(
     Classification: the majority class and TF-IDF + logistic regression. Causal LM: the
     untrained model and a unigram model, plus generations from the configured prompts.
     """
-    from tasks.efficiency import THREADS
+    from tasks.threads import THREADS
 
     THREADS.start(prepared.cfg.train.threads)
     result = kind.evaluate(model_dir, prepared, workdir)

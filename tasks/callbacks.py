@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.checkpoints import COMPLETE
-from tasks.efficiency import THREADS
+from tasks.threads import THREADS
 
 # The recipe's progress lines go out under its logger (the terminal, the run's log file, Prefect).
 log = logging.getLogger("tasks.train")
@@ -99,7 +99,7 @@ class StepTimer(TrainerCallback):
 
 class ThreadFit(TrainerCallback):
     """As training goes, match torch's threads to the cores other processes leave free
-    (:data:`tasks.efficiency.THREADS`): another job that starts or ends on the machine changes
+    (:data:`tasks.threads.THREADS`): another job that starts or ends on the machine changes
     the count, each change logged."""
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.efficiency import THREADS
 from tasks.metrics import gate_statistic, paired_interval
+from tasks.threads import THREADS
 
 if TYPE_CHECKING:
     import torch

@@ -46,7 +46,6 @@ from tasks.callbacks import (
 from tasks.checkpoints import latest_checkpoint
 from tasks.config import TrainConfig, parse_duration
 from tasks.efficiency import (
-    THREADS,
     MemoryEstimate,
     current_rss_bytes,
     peak_rss_bytes,
@@ -73,6 +72,7 @@ from tasks.sizing import (
     steps_per_epoch,
 )
 from tasks.sources import load_tokenizer
+from tasks.threads import THREADS
 from tasks.trainer import FinetuneTrainer
 from tasks.weights import count_updated, full, snapshot, weights_digest
 

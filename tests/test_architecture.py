@@ -14,6 +14,7 @@ CORE |= {"tasks.sizing"}  # pure sizing rules (max length, truncation, warm-up, 
 CORE |= {"tasks.checkpoints"}  # which checkpoint is complete, who holds the folder
 CORE |= {"tasks.resolve"}  # what the data says about the run: the settings sized to it
 CORE |= {"tasks.environment"}  # environment variables set for a while and put back
+CORE |= {"tasks.threads"}  # torch's threads fitted to the cores other processes leave free
 # The recipe's parts: its Trainer and samplers, callbacks, the memory fit and step probe, and the
 # proof that every weight was updated.
 # The recipe's parts; tasks.distributed: the launcher, whose ranks run tasks.train.main.

@@ -337,7 +337,7 @@ def test_torch_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
 
     import torch
 
-    from tasks.efficiency import CoreWatch, ThreadFitter
+    from tasks.threads import CoreWatch, ThreadFitter
 
     cores = len(CoreWatch().cpus)
     if cores < 2:

@@ -27,7 +27,6 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import digest
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.efficiency import THREADS
 from tasks.lm_scoring import (
     forward_takes,
     general_blocks,
@@ -45,6 +44,7 @@ from tasks.results import (
     TrainExtras,
 )
 from tasks.sources import fingerprint, resolve_model
+from tasks.threads import THREADS
 
 # torch, transformers' models and datasets load where they are used: the data contract (the first
 # stage) needs none of them, and importing them takes seconds.

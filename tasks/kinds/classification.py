@@ -23,7 +23,6 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.caching import cache_root
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.efficiency import THREADS
 from tasks.metrics import classification_metrics, gate_statistic, tfidf_baseline
 from tasks.results import (
     Checked,
@@ -36,6 +35,7 @@ from tasks.results import (
 )
 from tasks.sizing import head_tail
 from tasks.sources import fingerprint, resolve_model
+from tasks.threads import THREADS
 from tasks.tracking import pyplot
 
 # torch, transformers' models, datasets, sklearn and matplotlib load where they are used: the data

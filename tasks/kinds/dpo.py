@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from tasks.efficiency import THREADS
 from tasks.kinds.causal_lm import IGNORE
 from tasks.kinds.sft import (
     SFT,
@@ -48,6 +47,7 @@ from tasks.kinds.sft import (
 from tasks.lm_scoring import answer_budget, closed_set, label_of, normalise_answer
 from tasks.results import Checked, Prepared, TrainExtras
 from tasks.sources import SourceError, load_registered, read_table, registered_source
+from tasks.threads import THREADS
 
 if TYPE_CHECKING:
     import torch
