@@ -52,7 +52,7 @@ PAIRS := .fulltune/pairs
 demo-dpo: setup
 	@$(BIN)/fulltune lineage $(SFT_CHAMPION) >/dev/null 2>&1 || $(MAKE) demo-sft
 	$(BIN)/fulltune -q pairs -m $(SFT_CHAMPION) --config configs/sft-demo.yaml \
-		--split unused --max-prompts 480 --share-right 1 -o $(PAIRS)/tweets-train.jsonl
+		--split unused --max-prompts 1920 --share-right 1 -o $(PAIRS)/tweets-train.jsonl
 	$(BIN)/fulltune -q pairs -m $(SFT_CHAMPION) --config configs/sft-demo.yaml \
 		--split test --share-right 1 -o $(PAIRS)/tweets-test.jsonl
 	$(BIN)/fulltune run --config configs/dpo-demo.yaml
