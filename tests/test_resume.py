@@ -31,6 +31,7 @@ def command(tiny_model_dir: Path, data: Path, home: Path, *settings: str) -> lis
         f"train.checkpoint_steps={EVERY}",
         "train.learning_rate=0.001",
         "promote.enabled=false",
+        "train.threads=1",  # one process resumes bit for bit, however busy the machine gets
         *settings,
     ]:
         args += ["--set", item]
