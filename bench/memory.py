@@ -41,6 +41,15 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "+ bf16 weights and gradients",
         {"gradient_checkpointing": True, "optim": "adamw_torch_8bit", "bf16_weights": True},
     ),
+    (
+        "+ optimizer step in the backward pass",
+        {
+            "gradient_checkpointing": True,
+            "optim": "adamw_torch_8bit",
+            "bf16_weights": True,
+            "optimizer_in_backward": True,
+        },
+    ),
 ]
 
 

@@ -33,7 +33,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
 }
 SHOWN = ("budget_s", "run_s", "run_over_budget", "spent_before_training_s", "reserve_s",
          "after_training_s", "actual_s", "steps", "revised_steps", "actual_steps", "revisions",
-         "step_s", "measured_step_s")  # fmt: skip
+         "step_s", "measured_step_s", "test_scoring_s")  # fmt: skip
 
 
 def spin() -> None:
@@ -58,7 +58,9 @@ def run_case(name: str, home: Path) -> dict[str, float]:
     client = MlflowClient(uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = {k.removeprefix("plan/"): v for k, v in run.data.metrics.items() if "plan/" in k}
-    return {"wall_s": wall, **metrics}
+    stages = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
+    scoring = run.data.metrics.get("efficiency/test_scoring_s")
+    return {"wall_s": wall, **metrics, **stages, "test_scoring_s": scoring}
 
 
 def main() -> None:

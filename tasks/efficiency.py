@@ -188,6 +188,7 @@ def estimate_training_memory(
     weight_bytes: int = 4,
     head_outputs: int = 0,
     copy_bytes: int = 0,
+    gradient_params: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one training step of a transformer on one process, from its config.
 
@@ -200,7 +201,9 @@ def estimate_training_memory(
     checkpointing only each layer's input is kept, and one layer is recomputed at a time. A
     language model's head adds its logits over ``head_outputs`` (the vocabulary) at every
     position, three fp32 values each: the logits, their log-softmax and its gradient.
-    ``copy_bytes`` per parameter are the copies of the weights a step keeps beside them, whole
+    ``gradient_params``: the parameters whose gradients exist at once (all of them unless the
+    optimizer steps in the backward pass: then the largest tensor's). ``copy_bytes`` per
+    parameter are the copies of the weights a step keeps beside them, whole
     on every rank. ``baseline`` is what the process holds besides the model (libraries, data).
     """
     layers = config.num_hidden_layers
@@ -214,7 +217,9 @@ def estimate_training_memory(
     activations = (kept + 2 * seq_len * batch_size * hidden + logits) * bytes_per_value
     return MemoryEstimate(
         weights=n_params * weight_bytes // shards,
-        gradients=n_params * weight_bytes // shards,
+        gradients=(n_params if gradient_params is None else gradient_params)
+        * weight_bytes
+        // shards,
         optimizer=n_params * optimizer_bytes // shards,
         activations=int(activations),
         baseline=baseline,

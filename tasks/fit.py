@@ -72,10 +72,12 @@ def fit_memory(
     speed, gradient checkpointing (about a third more compute), an 8-bit AdamW
     (:func:`low_memory_optim`; rounding in the moments) and, where the run computes in bf16
     (``precision``) and the 8-bit AdamW is torchao's (its stochastic rounding), bf16 weights and
-    gradients, trying the configured batch again after each; with all of them on, the batch may
-    then halve down to 1. Every rank of a run decides the same (:func:`agree`). ``baseline``:
-    what the process held before the model was loaded (the resident memory now when not given;
-    loaded weights may be mapped from their file, and only partly resident yet).
+    gradients, and, for one process without accumulation, the optimizer step in the backward
+    pass (no gradient clipping then), trying the configured batch again after each; with all of
+    them on but the last, the batch may then halve down to 1. Every rank of a run decides the
+    same (:func:`agree`). ``baseline``: what the process held before the model was loaded (the
+    resident memory now when not given; loaded weights may be mapped from their file, and only
+    partly resident yet).
 
     Raises:
         MemoryPreflightError: nothing allowed fits (numbers and remedies).
@@ -86,6 +88,7 @@ def fit_memory(
     n_params = model.num_parameters()
     head = model.get_output_embeddings()
     head_outputs = int(head.weight.shape[0]) if isinstance(head, torch.nn.Linear) else 0
+    largest = max((p.numel() for p in model.parameters()), default=0)
 
     def need(c: TrainConfig) -> MemoryEstimate:
         return estimate_training_memory(
@@ -102,13 +105,15 @@ def fit_memory(
             # The fingerprint that proves every weight moved (tasks.weights), and the bf16 copy
             # of fp32 weights that autocast caches for the step.
             copy_bytes=2 + (2 if precision == "bf16" and not c.bf16_weights else 0),
+            gradient_params=largest if c.optimizer_in_backward else None,
         )
 
     def fits(c: TrainConfig) -> bool:
         return need(c).total - rss <= free
 
     def halved_to_fit(c: TrainConfig, floor: int) -> TrainConfig | None:
-        while not fits(c) and c.batch_size // 2 >= floor:
+        # A step in the backward pass has no accumulation to keep the effective batch with.
+        while not fits(c) and c.batch_size // 2 >= floor and not c.optimizer_in_backward:
             c = c.model_copy(
                 update={
                     "batch_size": c.batch_size // 2,
@@ -132,6 +137,13 @@ def fit_memory(
         )
         if precision == "bf16" and torchao and cfg.fsdp == "none" and not cfg.bf16_weights:
             options.append({"bf16_weights": True})
+        if (
+            not cfg.optimizer_in_backward
+            and cfg.gradient_accumulation_steps == 1
+            and cfg.world_size == 1
+            and cfg.fsdp == "none"
+        ):
+            options.append({"optimizer_in_backward": True})
     tries: list[tuple[TrainConfig, int]] = []
     if cfg.memory in ("batch", "auto"):
         floor = min(cfg.batch_size, BATCH_FLOOR) if cfg.memory == "auto" else 1
@@ -140,8 +152,10 @@ def fit_memory(
         for option in options:
             candidate = candidate.model_copy(update=option)
             tries.append((candidate, floor))
-        if floor > 1:
-            tries.append((candidate, 1))
+        # Last, the batch down to 1 (with accumulation, so without the step in the backward).
+        last = candidate.model_copy(update={"optimizer_in_backward": cfg.optimizer_in_backward})
+        if floor > 1 or last != candidate:
+            tries.append((last, 1))
     for candidate, floor in tries:
         fitted = halved_to_fit(candidate, floor)
         if fitted is not None:
@@ -149,9 +163,10 @@ def fit_memory(
     tried = ""
     if tries:
         smallest = tries[-1][0].model_copy(update={"batch_size": 1})
+        taken = [(k, v) for o in options for k, v in o.items() if getattr(smallest, k) == v]
         tried = (
             f" With every option `train.memory: {cfg.memory}` may take (batch 1"
-            + "".join(f", {k} {v}" for option in options for k, v in option.items())
+            + "".join(f", {k} {v}" for k, v in taken)
             + f") it would still need {need(smallest).describe()}."
         )
     hint = (
@@ -220,7 +235,8 @@ def _choices(
             after = step.model_copy(update=option)
             saved = need(step).total - need(after).total
             name = ", ".join(f"{k} {v}" for k, v in option.items())
-            choices.append(f"{name} (saves {saved / GIB:.2f} GiB)")
+            clipping = "; no gradient clipping" if "optimizer_in_backward" in option else ""
+            choices.append(f"{name} (saves {saved / GIB:.2f} GiB{clipping})")
             step = after
     if fitted.batch_size != cfg.batch_size:
         at_start = cfg.model_copy(

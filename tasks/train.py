@@ -171,7 +171,8 @@ def setup_args(
         # sets this (resolving `auto`) just before training starts.
         warmup_steps=0.0,
         lr_scheduler_type="linear",
-        max_grad_norm=cfg.max_grad_norm,
+        # Clipping needs every gradient's norm first; a step in the backward pass has none.
+        max_grad_norm=0.0 if cfg.optimizer_in_backward else cfg.max_grad_norm,
         # Fused AdamW: one kernel over all parameters (CPU and CUDA), faster than the per-tensor
         # (foreach) update (docs/benchmarks.md).
         optim=cfg.optim if cfg.optim != "adamw_torch" else "adamw_torch_fused",
@@ -330,6 +331,7 @@ def setup_trainer(
         ],
         balanced_labels=extras.sampler_labels,
         batch_loss=extras.batch_loss,
+        optimizer_in_backward=cfg.optimizer_in_backward,
     )
     trainer.remove_callback(PrinterCallback)  # its raw dicts: ProgressLog says it in words
     return trainer

@@ -157,6 +157,28 @@ def test_memory_auto_takes_bf16_weights_last_where_the_run_computes_in_bf16(
         TrainConfig(bf16_weights=True)
 
 
+def test_memory_auto_steps_in_the_backward_pass_last_and_only_without_accumulation(
+    tiny, room, monkeypatch
+):
+    monkeypatch.setattr(tasks.fit, "low_memory_optim", lambda on_gpu: None)
+    largest = max(p.numel() for p in tiny.parameters())
+    lean = need(tiny, 4, checkpointing=True, gradient_params=largest)
+    room(lean.total)
+    cfg, est, choices = fit_memory(tiny, TrainConfig(batch_size=4), seq_len=128)
+    assert (cfg.gradient_checkpointing, cfg.optimizer_in_backward) == (True, True)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (4, 1)  # never halved with it
+    assert est == lean and est.gradients == 4 * largest
+    assert choices[-1].startswith("optimizer_in_backward True (saves ")
+    assert choices[-1].endswith("; no gradient clipping)")
+    # Accumulation needs the gradients kept: the plan halves the batch instead.
+    cfg, _, _ = fit_memory(
+        tiny, TrainConfig(batch_size=4, gradient_accumulation_steps=2), seq_len=128
+    )
+    assert not cfg.optimizer_in_backward and cfg.batch_size < 4
+    with pytest.raises(ValidationError, match=r"optimizer_in_backward .*accumulation_steps 1"):
+        TrainConfig(optimizer_in_backward=True, gradient_accumulation_steps=2)
+
+
 def test_ranks_on_one_machine_share_its_free_memory(monkeypatch):
     monkeypatch.setattr(tasks.fit, "available_bytes", lambda: 1000)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def tokenized(tiny_model_dir: Path, tmp_path_factory):
 
 
 def run(tokenized, tiny_model_dir: Path, tmp_path: Path, **overrides):
-    cfg = TrainConfig(batch_size=8, logging_steps=1, warmup_fraction=0.0, **overrides)
+    cfg = TrainConfig(**{"batch_size": 8, "logging_steps": 1, "warmup_fraction": 0.0} | overrides)
     job = TrainJob(
         tokenized=tokenized,
         labels=LABELS,
@@ -257,3 +258,130 @@ def test_a_short_memory_plan_trains_in_bf16_with_8bit_adamw(
     assert result.tensors_updated == result.tensors_total
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
     assert saved.dtype == torch.bfloat16
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,  # one tensor whose gradient two places of the pass add to
+    )
+    return LlamaForCausalLM(config)
+
+
+def _steps(model, optimizer, batches, schedule=None):
+    for ids in batches:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step()
+
+
+def test_the_step_in_the_backward_pass_is_adamws_step_and_resumes_exactly():
+    """Per-parameter AdamW stepped from the backward pass lands where one AdamW over all the
+    parameters does, under the same schedule and weight decay; it frees each gradient once
+    used; and its checkpoint (state and schedule) continues bit for bit."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from tasks.trainer import InBackwardOptimizer
+
+    batches = [
+        torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(5)
+    ]
+    decay = lambda model: [(p, 0.0 if p.ndim == 1 else 0.1) for p in model.parameters()]  # noqa: E731
+    kwargs = {"lr": 1e-2, "fused": True}
+    plain, stepped = _tiny_llama(), _tiny_llama()
+    reference = torch.optim.AdamW(
+        [{"params": [p], "weight_decay": d} for p, d in decay(plain)], **kwargs
+    )
+    in_backward = InBackwardOptimizer(decay(stepped), torch.optim.AdamW, kwargs)
+    warm = lambda step: min(1.0, (step + 1) / 3)  # noqa: E731
+    _steps(plain, reference, batches[:3], LambdaLR(reference, warm))
+    schedule = LambdaLR(in_backward, warm)
+    for ids in batches[:3]:
+        stepped(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is None for p in stepped.parameters())  # stepped and freed
+        in_backward.step()
+        schedule.step()
+    for a, b in zip(plain.parameters(), stepped.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Read as one state (as the Trainer's callbacks do) without adding to any optimizer's own.
+    assert len(list(in_backward.state.values())) == len(list(stepped.parameters()))
+    # A checkpoint taken now and loaded into a fresh copy continues as the original does.
+    buffer = io.BytesIO()  # as the Trainer writes it, so nothing is shared with the original
+    torch.save((in_backward.state_dict(), schedule.state_dict(), stepped.state_dict()), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _tiny_llama(1)
+    resumed.load_state_dict(saved[2])
+    optimizer = InBackwardOptimizer(decay(resumed), torch.optim.AdamW, kwargs)
+    resumed_schedule = LambdaLR(optimizer, warm)  # the Trainer's order: built, then loaded
+    optimizer.load_state_dict(saved[0])
+    resumed_schedule.load_state_dict(saved[1])
+    for model, opt, sched in (
+        (stepped, in_backward, schedule),
+        (resumed, optimizer, resumed_schedule),
+    ):
+        _steps(model, opt, batches[3:], sched)
+    for a, b in zip(stepped.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    in_backward.remove_hooks()
+    before = [p.clone() for p in stepped.parameters()]
+    stepped(input_ids=batches[0], labels=batches[0]).loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, stepped.parameters(), strict=True))
+
+
+@pytest.mark.flow
+def test_a_memory_plan_that_steps_in_the_backward_pass_trains_without_all_gradients(
+    tokenized, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Memory for nothing but the step in the backward pass at the configured batch: the plan
+    takes it (after the options before it), says clipping is off, and training moves every
+    tensor with no gradient held when the Trainer's optimizer step comes."""
+    from transformers import AutoModelForSequenceClassification
+
+    import tasks.fit
+    import tasks.train
+    from tasks.efficiency import estimate_training_memory
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
+    monkeypatch.setattr(tasks.fit, "low_memory_optim", lambda on_gpu: None)  # fp32 AdamW only
+    from datasets import load_from_disk
+
+    longest = max(load_from_disk(tokenized.path)["train"]["length"])  # what the plan sizes for
+    lean = estimate_training_memory(
+        model.config,
+        model.num_parameters(),
+        4,  # the plan's floor: the batch is not halved first
+        longest,
+        checkpointing=True,
+        copy_bytes=2,
+        gradient_params=max(p.numel() for p in model.parameters()),
+    )
+    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: lean.total)
+    for module in (tasks.fit, tasks.train):
+        monkeypatch.setattr(module, "current_rss_bytes", lambda: 0)
+    result = run(
+        tokenized,
+        tiny_model_dir,
+        tmp_path,
+        precision="fp32",
+        batch_size=4,
+        max_steps=4,
+        select_best=False,
+    )
+    plan = result.notes["train.memory"]
+    assert "gradient_checkpointing True" in plan
+    assert "optimizer_in_backward True" in plan and "no gradient clipping" in plan
+    assert result.tensors_updated == result.tensors_total
+    assert result.state_bytes["gradients"] == 0 and result.state_bytes["optimizer"] > 0
