@@ -216,7 +216,8 @@ def memory_table(result: dict[str, Any]) -> list[str]:
             f"  {label:<44} {row['params'] / 1e6:>6.0f}M params  peak "
             f"{row['peak_rss_bytes'] / 2**30:5.2f} GiB  estimate "
             f"{row['estimate_bytes'] / 2**30:5.2f} GiB ({row['estimate_error']:+.0%})  "
-            f"{row['bytes_per_param']:.1f} B/param"
+            f"{row['bytes_per_param']:.1f} B/param  "
+            f"{row['tensors_updated']} of {row['tensors_total']} tensors moved"
             + (f"  plan: {row['plan']}" if row.get("plan") else "")
         )
     return lines

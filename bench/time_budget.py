@@ -64,6 +64,8 @@ def run_case(name: str, home: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    from flows.local_server import stop_server
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", choices=sorted(CASES))
     parser.add_argument("--busy", action="store_true", help="one core kept busy meanwhile")
@@ -76,7 +78,10 @@ def main() -> None:
             neighbour.start()
         try:
             with tempfile.TemporaryDirectory(prefix="fulltune-budget-") as home:
-                row = {"case": name, "busy": args.busy} | run_case(name, Path(home))
+                try:
+                    row = {"case": name, "busy": args.busy} | run_case(name, Path(home))
+                finally:  # its Prefect server, not left to stop itself idle beside the next run
+                    stop_server(Path(home))
         finally:
             if neighbour:
                 neighbour.terminate()

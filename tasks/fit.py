@@ -23,17 +23,13 @@ from tasks.efficiency import (
     current_rss_bytes,
     estimate_training_memory,
 )
+from tasks.environment import world_size
 
 log = logging.getLogger("tasks.train")
 
 
 class MemoryPreflightError(RuntimeError):
     """Training would not fit in memory; the message has the numbers and what to change."""
-
-
-def world_size() -> int:
-    """Data-parallel processes of this run (torchrun sets WORLD_SIZE; 1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 BATCH_FLOOR = 4  # below this micro-batch, `memory: auto` turns on an option before halving again

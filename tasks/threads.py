@@ -12,6 +12,8 @@ import time
 
 import psutil
 
+from tasks.environment import world_size
+
 THREADS_ENV = "OMP_NUM_THREADS"
 
 
@@ -77,8 +79,7 @@ class ThreadFitter:
 
     def _fit(self, wait_s: float) -> int | None:
         assert self.watch is not None
-        ranks = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.setting is None and (os.environ.get(THREADS_ENV) or ranks > 1):
+        if self.setting is None and (os.environ.get(THREADS_ENV) or world_size() > 1):
             return None
         import torch
 
