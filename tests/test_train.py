@@ -213,6 +213,16 @@ def test_both_precisions_train_every_weight(tokenized, tiny_model_dir, tmp_path,
     assert result.mfu > 0 and result.matmul_peak_flops > 0
 
 
+def room_for(monkeypatch, free: int) -> None:
+    """The machine as the memory plan sees it: ``free`` bytes, none held by the process yet."""
+    import tasks.fit
+    import tasks.train
+
+    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: free)
+    for module in (tasks.fit, tasks.train):
+        monkeypatch.setattr(module, "current_rss_bytes", lambda: 0)
+
+
 @pytest.mark.flow
 def test_a_short_memory_plan_trains_in_bf16_with_8bit_adamw(
     tokenized, tiny_model_dir, tmp_path, monkeypatch
@@ -223,8 +233,6 @@ def test_a_short_memory_plan_trains_in_bf16_with_8bit_adamw(
     pytest.importorskip("torchao")
     from transformers import AutoModelForSequenceClassification
 
-    import tasks.fit
-    import tasks.train
     from tasks.efficiency import estimate_training_memory
 
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -240,9 +248,7 @@ def test_a_short_memory_plan_trains_in_bf16_with_8bit_adamw(
         weight_bytes=2,
         copy_bytes=2,
     )
-    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: lean.total)
-    for module in (tasks.fit, tasks.train):
-        monkeypatch.setattr(module, "current_rss_bytes", lambda: 0)
+    room_for(monkeypatch, lean.total)
     result = run(
         tokenized,
         tiny_model_dir,
@@ -349,7 +355,6 @@ def test_a_memory_plan_that_steps_in_the_backward_pass_trains_without_all_gradie
     from transformers import AutoModelForSequenceClassification
 
     import tasks.fit
-    import tasks.train
     from tasks.efficiency import estimate_training_memory
 
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -368,9 +373,7 @@ def test_a_memory_plan_that_steps_in_the_backward_pass_trains_without_all_gradie
         copy_bytes=2,
         gradient_params=max(p.numel() for p in model.parameters()),
     )
-    monkeypatch.setattr(tasks.fit, "available_bytes", lambda: lean.total)
-    for module in (tasks.fit, tasks.train):
-        monkeypatch.setattr(module, "current_rss_bytes", lambda: 0)
+    room_for(monkeypatch, lean.total)
     result = run(
         tokenized,
         tiny_model_dir,
