@@ -1,5 +1,6 @@
 """The recipe's ``Trainer``: samplers whose order depends only on the seed and the epoch (so a
-resumed run continues exactly where it stopped), a kind's own batch loss, and a scoring collator."""
+resumed run continues exactly where it stopped), a kind's own batch loss, a scoring collator, and
+the optimizer step in the backward pass."""
 
 from __future__ import annotations
 
