@@ -47,9 +47,12 @@ def tokenized(tiny_model_dir: Path, tmp_path_factory):
     return prepare(cfg, ModelConfig(name_or_path=str(tiny_model_dir), max_length=32), work)[2]
 
 
-def run(tokenized, tiny_model_dir: Path, tmp_path: Path, **overrides):
+def run(
+    tokenized, tiny_model_dir: Path, tmp_path: Path, callbacks=(), checkpoints=None, **overrides
+):
     cfg = TrainConfig(**{"batch_size": 8, "logging_steps": 1, "warmup_fraction": 0.0} | overrides)
     job = TrainJob(
+        checkpoint_dir=checkpoints,
         tokenized=tokenized,
         labels=LABELS,
         model_cfg=ModelConfig(name_or_path=str(tiny_model_dir), max_length=32),
@@ -58,7 +61,7 @@ def run(tokenized, tiny_model_dir: Path, tmp_path: Path, **overrides):
         task="text-classification",
         workdir=str(tmp_path),
     )
-    return train(job, get_kind("text-classification"))
+    return train(job, get_kind("text-classification"), callbacks)
 
 
 @pytest.mark.flow
@@ -388,3 +391,42 @@ def test_a_memory_plan_that_steps_in_the_backward_pass_trains_without_all_gradie
     assert "optimizer_in_backward True" in plan and "no gradient clipping" in plan
     assert result.tensors_updated == result.tensors_total
     assert result.state_bytes["gradients"] == 0 and result.state_bytes["optimizer"] > 0
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.flow
+def test_a_run_stepping_in_the_backward_pass_resumes_from_its_checkpoint_bit_for_bit(
+    tokenized, tiny_model_dir, tmp_path
+):
+    """Stopped after its first checkpoint and run again, a run whose optimizer steps in the
+    backward pass resumes (every parameter's optimizer state, the schedule) and ends with the
+    weights of the run that was never stopped."""
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+    class CrashAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise _Crash("stopped")
+
+    settings = {
+        "precision": "fp32",
+        "max_steps": 8,
+        "checkpoint_steps": 4,
+        "select_best": False,
+        "optimizer_in_backward": True,
+        "threads": 1,
+    }
+    run(tokenized, tiny_model_dir, tmp_path / "whole", **settings)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        run(tokenized, tiny_model_dir, crashed, [CrashAfter()], str(crashed / "ckpt"), **settings)
+    resumed = run(tokenized, tiny_model_dir, crashed, checkpoints=str(crashed / "ckpt"), **settings)
+    assert resumed.resumed_from_step == 4
+    whole, again = (
+        AutoModelForSequenceClassification.from_pretrained(path / "model").state_dict()
+        for path in (tmp_path / "whole", crashed)
+    )
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
