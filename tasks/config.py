@@ -547,6 +547,14 @@ class TrainConfig(_Section):
         """Training processes over all machines."""
         return self.nnodes * self.num_processes
 
+    @property
+    def steps_whole_batches(self) -> bool:
+        """One backward pass per optimizer step, in one process, unsharded: what
+        ``optimizer_in_backward`` needs."""
+        return (
+            self.gradient_accumulation_steps == 1 and self.world_size == 1 and self.fsdp == "none"
+        )
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.time_budget is not None and self.world_size > 1:
@@ -570,9 +578,7 @@ class TrainConfig(_Section):
                 "train.bf16_weights trains in bf16: use it with precision auto or bf16, and "
                 "without fsdp (FSDP keeps its own fp32 shards)"
             )
-        if self.optimizer_in_backward and (
-            self.gradient_accumulation_steps > 1 or self.world_size > 1 or self.fsdp != "none"
-        ):
+        if self.optimizer_in_backward and not self.steps_whole_batches:
             raise ValueError(
                 "train.optimizer_in_backward steps each weight in the backward pass: it needs "
                 "gradient_accumulation_steps 1 (got "

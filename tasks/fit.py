@@ -133,12 +133,7 @@ def fit_memory(
         )
         if precision == "bf16" and torchao and cfg.fsdp == "none" and not cfg.bf16_weights:
             options.append({"bf16_weights": True})
-        if (
-            not cfg.optimizer_in_backward
-            and cfg.gradient_accumulation_steps == 1
-            and cfg.world_size == 1
-            and cfg.fsdp == "none"
-        ):
+        if not cfg.optimizer_in_backward and cfg.steps_whole_batches:
             options.append({"optimizer_in_backward": True})
     tries: list[tuple[TrainConfig, int]] = []
     if cfg.memory in ("batch", "auto"):
